@@ -1,0 +1,43 @@
+"""Every dictionary behind one interface; importing this package registers the built-in architectures."""
+
+from saelab.saes.base import (
+    ForwardOutput,
+    Latents,
+    SAEConfig,
+    SparseAutoencoder,
+    SparseLatents,
+    architectures,
+    create_sae,
+    load_sae,
+    register,
+    to_dense,
+)
+from saelab.saes.initialization import geometric_median, init_dictionary
+from saelab.saes.kernels import TopKSelection, sparse_decode, topk_encode, topk_encode_dense
+from saelab.saes.relu import ReluSAE, ReluSAEConfig
+from saelab.saes.shallow import ShallowSAE
+from saelab.saes.topk import TopKSAE, TopKSAEConfig
+
+__all__ = [
+    "ForwardOutput",
+    "Latents",
+    "ReluSAE",
+    "ReluSAEConfig",
+    "SAEConfig",
+    "ShallowSAE",
+    "SparseAutoencoder",
+    "SparseLatents",
+    "TopKSAE",
+    "TopKSAEConfig",
+    "TopKSelection",
+    "architectures",
+    "create_sae",
+    "geometric_median",
+    "init_dictionary",
+    "load_sae",
+    "register",
+    "sparse_decode",
+    "to_dense",
+    "topk_encode",
+    "topk_encode_dense",
+]

@@ -28,7 +28,7 @@ from saelab.config import Config
 from saelab.errors import CheckpointError, ConfigError
 from saelab.io import atomic_write_json, atomic_write_with
 
-PREPROCESSING_KINDS = ("none", "token_l2")
+PREPROCESSING_KINDS = ("none", "scale", "token_l2")
 
 
 class SparseLatents(NamedTuple):
@@ -61,7 +61,10 @@ class SAEConfig(Config):
 
     d_in: int = 0
     n_latents: int = 0
-    preprocessing: str = "none"  # "none" | "token_l2" (per-token centre, then divide by the L2 norm)
+    # "none"; "scale": multiply by the fixed `input_scale` (the store's E||x|| = sqrt(d) statistic, so
+    # hyperparameters transfer across models and layers); "token_l2": per-token centre, then divide by the L2 norm.
+    preprocessing: str = "none"
+    input_scale: float = 1.0
     # What the SAE was trained on; recorded so a mismatched store/hookpoint is caught at load/evaluation time.
     hookpoint: str | None = None
     model_name: str | None = None
@@ -73,6 +76,8 @@ class SAEConfig(Config):
             raise ConfigError(
                 f"preprocessing={self.preprocessing!r} is unknown; use one of {list(PREPROCESSING_KINDS)}"
             )
+        if not self.input_scale > 0:
+            raise ConfigError(f"input_scale must be positive (got {self.input_scale})")
 
 
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
@@ -86,6 +91,12 @@ def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
 
 def architectures() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def architecture_class(architecture: str) -> type[SparseAutoencoder]:
+    if architecture not in _REGISTRY:
+        raise ConfigError(f"unknown SAE architecture {architecture!r}; choose one of {architectures()}")
+    return _REGISTRY[architecture]
 
 
 class SparseAutoencoder(nn.Module, ABC):
@@ -120,12 +131,16 @@ class SparseAutoencoder(nn.Module, ABC):
             centred = x - mean
             norm = centred.norm(dim=-1, keepdim=True).clamp_min(1e-8)
             return centred / norm, (mean, norm)
+        if self.cfg.preprocessing == "scale":
+            return x * self.cfg.input_scale, None
         return x, None
 
     def denormalize(self, x_hat: Tensor, stats: Any) -> Tensor:
         if self.cfg.preprocessing == "token_l2":
             mean, norm = stats
             return x_hat * norm + mean
+        if self.cfg.preprocessing == "scale":
+            return x_hat / self.cfg.input_scale
         return x_hat
 
     # ---- the dictionary --------------------------------------------------------------------------------
@@ -206,8 +221,24 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu", **expect: A
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{weights} cannot be read ({exc}); it is truncated or corrupted") from None
-    missing = set(sae.state_dict()) - set(state)
-    if missing:
-        raise CheckpointError(f"{weights} lacks tensors {sorted(missing)} for architecture {arch!r}")
+    expected = sae.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{weights} does not match architecture {arch!r} with its cfg.json: missing {missing}, unexpected {extra}"
+        )
+    wrong = [
+        f"{name}: {tuple(state[name].shape)} != {tuple(want.shape)}"
+        for name, want in expected.items()
+        if state[name].shape != want.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{weights} has tensors of the wrong shape for its cfg.json ({'; '.join(wrong)})")
     sae.load_state_dict(state)
     return sae.to(device)
+
+
+def create_sae(architecture: str, **fields: Any) -> SparseAutoencoder:
+    """Build a fresh SAE by architecture name; fields the architecture does not have are an error."""
+    sae_cls = architecture_class(architecture)
+    return sae_cls(sae_cls.config_class.from_dict(fields, where=f"{architecture} SAE config"))

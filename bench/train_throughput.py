@@ -1,0 +1,147 @@
+"""Top-k SAE training throughput against an encode-only pass of the same SAE (a figure, not a test).
+
+A top-k training step cannot cost less than one dense encoder GEMM; with a sparse backward nothing else need cost
+as much, so `ratio = train / encode` says how close the step is to that floor (target >= 0.85).
+
+Measured: the full step (forward through the fast path, MSE loss, backward, decoder gradient projection, fused
+Adam, decoder renormalisation) and the encode-only pass (chunked GEMM + top-k + clamp, no autograd), alternating
+step by step so machine drift hits both alike; figures are medians over `--steps`. Synthetic Gaussian activations.
+
+Process settings for stable figures (both applied before anything large is allocated):
+- glibc malloc keeps freed large buffers instead of unmapping them and page-faulting them back every step
+  (`mallopt`; the same as running with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>);
+- OMP_WAIT_POLICY=PASSIVE unless already set: on a shared, oversubscribed machine OpenMP threads spinning at
+  barriers for a descheduled partner slow some small parallel ops (e.g. the index sort in the sparse backward)
+  by up to 100x. Set OMP_WAIT_POLICY=ACTIVE to measure without it.
+
+Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu]
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads the OpenMP runtime
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameter codes
+
+
+def tune_malloc() -> bool:
+    """Serve large buffers from the heap and never trim it; False where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
+    try:
+        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True), True
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
+        return torch.optim.Adam(sae.parameters(), lr=lr), False
+
+
+def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
+    x_hat, _ = sae(x)
+    loss = (x_hat - x).pow(2).sum(dim=-1).mean()
+    loss.backward()
+    w_dec = sae.W_dec
+    with torch.no_grad():  # what the trainer's unit-norm constraint does, so the figure is honest
+        grad = w_dec.grad
+        grad.sub_((grad * w_dec).sum(dim=1, keepdim=True) * w_dec)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        w_dec.div_(w_dec.norm(dim=1, keepdim=True))
+
+
+def encode_only(sae: TopKSAE, x: Tensor) -> None:
+    with torch.no_grad():
+        sae.encode(x)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--n", type=int, default=24_576)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    args = parser.parse_args()
+
+    malloc_tuned = tune_malloc()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=args.d, n_latents=args.n, k=args.k)).to(device)
+    batches = torch.randn(2, args.batch, args.d, device=device)
+    optimizer, fused = make_optimizer(sae, args.lr)
+
+    train_s, encode_s = [], []
+    for step in range(args.warmup + args.steps):
+        x = batches[step % 2]
+        t_train = timed(lambda x=x: train_step(sae, optimizer, x), device)
+        t_encode = timed(lambda x=x: encode_only(sae, x), device)
+        if step >= args.warmup:
+            train_s.append(t_train)
+            encode_s.append(t_encode)
+            print(f"step {step - args.warmup + 1}/{args.steps}: train {t_train:.3f} s, encode {t_encode:.3f} s")
+
+    train_tps = args.batch / statistics.median(train_s)
+    encode_tps = args.batch / statistics.median(encode_s)
+    result = {
+        "train_tokens_per_s": round(train_tps, 1),
+        "encode_tokens_per_s": round(encode_tps, 1),
+        "ratio": round(train_tps / encode_tps, 4),
+        "best_train_tokens_per_s": round(args.batch / min(train_s), 1),
+        "best_encode_tokens_per_s": round(args.batch / min(encode_s), 1),
+        "d": args.d,
+        "n": args.n,
+        "k": args.k,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "fused_adam": fused,
+        "malloc_tuned": malloc_tuned,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    print(
+        f"train {train_tps:,.0f} tokens/s, encode-only {encode_tps:,.0f} tokens/s, ratio {train_tps / encode_tps:.3f}"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Shuffled batches from a store whose memory use does not grow with the store's size.
+
+Tokens of one shard come from consecutive contexts and are strongly correlated, so batches must mix shards. A full
+shuffle would need the whole store in memory; instead each epoch visits the shards in a random order and keeps a
+sliding pool of at most `buffer_shards` shards' worth of rows: after a shard is added the pool is permuted and
+batches are taken until there is room for the next shard. The trade-off: a batch mixes tokens of about
+`buffer_shards` shards (more is closer to a full shuffle, costs memory and one pool permutation per shard), a token
+can only leave the pool while its shard is among the recent ones, and the last shards of an epoch mix less. Every
+token passing the position filter is yielded exactly once per epoch (with `drop_last`, fewer than `batch_size` of
+them are dropped at the end of each epoch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saelab.activations.layout import STORAGE_DTYPES
+from saelab.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from saelab.activations.store import ActivationStore
+
+
+class BatchStream:
+    """Iterator over `[batch_size, features]` batches (or `(batch, global token index)` pairs with `return_index`).
+
+    `resident_tokens` / `max_resident_tokens` report the pool's size in rows, bounded by `capacity_tokens`; while a
+    shard is merged into the pool, the old and the new pool exist together for a moment. Each batch is a fresh
+    tensor that shares no memory with the pool.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        hookpoints: Sequence[str],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        normalize: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        position_filter: int,
+        epochs: int | None,
+        buffer_shards: int,
+        return_index: bool,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if buffer_shards < 1:
+            raise ConfigError(f"buffer_shards must be at least 1, got {buffer_shards}")
+        if epochs is not None and epochs < 1:
+            raise ConfigError(f"epochs must be at least 1 (or None for endless), got {epochs}")
+        if position_filter < 0:
+            raise ConfigError(f"position_filter must be >= 0, got {position_filter}")
+        self._store = store
+        self._hookpoints = list(hookpoints)
+        self._batch_size = batch_size
+        self._shuffle = shuffle
+        self._seed = seed
+        self._drop_last = drop_last
+        self._device = device
+        self._dtype = dtype
+        self._position_filter = position_filter
+        self._epochs = epochs
+        self._return_index = return_index
+        self._storage_dtype = STORAGE_DTYPES[store.manifest["dtype"]]
+        self._scale = store.scale_vector(self._hookpoints).to(device, dtype) if normalize else None
+        self._max_shard_rows = int(np.diff(store.shard_offsets).max(initial=0))
+        self._keep_rows = (buffer_shards - 1) * self._max_shard_rows if shuffle else 0
+        self.capacity_tokens = self._keep_rows + self._max_shard_rows + batch_size - 1
+        self.resident_tokens = 0
+        self.max_resident_tokens = 0
+        self._batches = self._generate()
+
+    def __iter__(self) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
+        return self
+
+    def __next__(self) -> Tensor | tuple[Tensor, Tensor]:
+        return next(self._batches)
+
+    def _generate(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        epoch = 0
+        while self._epochs is None or epoch < self._epochs:
+            rng = np.random.default_rng([self._seed, epoch])
+            n_shards = self._store.n_shards
+            order = rng.permutation(n_shards) if self._shuffle else np.arange(n_shards)
+            width = sum(self._store.dims[hp] for hp in self._hookpoints)
+            pool = np.zeros((0, width), dtype=self._storage_dtype)
+            pool_index = np.zeros(0, dtype=np.int64)
+            emitted = 0
+            for shard in order:
+                rows, index = self._read_shard(int(shard))
+                pool, pool_index = np.concatenate([pool, rows]), np.concatenate([pool_index, index])
+                if self._shuffle:
+                    perm = rng.permutation(len(pool))
+                    pool, pool_index = pool[perm], pool_index[perm]
+                self._set_resident(len(pool))
+                surplus = max(len(pool) - self._keep_rows, 0)
+                n_out = min(-(-surplus // self._batch_size), len(pool) // self._batch_size) * self._batch_size
+                yield from self._emit(pool[:n_out], pool_index[:n_out])
+                emitted += n_out
+                pool, pool_index = pool[n_out:], pool_index[n_out:]
+                self._set_resident(len(pool))
+            n_out = len(pool) if not self._drop_last else len(pool) // self._batch_size * self._batch_size
+            yield from self._emit(pool[:n_out], pool_index[:n_out])
+            emitted += n_out
+            self._set_resident(0)
+            if emitted == 0:
+                raise DataError(
+                    f"store {self._store.path} yields no batch of {self._batch_size} tokens (it keeps "
+                    f"{len(pool)} tokens at positions >= {self._position_filter}); lower batch_size or "
+                    "position_filter, or pass drop_last=False"
+                )
+            epoch += 1
+
+    def _read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        first = int(self._store.shard_offsets[shard])
+        if self._position_filter:
+            keep = self._store.read_token_field(shard, "positions") >= self._position_filter
+            return self._store.read_rows(shard, self._hookpoints, keep), first + np.flatnonzero(keep)
+        rows = self._store.read_rows(shard, self._hookpoints, slice(None))
+        return rows, first + np.arange(len(rows), dtype=np.int64)
+
+    def _emit(self, rows: np.ndarray, index: np.ndarray) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        for start in range(0, len(rows), self._batch_size):
+            batch = torch.from_numpy(rows[start : start + self._batch_size])
+            batch = batch.to(device=self._device, dtype=self._dtype, copy=True)
+            if self._scale is not None:
+                batch.mul_(self._scale)
+            if self._return_index:
+                yield batch, torch.from_numpy(index[start : start + self._batch_size].copy())
+            else:
+                yield batch
+
+    def _set_resident(self, rows: int) -> None:
+        self.resident_tokens = rows
+        self.max_resident_tokens = max(self.max_resident_tokens, rows)

@@ -1,0 +1,282 @@
+"""Feature connectors: sparse maps between the SAE features of consecutive layers, and the network run through them.
+
+A connector C_k predicts the features of hidden state k+1 from those of hidden state k, F_{k+1} ≈ C_k(F_k), so a
+span of network layers can be replaced by encode → connectors → decode. Forms:
+
+- ``linear``: W F + b;
+- ``relu``:   ReLU(W F + b) (the seed's form: features are non-negative);
+- ``mlp``:    ReLU(W_b ReLU(W_a F + b_a) + b_b), the reference a linear connector is compared against.
+
+Training loss = MSE (mean over examples and over output features, optionally only the alive ones: those that
+fire at least once in the training targets, so dead features do not dilute the mean) + l1_coefficient × L1, where
+L1 of a weight matrix is the mean over its rows (output units) of the row's L1 norm, summed over the connector's
+weight matrices; biases are not penalised.
+
+Conventions (row vectors, as in the code): network layer h' = ReLU(h Wᵀ + b) with W `[d_out, d_in]`; SAE with
+preprocessing "none" or "scale" (x_n = s·x) encodes F = ReLU((x_n − c) Eᵀ + e) and decodes x̂_n = F D + c, with
+E = W_enc, e = b_enc, D = decoder rows `[n_latents, d_in]`, c = b_dec. Per-token preprocessing (token_l2) cannot
+be used: the statistics of a layer the connectors skip are never computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saelab.config import Config
+from saelab.errors import ConfigError, DataError
+from saelab.models.mnist_mlp import ClassificationScores, MnistMLP, classification_scores
+from saelab.saes.base import SparseAutoencoder, to_dense
+from saelab.saes.shallow import ShallowSAE
+
+ConnectorForm = Literal["linear", "relu", "mlp"]
+ConnectorInit = Literal["random", "smart"]
+FORMS: tuple[ConnectorForm, ...] = ("linear", "relu", "mlp")
+INITS: tuple[ConnectorInit, ...] = ("random", "smart")
+
+
+@dataclasses.dataclass
+class ConnectorConfig(Config):
+    form: str = "relu"  # linear | relu | mlp
+    bias: bool = True
+    mlp_hidden: int = 256  # hidden width of the mlp form; the smart init needs the network layer's width
+    init: str = "random"  # random (nn.Linear's default) | smart (from the network layer and the SAEs)
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    l1_coefficient: float = 1e-3
+    alive_only: bool = True  # MSE over the output features that fire in the training targets
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.form not in FORMS:
+            raise ConfigError(f"connector form {self.form!r} is unknown; use one of {list(FORMS)}")
+        if self.init not in INITS:
+            raise ConfigError(f"connector init {self.init!r} is unknown; use one of {list(INITS)}")
+        if min(self.mlp_hidden, self.epochs, self.batch_size) <= 0 or self.lr <= 0:
+            raise ConfigError("mlp_hidden, epochs, batch_size and lr must be positive")
+        if self.l1_coefficient < 0:
+            raise ConfigError(f"l1_coefficient must be >= 0 (got {self.l1_coefficient})")
+
+
+class FeatureConnector(nn.Module):
+    def __init__(self, n_in: int, n_out: int, form: str = "relu", bias: bool = True, mlp_hidden: int = 256):
+        super().__init__()
+        if form not in FORMS:
+            raise ConfigError(f"connector form {form!r} is unknown; use one of {list(FORMS)}")
+        self.form = form
+        widths = [n_in, mlp_hidden, n_out] if form == "mlp" else [n_in, n_out]
+        self.linears = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+    @classmethod
+    def from_config(cls, n_in: int, n_out: int, cfg: ConnectorConfig) -> FeatureConnector:
+        return cls(n_in, n_out, cfg.form, cfg.bias, cfg.mlp_hidden)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.form == "linear":
+            return self.linears[0](features)
+        for linear in self.linears:
+            features = F.relu(linear(features))
+        return features
+
+    def weight_matrices(self) -> list[Tensor]:
+        """`[out, in]` weights, input side first (what L1 penalises and what the large-weight count counts)."""
+        return [linear.weight for linear in self.linears]
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+
+
+def weight_l1(weights: Iterable[Tensor]) -> Tensor:
+    """Σ over matrices of mean_i Σ_j |W_ij|: the mean row L1 norm, so the penalty does not grow with n_out."""
+    return sum(w.abs().sum(dim=1).mean() for w in weights)
+
+
+def alive_features(features: Tensor) -> Tensor:
+    """Boolean `[n]`: which features are nonzero on at least one example."""
+    return (features != 0).any(dim=0)
+
+
+def connector_mse(prediction: Tensor, target: Tensor, alive: Tensor | None = None) -> Tensor:
+    """Mean squared error over examples × output features, restricted to `alive` features when given."""
+    if alive is not None:
+        prediction, target = prediction[:, alive], target[:, alive]
+    return (prediction - target).pow(2).mean()
+
+
+class ConnectorEpoch(NamedTuple):
+    mse: float
+    l1: float
+    loss: float
+
+
+def train_connector(
+    connector: FeatureConnector,
+    f_in: Tensor,
+    f_out: Tensor,
+    cfg: ConnectorConfig,
+    on_epoch: Callable[[int, FeatureConnector], None] | None = None,
+) -> list[ConnectorEpoch]:
+    """Adam on shuffled minibatches of stored feature pairs; `on_epoch(epoch, connector)` runs after each epoch
+    (e.g. to snapshot weights). Returns each epoch's mean training MSE, L1 and loss."""
+    if f_in.ndim != 2 or f_out.ndim != 2 or len(f_in) != len(f_out) or len(f_in) == 0:
+        raise DataError(f"need paired non-empty [N, n] features, got {tuple(f_in.shape)} and {tuple(f_out.shape)}")
+    alive = alive_features(f_out) if cfg.alive_only else None
+    if alive is not None and not alive.any():
+        raise DataError("no output feature fires on the training data; the next layer's SAE is dead")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(connector.parameters(), lr=cfg.lr)
+    history = []
+    for epoch in range(cfg.epochs):
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in torch.randperm(len(f_in), generator=generator).split(cfg.batch_size):
+            mse = connector_mse(connector(f_in[batch]), f_out[batch], alive)
+            l1 = weight_l1(connector.weight_matrices())
+            loss = mse + cfg.l1_coefficient * l1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([mse.detach(), l1.detach(), loss.detach()]).double() * len(batch)
+        history.append(ConnectorEpoch(*(sums / len(f_in)).tolist()))
+        if on_epoch is not None:
+            on_epoch(epoch, connector)
+    return history
+
+
+# ---- initialisation from the network -----------------------------------------------------------------------
+
+
+class RawAffine(NamedTuple):
+    """An SAE's maps in the network's raw activation space: pre-activation x Eᵀ + e and decoder F D + c."""
+
+    E: Tensor  # [n_latents, d]
+    e: Tensor  # [n_latents]
+    D: Tensor  # [n_latents, d]
+    c: Tensor  # [d]
+
+
+def raw_affine(sae: SparseAutoencoder) -> RawAffine:
+    """Fold the SAE's preprocessing into its weights. With x_n = s·x: pre = (s·x − c) Eᵀ + e = x (s·E)ᵀ + (e − c Eᵀ)
+    and x̂ = (F D + c) / s = F (D / s) + c / s."""
+    if not isinstance(sae, ShallowSAE):
+        raise ConfigError(f"{type(sae).__name__} has no single encoder/decoder matrix; use a ReLU or top-k SAE")
+    if sae.cfg.preprocessing not in ("none", "scale"):
+        raise ConfigError(
+            f"preprocessing={sae.cfg.preprocessing!r} is per-token and cannot be folded into a connector; "
+            "train the SAEs with preprocessing 'none' or 'scale'"
+        )
+    s = sae.cfg.input_scale if sae.cfg.preprocessing == "scale" else 1.0
+    E, c = sae.W_enc.detach(), sae.b_dec.detach()
+    return RawAffine(E=s * E, e=sae.b_enc.detach() - E @ c, D=sae.decoder_weight.detach() / s, c=c / s)
+
+
+def network_feature_weights(layer: nn.Linear, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder
+                            ) -> tuple[Tensor, Tensor]:
+    """The seed's "smart" connector (W2, b2) = (E2 W D1, E2 b + e2), with our conventions made exact.
+
+    In raw space (see `raw_affine`), h1 ≈ F1 D1 + c1 and F2 = ReLU(h2 E2ᵀ + e2) with h2 = ReLU(h1 Wᵀ + b).
+    Dropping the inner ReLU, h2 ≈ F1 D1 Wᵀ + c1 Wᵀ + b, hence
+        F2 ≈ ReLU(F1 (E2 W D1ᵀ)ᵀ + E2 (W c1 + b) + e2),
+    i.e. W2 = E2 W D1ᵀ `[n_out, n_in]` and b2 = E2 (W c1 + b) + e2 (E2, e2, D1, c1 raw-space, so e2 already holds
+    −E2 c2 and c1 is b_dec1). The seed's D1 is our D1ᵀ and its SAEs had no b_dec, hence its shorter b2. Exact when
+    the layer's pre-activations are non-negative (or for a linear layer) and SAE 1 reconstructs perfectly.
+    """
+    enc_out, dec_in = raw_affine(sae_out), raw_affine(sae_in)
+    W, b = layer.weight.detach(), layer.bias.detach()
+    return enc_out.E @ W @ dec_in.D.T, enc_out.E @ (W @ dec_in.c + b) + enc_out.e
+
+
+@torch.no_grad()
+def smart_init_(connector: FeatureConnector, layer: nn.Linear, sae_in: SparseAutoencoder,
+                sae_out: SparseAutoencoder) -> None:
+    """Initialise from the network. linear/relu: (W2, b2) of `network_feature_weights`. mlp: the exact composition
+    decode → layer → encode, W_a = W D1ᵀ, b_a = W c1 + b, W_b = E2, b_b = e2, which needs mlp_hidden = the
+    layer's width and then reproduces F2 whenever SAE 1 reconstructs perfectly (no ReLU dropped)."""
+    if connector.form == "mlp":
+        dec_in, enc_out = raw_affine(sae_in), raw_affine(sae_out)
+        first, second = connector.linears
+        if first.out_features != layer.out_features:
+            raise ConfigError(
+                f"the smart mlp init composes the network layer, so mlp_hidden must be {layer.out_features} "
+                f"(got {first.out_features})"
+            )
+        W, b = layer.weight.detach(), layer.bias.detach()
+        pairs = [(first, W @ dec_in.D.T, W @ dec_in.c + b), (second, enc_out.E, enc_out.e)]
+    else:
+        pairs = [(connector.linears[0], *network_feature_weights(layer, sae_in, sae_out))]
+    for linear, weight, bias in pairs:
+        if linear.weight.shape != weight.shape:
+            raise ConfigError(
+                f"connector weight {tuple(linear.weight.shape)} does not fit the SAEs and layer ({tuple(weight.shape)})"
+            )
+        if linear.bias is None:
+            raise ConfigError("the smart init sets a bias; build the connector with bias=True")
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+
+
+# ---- running the network through features -------------------------------------------------------------------
+
+
+def _check_splice(sae: SparseAutoencoder) -> None:
+    if sae.cfg.preprocessing == "token_l2":
+        raise ConfigError("token_l2 SAEs normalise per token; their statistics are lost across replaced layers")
+
+
+def encode_features(sae: SparseAutoencoder, activations: Tensor) -> Tensor:
+    """Dense features of raw activations (the connectors' inputs and targets)."""
+    x_n, _ = sae.normalize(activations)
+    return to_dense(sae.encode(x_n))
+
+
+def simulate(model: MnistMLP, saes: Mapping[int, SparseAutoencoder], connectors: Mapping[int, nn.Module],
+             images: Tensor, start: int, end: int) -> Tensor:
+    """Logits with network layers start+1..end replaced: encode hidden state `start` with saes[start], apply
+    connectors[start], ..., connectors[end-1], decode with saes[end], run the rest of the network. start == end
+    splices the SAE alone. Keys are hidden-state indices (1..n_hidden); connectors[k] maps features k → k+1."""
+    if not 1 <= start <= end <= model.n_hidden:
+        raise ConfigError(f"span ({start}, {end}) is not within hidden states 1..{model.n_hidden}")
+    missing = [k for k in (start, end) if k not in saes] + [f"connector {k}" for k in range(start, end)
+                                                            if k not in connectors]
+    if missing:
+        raise ConfigError(f"span ({start}, {end}) needs SAEs/connectors that were not given: {missing}")
+    _check_splice(saes[start])
+    _check_splice(saes[end])
+    features = encode_features(saes[start], model.run_to(images, start))
+    for k in range(start, end):
+        features = connectors[k](features)
+    hidden = saes[end].denormalize(saes[end].decode(features), None)
+    return model.run_from(hidden, end)
+
+
+class SpanScores(NamedTuple):
+    start: int
+    end: int
+    layers_replaced: int
+    accuracy: float
+    loss: float
+
+
+@torch.no_grad()
+def evaluate_spans(model: MnistMLP, saes: Mapping[int, SparseAutoencoder], connectors: Mapping[int, nn.Module],
+                   images: Tensor, labels: Tensor) -> list[SpanScores]:
+    """Accuracy and cross-entropy of every span start <= end that the given SAEs and connectors cover."""
+    results = []
+    for start in range(1, model.n_hidden + 1):
+        for end in range(start, model.n_hidden + 1):
+            if start in saes and end in saes and all(k in connectors for k in range(start, end)):
+                scores: ClassificationScores = classification_scores(
+                    simulate(model, saes, connectors, images, start, end), labels
+                )
+                results.append(SpanScores(start, end, end - start, scores.accuracy, scores.loss))
+    return results
+
+
+def count_large_weights(weights: Iterable[Tensor], threshold: float = 0.1) -> int:
+    """How many entries have |w| > threshold (the seed's sparsity measure for neuron vs feature weights)."""
+    return sum(int((w.detach().abs() > threshold).sum().item()) for w in weights)

@@ -1,0 +1,68 @@
+"""The `saelab` command: one subcommand per recipe, each driven by a typed config whose every field is a flag.
+
+Thin by design: parse the config, call the recipe, turn saelab errors into one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from saelab.config import Config, add_config_arguments, config_from_args
+from saelab.errors import SaelabError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str  # recipes module holding `CONFIG` (a Config class) and `run(cfg)`
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("harvest, train, evaluate and report on the offline default (SmolLM2)", "saelab.recipes.demo"),
+    "harvest": Command("stream a model's activations at hookpoints into an on-disk store", "saelab.recipes.harvest"),
+    "train": Command("train an SAE on an activation store", "saelab.recipes.train"),
+    "evaluate": Command("reconstruction and downstream (CE/KL spliced) metrics of a trained SAE",
+                        "saelab.recipes.evaluate"),
+}
+
+
+def _load(command: Command) -> tuple[type[Config], Callable[[Config], object]]:
+    module = importlib.import_module(command.module)
+    return module.CONFIG, module.run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saelab", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        config_cls, _ = _load(command)
+        command_parser = sub.add_parser(name, help=command.help, description=command.help)
+        add_config_arguments(command_parser, config_cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    config_cls, run = _load(COMMANDS[args.command])
+    try:
+        cfg = config_from_args(config_cls, args)
+        run(cfg)
+    except SaelabError as exc:
+        print(f"saelab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saelab {args.command}: interrupted; what was written so far is intact (rerun to resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Initialisations shared by the SAEs: the encoder/decoder starting point and the geometric-median b_dec."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def init_dictionary(w_enc: Tensor, w_dec: Tensor | None) -> None:
+    """Kaiming-uniform encoder rows (nn.Linear's default), and the decoder a row-normalised copy of them.
+
+    Starting the decoder at the encoder's directions makes every latent reconstruct along what it detects, which
+    avoids most early dead latents. With `w_dec=None` (tied weights) the encoder rows themselves are normalised.
+    """
+    bound = 1.0 / math.sqrt(w_enc.shape[1])
+    w_enc.uniform_(-bound, bound)
+    target = w_enc if w_dec is None else w_dec
+    target.copy_(w_enc / w_enc.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, rtol: float = 1e-7) -> Tensor:
+    """The point minimising Σ_i ||p_i - y|| (Weiszfeld's iteration), in float64 for a clean stop.
+
+    Unlike the mean it ignores a few extreme activations, so b_dec starts at the bulk of the data.
+    """
+    pts = points.reshape(-1, points.shape[-1]).to(torch.float64)
+    median = pts.mean(dim=0)
+    scale = pts.norm(dim=1).mean().clamp_min(1e-12)
+    for _ in range(iters):
+        # Clamping keeps a median sitting on a data point from dividing by zero; it then stays on that point.
+        weights = 1.0 / (pts - median).norm(dim=1).clamp_min(1e-12 * scale)
+        updated = (weights[:, None] * pts).sum(dim=0) / weights.sum()
+        shift = (updated - median).norm()
+        median = updated
+        if shift <= rtol * scale:
+            break
+    return median.to(points.dtype)

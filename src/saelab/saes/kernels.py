@@ -1,0 +1,147 @@
+"""The fast top-k path: linear -> top-k -> clamp with a backward that touches only the selected latents.
+
+A top-k training step cannot cost less than one dense encoder GEMM (2·d·n flops per token); everything else here is
+arranged so that nothing else costs nearly as much:
+
+- the forward never materialises the [B, n] pre-activations: one reused [rows, n] buffer per chunk of tokens;
+- top-k runs on the raw pre-activations and the k winners are clamped at 0, which selects the same latents with the
+  same values as ReLU-then-top-k but skips a dense ReLU pass;
+- the backward is sparse: with g the gradient of the k selected pre-activations of each token, the encoder weight
+  gradient is `embedding_bag`'s own weight backward (a per-latent sum of g·x over the tokens that selected it, no
+  [B·k, d] temporary), the input gradient is an `embedding_bag` gather-sum of encoder rows, the bias gradient is a
+  bincount of g, and the pre-bias (b_dec) gradient is -(that bincount) @ W_enc, one vector-matrix product;
+- the decoder is `embedding_bag(indices, W_dec, per_sample_weights=values)`, whose backward is sparse already.
+
+Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the buffer GEMM (an `out=` op) stays in the
+parameters' dtype. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decode` for their sparse layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Pre-activation buffer per chunk of tokens: bounded memory; chunks under ~256 rows make the GEMM slower.
+DEFAULT_CHUNK_BYTES = 64 << 20
+MIN_CHUNK_ROWS = 256
+_EMBEDDING_BAG_SUM = 0  # aten's mode code for mode="sum"
+
+
+class TopKSelection(NamedTuple):
+    """The k selected latents per token: `values` [B, k] (>= 0) at `indices` [B, k] (int64)."""
+
+    values: Tensor
+    indices: Tensor
+
+
+def default_chunk_rows(n_latents: int, itemsize: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    return max(MIN_CHUNK_ROWS, budget_bytes // max(1, n_latents * itemsize))
+
+
+def topk_encode(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    k: int,
+    *,
+    pre_bias: Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> TopKSelection:
+    """Top-k of `(x - pre_bias) @ weight.T + bias` per row of `x` [B, d], values clamped at 0.
+
+    `weight` is [n, d] (row = one latent's encoder direction). Differentiable in x, weight, bias and pre_bias.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"topk_encode expects x of shape [tokens, d_in], got {tuple(x.shape)}")
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.element_size())
+    return TopKSelection(*_TopKEncode.apply(x, weight, bias, pre_bias, k, rows))
+
+
+def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """Σ_j values[..., j] · weight[indices[..., j]]: a k-sparse gather-sum whose backward is sparse too."""
+    k = values.shape[-1]
+    out = F.embedding_bag(indices.reshape(-1, k), weight, per_sample_weights=values.reshape(-1, k), mode="sum")
+    return out.reshape(*values.shape[:-1], weight.shape[1])
+
+
+def topk_encode_dense(x: Tensor, weight: Tensor, bias: Tensor, k: int, pre_bias: Tensor | None = None) -> Tensor:
+    """The plain definition the fast path must match: ReLU, keep the k largest per token, dense [..., n]."""
+    z = torch.relu(F.linear(x if pre_bias is None else x - pre_bias, weight, bias))
+    top = z.topk(k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+
+def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
+    n_tokens, n_latents = x_c.shape[0], weight.shape[0]
+    values = x_c.new_empty(n_tokens, k)
+    indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
+    rows = max(1, min(n_tokens, chunk_rows))
+    buffer = x_c.new_empty(rows, n_latents)
+    weight_t = weight.t()
+    for start in range(0, n_tokens, rows):
+        stop = min(start + rows, n_tokens)
+        pre = torch.addmm(bias, x_c[start:stop], weight_t, out=buffer[: stop - start])
+        torch.topk(pre, k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
+    return TopKSelection(values.clamp_min_(0), indices)
+
+
+def encoder_weight_grad(x: Tensor, indices: Tensor, grad_pre: Tensor, n_latents: int) -> Tensor:
+    """[n, d] with row i = Σ over (token b, slot j) with indices[b, j] == i of grad_pre[b, j] · x[b].
+
+    This is exactly `embedding_bag`'s weight backward with x in the place of the output gradient, so it reuses that
+    kernel (sorted, per-latent accumulation) instead of building a [B·k, d] temporary for an index_add.
+    """
+    n_tokens, k = indices.shape
+    offset2bag = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
+    bag_size = torch.full((n_tokens,), k, dtype=torch.long, device=x.device)
+    unused_max_indices = torch.empty(0, dtype=torch.long, device=x.device)
+    return torch.ops.aten._embedding_bag_dense_backward(
+        x.contiguous(),
+        indices.reshape(-1),
+        offset2bag,
+        bag_size,
+        unused_max_indices,
+        n_latents,
+        False,
+        _EMBEDDING_BAG_SUM,
+        grad_pre.reshape(-1).contiguous(),
+    )
+
+
+class _TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        pre_bias: Tensor | None,
+        k: int,
+        chunk_rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        x_c = x.contiguous() if pre_bias is None else x - pre_bias
+        values, indices = _select_chunked(x_c, weight, bias, k, chunk_rows)
+        ctx.save_for_backward(x_c, weight, indices, values)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor, _grad_indices: Any) -> tuple[Any, ...]:
+        x_c, weight, indices, values = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_pre_bias = ctx.needs_input_grad[:4]
+        # Clamp gate: a latent clamped to 0 passes no gradient (ReLU semantics).
+        grad_pre = grad_values * (values > 0)
+        n_latents = weight.shape[0]
+        grad_x = grad_weight = grad_bias = grad_pre_bias = None
+        if need_x:
+            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_pre, mode="sum")
+        if need_weight:
+            grad_weight = encoder_weight_grad(x_c, indices, grad_pre, n_latents)
+        if need_bias or need_pre_bias:
+            per_latent = grad_pre.new_zeros(n_latents).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+            grad_bias = per_latent if need_bias else None
+            grad_pre_bias = -(per_latent @ weight) if need_pre_bias else None
+        return grad_x, grad_weight, grad_bias, grad_pre_bias, None, None

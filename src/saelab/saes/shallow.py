@@ -1,0 +1,55 @@
+"""What the one-encoder-matrix, one-decoder-matrix SAEs (top-k, ReLU) share: parameters, init, decoding.
+
+Layout: `W_enc [n_latents, d_in]`, `b_enc [n_latents]`, `W_dec [n_latents, d_in]`, `b_dec [d_in]`. Decoder rows are
+the atoms, so a sparse decode is an `embedding_bag` over rows and the unit-norm constraint is per row. b_dec is
+subtracted before encoding and added after decoding: the dictionary models deviations from the data's centre.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from saelab.saes.base import Latents, SAEConfig, SparseAutoencoder, SparseLatents
+from saelab.saes.initialization import geometric_median, init_dictionary
+from saelab.saes.kernels import sparse_decode
+
+
+class ShallowSAE(SparseAutoencoder):
+    """Base for single-layer dictionaries. With `tied=True` the decoder is the encoder matrix itself (no W_dec)."""
+
+    def __init__(self, cfg: SAEConfig, tied: bool = False):
+        super().__init__(cfg)
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = None if tied else nn.Parameter(torch.empty(n, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        init_dictionary(self.W_enc, self.W_dec)
+
+    @property
+    def decoder_weight(self) -> Tensor:
+        """[n_latents, d_in], row = a latent's atom; the encoder matrix when tied."""
+        return self.W_enc if self.W_dec is None else self.W_dec
+
+    def decoder_matrices(self) -> list[Tensor]:
+        return [self.decoder_weight]
+
+    def latent_parameters(self) -> dict[str, int]:
+        """Parameter name -> the dimension indexed by latent (what resampling re-initialises)."""
+        per_latent = {"W_enc": 0, "b_enc": 0}
+        return per_latent if self.W_dec is None else {**per_latent, "W_dec": 0}
+
+    def decoder_norms(self) -> Tensor:
+        """Per-latent atom norm, for norm-weighted sparsity penalties (L1 of z_i·||d_i||)."""
+        return self.decoder_weight.norm(dim=1)
+
+    def decode(self, latents: Latents) -> Tensor:
+        if isinstance(latents, SparseLatents):
+            return sparse_decode(latents.values, latents.indices, self.decoder_weight) + self.b_dec
+        return latents @ self.decoder_weight + self.b_dec
+
+    @torch.no_grad()
+    def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:
+        """Set b_dec to the geometric median of a (normalised) batch; the trainer calls this on its first batch."""
+        self.b_dec.copy_(geometric_median(x.reshape(-1, self.d_in), iters=iters))

@@ -1,0 +1,97 @@
+"""The trainer's settings: one typed config for every SAE, every recipe option a field (and so a CLI flag)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Literal
+
+from saelab.config import Config
+from saelab.errors import ConfigError
+
+DecoderNormAxis = Literal["per_unit", "per_row"]
+LossKind = Literal["fvu", "mse"]
+OptimizerKind = Literal["adam", "masked_adam"]
+
+
+def default_lr(n_latents: int) -> float:
+    """The usual top-k SAE scaling rule, 2e-4 / sqrt(n / 2^14): wider dictionaries get smaller steps."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclasses.dataclass
+class TrainerConfig(Config):
+    """Units are in the names: `*_tokens` counts activation vectors, `*_steps` counts optimiser steps."""
+
+    total_tokens: int = 10_000_000
+    batch_size: int = 4096
+    lr: float | None = None  # None -> default_lr(n_latents)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 1000  # linear warm-up from 0
+    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
+    grad_clip_norm: float | None = 1.0
+    # Decoder constraint on every matrix in sae.decoder_matrices(): renormalise after each step and remove the
+    # gradient component parallel to the constrained vectors before it. "per_unit" normalises each unit's
+    # direction (a row of the [units_in, d_out] matrix; the write-up's intent). "per_row" is the original deep-SAE
+    # code's axis: each row of nn.Linear.weight, i.e. each output coordinate across units (compatibility only).
+    unit_norm_decoder: bool = True
+    decoder_norm_axis: DecoderNormAxis = "per_unit"
+    loss: LossKind = "fvu"  # "fvu": pooled batch FVU; "mse": mean over elements (the deep-SAE recipe)
+    l1_coefficient: float = 0.0  # × mean over tokens of Σ_i |z_i|·||d_i|| (ReLU SAEs)
+    auxk_coefficient: float = 0.0  # AuxK on dead latents (OpenAI top-k recipe uses 1/32); 0 = off
+    k_aux: int | None = None  # None -> d_in // 2
+    activation_decay: float = 0.0  # × mean over batch × latents of z² (deep-SAE recipe: 1e-3)
+    optimizer: OptimizerKind = "adam"  # "masked_adam" skips moments/updates of entries with exactly zero gradient
+    dead_window_tokens: int = 10_000_000  # dead = no activation in this many tokens (deep-SAE recipe: 1.5M)
+    resample_every_steps: int | None = None  # re-initialise dead latents every this many steps; None = never
+    checkpoint_every_steps: int | None = 1000  # None = only when a run stops before total_tokens
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    wandb_project: str | None = None  # log to Weights & Biases as well (needs `pip install saelab[wandb]`)
+    wandb_run_name: str | None = None
+
+    def validate(self) -> None:
+        positive = {
+            "total_tokens": self.total_tokens,
+            "batch_size": self.batch_size,
+            "dead_window_tokens": self.dead_window_tokens,
+            "keep_checkpoints": self.keep_checkpoints,
+            "log_every_steps": self.log_every_steps,
+        }
+        optional_positive = {
+            "lr": self.lr,
+            "grad_clip_norm": self.grad_clip_norm,
+            "k_aux": self.k_aux,
+            "resample_every_steps": self.resample_every_steps,
+            "checkpoint_every_steps": self.checkpoint_every_steps,
+        }
+        for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+            if value <= 0:
+                raise ConfigError(f"TrainerConfig.{name} must be positive (got {value}); use None to disable")
+        for name in ("l1_coefficient", "auxk_coefficient", "activation_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainerConfig.{name} must be >= 0 (got {getattr(self, name)})")
+        for name, kind in (("decoder_norm_axis", DecoderNormAxis), ("loss", LossKind), ("optimizer", OptimizerKind)):
+            allowed = typing.get_args(kind)
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"TrainerConfig.{name}={getattr(self, name)!r} is unknown; use one of {list(allowed)}"
+                )
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"TrainerConfig.decay_fraction must be in [0, 1] (got {self.decay_fraction})")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"TrainerConfig.betas must be in [0, 1) (got {self.betas})")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(
+                f"TrainerConfig.total_tokens={self.total_tokens} is less than one batch ({self.batch_size}); "
+                "raise total_tokens or lower batch_size"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.total_tokens / self.batch_size)

@@ -1,0 +1,52 @@
+"""Unit-norm decoder constraint: renormalise after each step, and before it remove the gradient component that
+would only change the norm (it is undone by the renormalisation anyway and wastes Adam's step size).
+
+Matrices come from `sae.decoder_matrices()` in the `[units_in, d_out]` layout. They may be parameters or views of
+parameters (e.g. `linear.weight.T`); the gradient is read through the same view.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saelab.training.config import DecoderNormAxis
+
+
+def norm_dim(axis: DecoderNormAxis) -> int:
+    """The dimension of a `[units_in, d_out]` matrix whose vectors are kept at unit norm."""
+    return 1 if axis == "per_unit" else 0
+
+
+def grad_of(matrix: Tensor) -> Tensor | None:
+    """The gradient of `matrix`, seen through the same view when `matrix` is a view of a parameter."""
+    base = matrix if matrix._base is None else matrix._base
+    if base.grad is None:
+        return None
+    if base is matrix:
+        return matrix.grad
+    if base.grad.stride() != base.stride():
+        raise RuntimeError("decoder matrix view: its parameter's gradient has a different memory layout")
+    return base.grad.as_strided(matrix.shape, matrix.stride(), matrix.storage_offset() - base.storage_offset())
+
+
+@torch.no_grad()
+def project_out_parallel_grad(matrices: list[Tensor], axis: DecoderNormAxis) -> None:
+    """g ← g − (⟨g, w⟩ / ⟨w, w⟩) w for every constrained vector w and its gradient g, in place."""
+    dim = norm_dim(axis)
+    # Row-wise dot products as an einsum (a batched GEMV): no [units, d_out] temporaries, ~3x faster at SAE sizes.
+    dots = "ij,ij->i" if dim == 1 else "ij,ij->j"
+    for w in matrices:
+        g = grad_of(w)
+        if g is None:
+            continue
+        coef = torch.einsum(dots, g, w) / torch.einsum(dots, w, w).clamp_min(1e-30)
+        g.addcmul_(coef.unsqueeze(dim), w, value=-1.0)
+
+
+@torch.no_grad()
+def normalize_decoder(matrices: list[Tensor], axis: DecoderNormAxis) -> None:
+    """w ← w / ||w|| for every constrained vector, in place (zero vectors stay zero)."""
+    dim = norm_dim(axis)
+    for w in matrices:
+        w.div_(w.norm(dim=dim, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,56 @@
+"""Training metrics: one JSON object per log step in `metrics.jsonl` (always), mirrored to W&B when asked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from saelab.errors import ConfigError
+from saelab.io import atomic_write_text
+
+
+class MetricsLogger:
+    def __init__(self, path: Path, wandb_project: str | None = None, wandb_run_name: str | None = None,
+                 wandb_config: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self._wandb_args = (wandb_project, wandb_run_name, wandb_config)
+        self._wandb: Any = None
+        if wandb_project is not None:
+            try:
+                import wandb  # noqa: F401  (checked now so a missing package fails before training starts)
+            except ImportError:
+                raise ConfigError(
+                    "wandb_project is set but wandb is not installed; `pip install saelab[wandb]` or unset it"
+                ) from None
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keep_until(self, step: int) -> list[dict[str, Any]]:
+        """Drop records after `step` (a resumed run re-logs them); returns the kept ones."""
+        kept = [r for r in self.records() if r["step"] <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._wandb_args[0] is not None:
+            self._wandb_run().log(record, step=record["step"])
+
+    def _wandb_run(self) -> Any:
+        if self._wandb is None:
+            import wandb
+
+            project, name, config = self._wandb_args
+            self._wandb = wandb.init(project=project, name=name, config=config, dir=str(self.path.parent))
+        return self._wandb
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

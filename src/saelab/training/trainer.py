@@ -1,0 +1,325 @@
+"""The one training loop for every SAE. It knows only the SAE interface: `normalize`, `forward`,
+`decoder_matrices`, and optional methods that a loss term or option needs (checked up front):
+
+- `init_b_dec_geometric_median(x_n)`: called once with the first (normalised) batch of a fresh run;
+- `decoder_norms()`, `auxk_latents(x_n, dead_mask, k_aux)`: see `losses`;
+- `latent_parameters()`: see `dead` (resampling).
+
+One step: normalise → forward → loss → backward → project decoder gradients → clip → Adam → renormalise decoders
+→ count fired latents. Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
+from saelab.saes.base import SparseAutoencoder
+from saelab.training import checkpoint as ckpt
+from saelab.training.config import TrainerConfig, default_lr
+from saelab.training.constraints import normalize_decoder, project_out_parallel_grad
+from saelab.training.dead import DeadLatentTracker, resample_latents
+from saelab.training.logger import MetricsLogger
+from saelab.training.losses import activation_decay_penalty, auxk_loss, l1_penalty, reconstruction_loss
+from saelab.training.optim import build_optimizer
+from saelab.training.schedule import lr_factor
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "trainer_config.json"
+FINAL_SAE_DIR = "sae"
+# Settings that may differ between a checkpoint and the run resuming it without changing the numbers.
+RESUMABLE_CHANGES = frozenset(
+    {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "device", "progress", "wandb_project",
+     "wandb_run_name"}
+)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    final: dict[str, float]  # the last log record
+    curves: dict[str, list[float]]  # every logged key -> its values at the logged steps (this run and resumed)
+    steps: int
+    tokens_seen: int
+    completed: bool  # False when the batches ran out before cfg.total_tokens
+    sae_dir: Path
+    metrics_path: Path
+
+
+class Trainer:
+    """`Trainer(sae, cfg, out_dir).fit(batches)`; to continue a run, call `restore()` before `fit`."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.sae = sae.to(cfg.device)
+        self._require_sae_methods()
+        self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(sae.d_in // 2, 1)
+        self.optimizer = build_optimizer(list(sae.parameters()), cfg, self.base_lr)
+        self.tracker = DeadLatentTracker(sae.n_latents, cfg.dead_window_tokens, device=cfg.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.logger = MetricsLogger(
+            self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict()
+        )
+        self._records: list[dict[str, Any]] = []
+        self._short_batch_seen = False
+        self._resampled_since_log = 0
+
+    def _require_sae_methods(self) -> None:
+        needs = {
+            "decoder_norms": self.cfg.l1_coefficient > 0,
+            "auxk_latents": self.cfg.auxk_coefficient > 0,
+            "latent_parameters": self.cfg.resample_every_steps is not None,
+        }
+        options = {"decoder_norms": "l1_coefficient", "auxk_latents": "auxk_coefficient",
+                   "latent_parameters": "resample_every_steps"}
+        for method, needed in needs.items():
+            if needed and not callable(getattr(self.sae, method, None)):
+                raise ConfigError(
+                    f"{options[method]} needs the SAE method {method}(), which {type(self.sae).__name__} lacks; "
+                    f"unset {options[method]} or use an SAE that implements it"
+                )
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer)
+        tensors = {
+            **opt_tensors,
+            "tracker.tokens_since_fired": self.tracker.tokens_since_fired.cpu(),
+            "rng.generator": self.generator.get_state(),
+        }
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
+                 "optimizer_scalars": opt_scalars, "short_batch_seen": self._short_batch_seen}
+        return ckpt.write_checkpoint(self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints)
+
+    def restore(self, checkpoint: str | Path | None = None) -> bool:
+        """Load a checkpoint (default: the run folder's latest) into this trainer and its SAE. Returns False when
+        there is none to load. The config must match the checkpoint's except for `RESUMABLE_CHANGES`."""
+        folder = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.out_dir)
+        if folder is None:
+            return False
+        state, tensors = ckpt.read_checkpoint(folder)
+        self._check_compatible(folder, state["config"])
+        self._load_sae_weights(folder / ckpt.SAE_DIR)
+        ckpt.load_optimizer_tensors(self.optimizer, tensors, state["optimizer_scalars"], folder)
+        self.tracker.tokens_since_fired.copy_(tensors["tracker.tokens_since_fired"])
+        self.generator.set_state(tensors["rng.generator"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self._short_batch_seen = state["short_batch_seen"]
+        self._records = self.logger.keep_until(self.step)
+        return True
+
+    def _check_compatible(self, folder: Path, saved: dict[str, Any]) -> None:
+        current = self.cfg.to_dict()
+        differ = sorted(
+            k for k in current.keys() | saved.keys()
+            if k not in RESUMABLE_CHANGES and _jsonable(current.get(k)) != _jsonable(saved.get(k))
+        )
+        if differ:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
+            raise CheckpointError(
+                f"{folder} was trained with different settings ({changes}); resume with the checkpoint's "
+                "settings or start a new run folder"
+            )
+
+    def _load_sae_weights(self, folder: Path) -> None:
+        saved_cfg = json.loads((folder / "cfg.json").read_text())
+        expected = {"architecture": self.sae.architecture, **self.sae.cfg.to_dict()}
+        if _jsonable(saved_cfg) != _jsonable(expected):
+            raise CheckpointError(f"{folder}: the checkpoint's SAE ({saved_cfg}) is not this SAE ({expected})")
+        state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
+        self.sae.load_state_dict(state)
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Tensor], skip_consumed: bool = True) -> TrainResult:
+        """Train until `cfg.total_tokens` or until `batches` runs out (then a checkpoint is written so the run can
+        go on). After `restore()`, `batches` must yield the same sequence as the original run; the batches the
+        checkpoint already consumed are skipped unless `skip_consumed=False` (the iterable is already positioned).
+        """
+        cfg = self.cfg
+        self.cfg.save(self.out_dir / CONFIG_FILE)
+        if self.step == 0:
+            self._records = self.logger.keep_until(0)
+        stream: Iterator[Tensor] = iter(batches)
+        if skip_consumed and self.step > 0:
+            stream = itertools.islice(stream, self.step, None)
+        bar = tqdm(total=cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
+                   disable=not cfg.progress, desc="train")
+        window = _Window()
+        last_checkpoint = self.step
+        try:
+            for batch in stream:
+                if self.tokens_seen >= cfg.total_tokens:
+                    break
+                x = self._prepare(batch)
+                window.add(self._train_step(x), x.shape[0])
+                bar.update(x.shape[0])
+                if self.step % cfg.log_every_steps == 0:
+                    self._log(window, bar)
+                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+                    last_checkpoint = self.step
+            if window.steps:
+                self._log(window, bar)
+        finally:
+            bar.close()
+        completed = self.tokens_seen >= cfg.total_tokens
+        if not completed and last_checkpoint != self.step:
+            self.save_checkpoint()
+        sae_dir = self.out_dir / FINAL_SAE_DIR
+        self.sae.save(sae_dir)
+        self.logger.close()
+        curves: dict[str, list[float]] = {}
+        for record in self._records:
+            for key, value in record.items():
+                curves.setdefault(key, []).append(value)
+        return TrainResult(
+            final=self._records[-1] if self._records else {}, curves=curves, steps=self.step,
+            tokens_seen=self.tokens_seen, completed=completed, sae_dir=sae_dir, metrics_path=self.logger.path,
+        )
+
+    def _prepare(self, batch: Tensor) -> Tensor:
+        if batch.ndim != 2 or batch.shape[1] != self.sae.d_in:
+            raise DataError(
+                f"batch {self.step}: expected activations of shape [B, {self.sae.d_in}], got {tuple(batch.shape)}; "
+                "the store's hookpoint/dimension does not match the SAE's d_in"
+            )
+        rows = batch.shape[0]
+        if rows > self.cfg.batch_size or self._short_batch_seen:
+            raise DataError(
+                f"batch {self.step} has {rows} rows after a batch of fewer than batch_size={self.cfg.batch_size}"
+                if self._short_batch_seen
+                else f"batch {self.step} has {rows} rows but batch_size={self.cfg.batch_size}; make them agree"
+            )
+        self._short_batch_seen = rows < self.cfg.batch_size
+        return batch.to(self.sae.device, next(self.sae.parameters()).dtype)
+
+    def _train_step(self, x: Tensor) -> dict[str, Tensor]:
+        sae, cfg = self.sae, self.cfg
+        x_n, _ = sae.normalize(x)
+        if self.step == 0:
+            self._initialize(x_n)
+        lr = self.base_lr * lr_factor(self.step, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        x_hat, latents = sae(x_n)
+        terms = {"recon": reconstruction_loss(x_n, x_hat, cfg.loss)}
+        loss = terms["recon"]
+        if cfg.l1_coefficient > 0:
+            terms["l1"] = l1_penalty(latents, sae.decoder_norms())
+            loss = loss + cfg.l1_coefficient * terms["l1"]
+        if cfg.activation_decay > 0:
+            terms["activation_decay"] = activation_decay_penalty(latents, sae.n_latents)
+            loss = loss + cfg.activation_decay * terms["activation_decay"]
+        if cfg.auxk_coefficient > 0:
+            terms["auxk"] = auxk_loss(sae, x_n, x_hat, self.tracker.dead_mask(), self.k_aux)
+            loss = loss + cfg.auxk_coefficient * terms["auxk"]
+        if not torch.isfinite(loss):
+            bad = "non-finite values in the input batch" if not torch.isfinite(x).all() else "a diverging loss"
+            raise DataError(f"step {self.step}: the loss is {loss.item()} ({bad}); check the activations or lower lr")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        decoders = self._decoders()
+        if cfg.unit_norm_decoder:
+            project_out_parallel_grad(decoders, cfg.decoder_norm_axis)
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
+        self.optimizer.step()
+        if cfg.unit_norm_decoder:
+            normalize_decoder(decoders, cfg.decoder_norm_axis)
+
+        with torch.no_grad():
+            self.tracker.update(fire_counts(latents), x.shape[0])
+            stats = {name: value.detach() for name, value in terms.items()}
+            stats["loss"] = loss.detach()
+            stats["fvu"] = terms["recon"].detach() if cfg.loss == "fvu" else fraction_of_variance_unexplained(
+                x_n, x_hat
+            )
+            stats["l0"] = l0(latents)
+            stats["lr"] = torch.tensor(lr)
+        self.step += 1
+        self.tokens_seen += x.shape[0]
+        if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0:
+            self._resampled_since_log += self._resample()
+        return stats
+
+    def _decoders(self) -> list[Tensor]:
+        with torch.no_grad():
+            return self.sae.decoder_matrices()
+
+    def _initialize(self, x_n: Tensor) -> None:
+        """Fresh run only: data-dependent init on the first batch, and the decoder constraint from the start."""
+        init_b_dec = getattr(self.sae, "init_b_dec_geometric_median", None)
+        if callable(init_b_dec):
+            with torch.no_grad():
+                init_b_dec(x_n)
+        if self.cfg.unit_norm_decoder:
+            normalize_decoder(self._decoders(), self.cfg.decoder_norm_axis)
+
+    def _resample(self) -> int:
+        dead = self.tracker.dead_mask()
+        count = resample_latents(self.sae, dead, self.optimizer, self.generator)
+        if count:
+            if self.cfg.unit_norm_decoder:
+                normalize_decoder(self._decoders(), self.cfg.decoder_norm_axis)
+            self.tracker.revive(dead)
+        return count
+
+    def _log(self, window: _Window, bar: tqdm) -> None:
+        record = {"step": self.step, "tokens": self.tokens_seen, **window.means(),
+                  "dead_fraction": self.tracker.dead_fraction()}
+        if self.cfg.resample_every_steps:
+            record["resampled"] = self._resampled_since_log
+            self._resampled_since_log = 0
+        window.reset()
+        self.logger.log(record)
+        self._records.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4g}", fvu=f"{record['fvu']:.4g}", l0=f"{record['l0']:.1f}",
+                        dead=f"{record['dead_fraction']:.1%}", refresh=False)
+
+
+class _Window:
+    """Per-step statistics since the last log, averaged at log time (one host sync per log, not per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, stats: dict[str, Tensor], tokens: int) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.steps += 1
+        self.tokens += tokens
+
+    def means(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {key: value.float().cpu().item() / self.steps for key, value in self.sums.items()}
+        out["tokens_per_s"] = self.tokens / elapsed
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Compare configs as JSON would store them (tuples become lists)."""
+    return json.loads(json.dumps(value))

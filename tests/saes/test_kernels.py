@@ -1,0 +1,171 @@
+"""The fast top-k path against its definition: gradchecks of the custom autograd function and the sparse decoder,
+and forward/gradient equality with a plain dense implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab.saes.kernels import (
+    default_chunk_rows,
+    encoder_weight_grad,
+    sparse_decode,
+    topk_encode,
+    topk_encode_dense,
+)
+
+F64 = torch.float64
+
+
+def _params(d: int = 4, n: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(n, d, generator=g, dtype=F64),
+        "b_enc": 0.3 * torch.randn(n, generator=g, dtype=F64),
+        "W_dec": torch.randn(n, d, generator=g, dtype=F64),
+        "b_dec": 0.5 * torch.randn(d, generator=g, dtype=F64),
+    }
+
+
+def _leaves(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.clone().requires_grad_() for name, t in tensors.items()}
+
+
+def test_gradcheck_topk_encode_with_pre_bias() -> None:
+    p = _leaves(_params())
+    x = torch.randn(7, 4, dtype=F64, requires_grad=True)
+
+    def values(x, w, b, pb):
+        return topk_encode(x, w, b, 4, pre_bias=pb, chunk_rows=4).values
+
+    assert torch.autograd.gradcheck(values, (x, p["W_enc"], p["b_enc"], p["b_dec"]))
+
+
+def test_gradcheck_topk_encode_without_pre_bias() -> None:
+    """The deep SAE's sparse layer: no b_dec, and the input gradient flows on to the dense layers below."""
+    p = _leaves(_params())
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: topk_encode(x, w, b, 3).values, (x, p["W_enc"], p["b_enc"]))
+
+
+def test_gradcheck_sparse_decode() -> None:
+    w = torch.randn(12, 5, dtype=F64, requires_grad=True)
+    values = torch.rand(4, 3, dtype=F64, requires_grad=True)
+    indices = torch.tensor([[0, 5, 11], [2, 2, 7], [1, 3, 4], [9, 10, 0]])
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, indices, w), (values, w))
+
+
+def test_gradcheck_encode_then_decode_sharing_b_dec() -> None:
+    """b_dec enters twice (subtracted before encoding, added after decoding); its gradient uses the s·W_enc trick."""
+    p = _leaves(_params())
+    x = torch.randn(6, 4, dtype=F64)
+
+    def sae(w_enc, b_enc, w_dec, b_dec):
+        sel = topk_encode(x, w_enc, b_enc, 3, pre_bias=b_dec, chunk_rows=3)
+        return sparse_decode(sel.values, sel.indices, w_dec) + b_dec
+
+    assert torch.autograd.gradcheck(sae, (p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"]))
+
+
+def _loss(x_hat: torch.Tensor, x: torch.Tensor, z_values: torch.Tensor) -> torch.Tensor:
+    # reconstruction plus a term on the latent values themselves (like activation decay)
+    return (x_hat - x).pow(2).sum() + 0.1 * z_values.pow(2).sum()
+
+
+@pytest.mark.parametrize("b_enc_shift", [0.0, -2.5], ids=["mostly_positive", "fewer_than_k_positive"])
+def test_fast_path_equals_dense_reference(b_enc_shift: float) -> None:
+    base = _params(d=8, n=40, seed=1)
+    base["b_enc"] = base["b_enc"] + b_enc_shift
+    x = torch.randn(37, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
+    k = 6
+
+    fast, dense = _leaves(base), _leaves(base)
+    x_fast, x_dense = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sel = topk_encode(x_fast, fast["W_enc"], fast["b_enc"], k, pre_bias=fast["b_dec"], chunk_rows=5)
+    x_hat_fast = sparse_decode(sel.values, sel.indices, fast["W_dec"]) + fast["b_dec"]
+    _loss(x_hat_fast, x_fast, sel.values).backward()
+
+    z = topk_encode_dense(x_dense, dense["W_enc"], dense["b_enc"], k, pre_bias=dense["b_dec"])
+    x_hat_dense = z @ dense["W_dec"] + dense["b_dec"]
+    _loss(x_hat_dense, x_dense, z).backward()
+
+    z_fast = torch.zeros_like(z).scatter(-1, sel.indices, sel.values)
+    if b_enc_shift:
+        assert ((z > 0).sum(-1) < k).any(), "the case under test needs tokens with fewer than k positive latents"
+    torch.testing.assert_close(z_fast, z.detach())
+    torch.testing.assert_close(x_hat_fast, x_hat_dense)
+    for name in base:
+        torch.testing.assert_close(fast[name].grad, dense[name].grad, msg=f"gradient of {name}")
+    torch.testing.assert_close(x_fast.grad, x_dense.grad)
+
+
+def test_topk_on_raw_preactivations_then_clamp_is_relu_then_topk() -> None:
+    pre = torch.tensor([[3.0, -1.0, 2.0, -5.0, 0.5], [-1.0, -2.0, 4.0, -0.5, -3.0]])
+    w = torch.eye(5)
+    sel = topk_encode(pre, w, torch.zeros(5), 3)
+    dense = torch.zeros(2, 5).scatter(-1, sel.indices, sel.values)
+    assert torch.equal(dense, torch.tensor([[3.0, 0.0, 2.0, 0.0, 0.5], [0.0, 0.0, 4.0, 0.0, 0.0]]))
+    assert (sel.values >= 0).all()
+
+
+def test_clamped_latents_pass_no_gradient() -> None:
+    x = torch.tensor([[-1.0, -2.0, 4.0, -0.5]])
+    w = torch.eye(4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    sel = topk_encode(x, w, b, 3)
+    sel.values.sum().backward()
+    assert torch.equal(b.grad, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(w.grad[2], x[0]) and not w.grad[[0, 1, 3]].any()
+
+
+def test_result_does_not_depend_on_chunking() -> None:
+    p = _params(d=5, n=30)
+    x = torch.randn(50, 5, dtype=F64)
+    whole = topk_encode(x, p["W_enc"], p["b_enc"], 4, pre_bias=p["b_dec"], chunk_rows=50)
+    chunks = topk_encode(x, p["W_enc"], p["b_enc"], 4, pre_bias=p["b_dec"], chunk_rows=7)
+    order_w, order_c = whole.indices.argsort(-1), chunks.indices.argsort(-1)
+    assert torch.equal(whole.indices.gather(-1, order_w), chunks.indices.gather(-1, order_c))
+    torch.testing.assert_close(whole.values.gather(-1, order_w), chunks.values.gather(-1, order_c))
+
+
+def test_encoder_weight_grad_matches_index_add() -> None:
+    x = torch.randn(10, 4, dtype=F64)
+    indices = torch.randint(0, 7, (10, 3))
+    grad_pre = torch.randn(10, 3, dtype=F64)
+    expected = torch.zeros(7, 4, dtype=F64).index_add_(
+        0, indices.reshape(-1), (grad_pre[..., None] * x[:, None, :]).reshape(-1, 4)
+    )
+    torch.testing.assert_close(encoder_weight_grad(x, indices, grad_pre, 7), expected)
+
+
+def test_sparse_decode_keeps_leading_dims() -> None:
+    w = torch.randn(9, 4)
+    values, indices = torch.rand(2, 3, 5), torch.randint(0, 9, (2, 3, 5))
+    dense = torch.zeros(2, 3, 9).scatter_add(-1, indices, values)
+    torch.testing.assert_close(sparse_decode(values, indices, w), dense @ w)
+
+
+def test_empty_batch() -> None:
+    p = _params()
+    sel = topk_encode(torch.empty(0, 4, dtype=F64), p["W_enc"], p["b_enc"], 3)
+    assert sel.values.shape == (0, 3) and sel.indices.shape == (0, 3)
+
+
+def test_default_chunk_rows_bounds_memory_but_not_below_gemm_efficiency() -> None:
+    assert default_chunk_rows(24_576, 4) * 24_576 * 4 <= 64 << 20
+    assert default_chunk_rows(10**7, 4) == 256
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    p = _params(d=16, n=64)
+    x = torch.randn(40, 16, dtype=F64)
+    grads = []
+    for device in ("cpu", "cuda"):
+        leaves = {k: v.to(device).requires_grad_() for k, v in p.items()}
+        sel = topk_encode(x.to(device), leaves["W_enc"], leaves["b_enc"], 5, pre_bias=leaves["b_dec"])
+        x_hat = sparse_decode(sel.values, sel.indices, leaves["W_dec"]) + leaves["b_dec"]
+        _loss(x_hat, x.to(device), sel.values).backward()
+        grads.append({k: v.grad.cpu() for k, v in leaves.items()})
+    for name in p:
+        torch.testing.assert_close(grads[0][name], grads[1][name])

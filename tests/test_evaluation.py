@@ -1,0 +1,143 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import Tensor, nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from saelab.errors import DataError
+from saelab.evaluation import evaluate_downstream, evaluate_reconstruction
+from saelab.metrics import cross_entropy, fraction_of_variance_unexplained, per_slice_fvu
+from saelab.models.hooks import forward_with
+from saelab.saes.base import SAEConfig, SparseAutoencoder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass
+class ScaleConfig(SAEConfig):
+    factor: float = 1.0
+
+
+class ScaleSAE(SparseAutoencoder):
+    """Latents = the input itself (dense, n_latents = d_in); x_hat = factor · latents. factor 1 = identity."""
+
+    architecture = "scale_test"
+    config_class = ScaleConfig
+
+    def __init__(self, cfg: ScaleConfig) -> None:
+        super().__init__(cfg)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.cfg.factor * latents + self.b_dec
+
+    def flops_per_token(self) -> int:
+        return self.d_in
+
+
+def scale_sae(d: int, factor: float, preprocessing: str = "none") -> ScaleSAE:
+    return ScaleSAE(ScaleConfig(d_in=d, n_latents=d, factor=factor, preprocessing=preprocessing))
+
+
+def test_reconstruction_metrics_pool_over_batches() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(30, 6) + 2.0
+    x[:, 5] = 0.0  # latent 5 never fires
+    x[0, 0] = 0.0
+    result = evaluate_reconstruction(scale_sae(6, 0.5), x.split([7, 13, 10]), slices=[(0, 2), (2, 6)])
+    x_hat = 0.5 * x
+    assert result["fvu"] == pytest.approx(fraction_of_variance_unexplained(x, x_hat).item(), rel=1e-6)
+    assert result["fvu_raw"] == pytest.approx(result["fvu"], rel=1e-9)
+    assert result["mse"] == pytest.approx((x - x_hat).pow(2).mean().item(), rel=1e-6)
+    assert result["cosine"] == pytest.approx(1.0)
+    assert result["l0"] == pytest.approx((30 * 5 - 1) / 30)
+    assert result["dead_fraction"] == pytest.approx(1 / 6)
+    assert result["n_tokens"] == 30
+    assert result["per_slice_fvu"] == pytest.approx(per_slice_fvu(x, x_hat, [(0, 2), (2, 6)]).tolist(), rel=1e-6)
+
+
+def test_reconstruction_metrics_are_in_the_sae_space_and_raw() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 5) * 3 + 1
+    sae = scale_sae(5, 0.8, preprocessing="token_l2")
+    result = evaluate_reconstruction(sae, [x])
+    x_n, stats = sae.normalize(x)
+    assert result["fvu"] == pytest.approx(fraction_of_variance_unexplained(x_n, 0.8 * x_n).item(), rel=1e-5)
+    raw = fraction_of_variance_unexplained(x, sae.denormalize(0.8 * x_n, stats)).item()
+    assert result["fvu_raw"] == pytest.approx(raw, rel=1e-5)
+    assert result["fvu_raw"] != pytest.approx(result["fvu"], rel=1e-2)
+
+
+def test_reconstruction_rejects_wrong_width_and_no_data() -> None:
+    with pytest.raises(DataError, match=r"shape \[B, 4\]"):
+        evaluate_reconstruction(scale_sae(4, 1.0), [torch.randn(3, 5)])
+    with pytest.raises(DataError, match="no activations"):
+        evaluate_reconstruction(scale_sae(4, 1.0), [])
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16)).eval()
+
+
+@pytest.fixture
+def contexts() -> Tensor:
+    return torch.randint(0, 100, (5, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_identity_sae_recovers_everything(gpt2, contexts) -> None:
+    result = evaluate_downstream(gpt2, scale_sae(32, 1.0), "resid_post.0", contexts, batch_size=2, drop_first=1)
+    assert result["ce_spliced"] == result["ce_clean"]
+    assert result["kl_divergence"] == 0.0 and result["ce_delta"] == 0.0
+    assert result["ce_loss_recovered"] == 1.0 and result["ce_loss_recovered_mean_ablation"] == 1.0
+    assert result["ce_zero_ablated"] > result["ce_clean"] and result["kl_zero_ablated"] > 0
+    assert result["ce_mean_ablated"] != result["ce_clean"]
+
+
+def test_splicing_goes_through_the_sae_preprocessing(gpt2, contexts) -> None:
+    # reconstruct() normalises and denormalises: an identity in the normalised space is an identity raw -> raw.
+    result = evaluate_downstream(gpt2, scale_sae(32, 1.0, "token_l2"), "resid_post.0", contexts, zero_ablation=False,
+                                 mean_ablation=False)
+    assert result["ce_spliced"] == pytest.approx(result["ce_clean"], abs=1e-5)
+    assert result["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert "ce_zero_ablated" not in result and "ce_mean_ablated" not in result
+
+
+def test_masked_positions_pass_through_and_match_a_manual_splice(gpt2, contexts) -> None:
+    drop, exclude = 3, (contexts[0, 5].item(),)
+    mask = torch.ones_like(contexts, dtype=torch.bool)
+    mask[:, :drop] = False
+    mask &= contexts != exclude[0]
+    result = evaluate_downstream(gpt2, scale_sae(32, 0.0), "resid_post.1", contexts, batch_size=2,
+                                 drop_first=drop, exclude_token_ids=exclude)
+
+    def zero_masked(act: Tensor) -> Tensor:
+        return act.masked_fill(mask[..., None], 0.0)
+
+    clean, captured = forward_with(gpt2, contexts, capture=("resid_post.1",))
+    zeroed, _ = forward_with(gpt2, contexts, {"resid_post.1": zero_masked})
+    mean = captured["resid_post.1"][mask].mean(0)
+    mean_ablated, _ = forward_with(gpt2, contexts, {"resid_post.1": lambda a: torch.where(mask[..., None], mean, a)})
+    assert result["ce_clean"] == pytest.approx(cross_entropy(clean, contexts, mask).item(), rel=1e-6)
+    assert result["ce_spliced"] == pytest.approx(cross_entropy(zeroed, contexts, mask).item(), rel=1e-6)
+    assert result["ce_mean_ablated"] == pytest.approx(cross_entropy(mean_ablated, contexts, mask).item(), rel=1e-5)
+    # an SAE that outputs zeros is exactly zero ablation: nothing recovered
+    assert result["ce_spliced"] == result["ce_zero_ablated"] and result["ce_loss_recovered"] == 0.0
+    assert result["kl_divergence"] == result["kl_zero_ablated"] > 0
+
+
+def test_downstream_rejects_bad_contexts(gpt2) -> None:
+    with pytest.raises(DataError, match=r"token ids \[N, T\]"):
+        evaluate_downstream(gpt2, scale_sae(32, 1.0), "resid_post.0", torch.zeros(4, dtype=torch.long))
