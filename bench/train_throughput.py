@@ -62,12 +62,13 @@ def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> Non
     loss = (x_hat - x).pow(2).sum(dim=-1).mean()
     loss.backward()
     w_dec = sae.W_dec
-    with torch.no_grad():  # what the trainer's unit-norm constraint does, so the figure is honest
+    with torch.no_grad():  # the trainer's unit-norm constraint, done the same way, so the figure is honest
         grad = w_dec.grad
-        grad.sub_((grad * w_dec).sum(dim=1, keepdim=True) * w_dec)
+        coef = torch.einsum("ij,ij->i", grad, w_dec) / torch.einsum("ij,ij->i", w_dec, w_dec).clamp_min(1e-30)
+        grad.addcmul_(coef.unsqueeze(1), w_dec, value=-1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        w_dec.div_(w_dec.norm(dim=1, keepdim=True))
+        w_dec.div_(w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def encode_only(sae: TopKSAE, x: Tensor) -> None:

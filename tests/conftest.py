@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic, few threads (CI has 2 cores), tiny random models built from configs."""
+"""Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded; CI has 2 cores), tiny random models built from configs."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -27,8 +27,13 @@ def _tokenizer() -> PreTrainedTokenizerFast:
 def _model(family: str = "gpt2") -> torch.nn.Module:
     if family == "llama":
         config = LlamaConfig(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            vocab_size=VOCAB, max_position_embeddings=T,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=VOCAB,
+            max_position_embeddings=T,
         )
         return LlamaForCausalLM(config).eval()
     return GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=T)).eval()
@@ -44,8 +49,13 @@ def _contexts(n: int = 10) -> torch.Tensor:
 def _cfg(tmp_path, name: str = "store", **overrides) -> HarvestConfig:
     data = overrides.pop("data", DataConfig(context_length=T, exclude_special_tokens=False))
     fields = dict(
-        out_dir=str(tmp_path / name), model="tiny", hookpoints=["resid_post.0", "mlp_out.1", "resid_post.2"],
-        data=data, batch_size=2, dtype="float32", shard_tokens=20,
+        out_dir=str(tmp_path / name),
+        model="tiny",
+        hookpoints=["resid_post.0", "mlp_out.1", "resid_post.2"],
+        data=data,
+        batch_size=2,
+        dtype="float32",
+        shard_tokens=20,
     )
     return HarvestConfig(**{**fields, **overrides})
 

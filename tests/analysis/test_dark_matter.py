@@ -14,9 +14,12 @@ from saelab.analysis.dark_matter import (
     nonlinear_fvu,
     norm_prediction,
     per_token_scaling,
+    projection_r2,
     synthetic_error_test,
 )
 from saelab.analysis.regression import RegressionConfig
+from saelab.saes.relu import ReluSAE, ReluSAEConfig
+from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 
@@ -124,11 +127,14 @@ def test_component_shares_of_orthogonal_components() -> None:
     assert shares.norm == pytest.approx({"linear": 1 / 5**0.5, "nonlinear": 2 / 5**0.5})
 
 
-def _orthonormal_topk_sae(d: int, n: int, k: int) -> TopKSAE:
-    """Tied top-k SAE whose n atoms are orthonormal in a subspace of R^d: it reconstructs its own outputs exactly,
-    and everything outside the subspace is error a linear map can find (like real activations' low-variance
-    directions that SAEs leave out)."""
-    sae = TopKSAE(TopKSAEConfig(d_in=d, n_latents=n, k=k))
+def _orthonormal_sae(architecture: str, d: int, n: int) -> ShallowSAE:
+    """Top-k (k=4) or ReLU SAE whose n atoms, tied, are orthonormal in a subspace of R^d: it reconstructs its own
+    outputs exactly, and everything outside the subspace is error a linear map can find (like real activations'
+    low-variance directions that SAEs leave out)."""
+    if architecture == "topk":
+        sae: ShallowSAE = TopKSAE(TopKSAEConfig(d_in=d, n_latents=n, k=4))
+    else:
+        sae = ReluSAE(ReluSAEConfig(d_in=d, n_latents=n))
     atoms = _orthonormal_rows(n, d, seed=8)
     with torch.no_grad():
         sae.W_enc.copy_(atoms)
@@ -138,8 +144,9 @@ def _orthonormal_topk_sae(d: int, n: int, k: int) -> TopKSAE:
     return sae
 
 
-def test_synthetic_harness_tracks_input_noise_linearly_and_reconstruction_noise_nonlinearly() -> None:
-    sae = _orthonormal_topk_sae(d=24, n=12, k=4)
+@pytest.mark.parametrize("architecture", ["topk", "relu"])  # sparse and dense latents
+def test_synthetic_harness_tracks_input_noise_linearly_and_reconstruction_noise_nonlinearly(architecture: str) -> None:
+    sae = _orthonormal_sae(architecture, d=24, n=12)
     g = _gen(9)
     usage = torch.linspace(0.05, 0.4, 12)
     codes = (torch.rand(2_000, 12, generator=g) < usage) * (1 + torch.rand(2_000, 12, generator=g))
@@ -157,6 +164,20 @@ def test_synthetic_harness_tracks_input_noise_linearly_and_reconstruction_noise_
         assert est[(level, 0.0)].introduced < est[(level, 0.1)].introduced < est[(level, 0.2)].introduced
     # Masking the least used latents grows the SAE's error but the linear estimate absorbs all of it.
     clean = {p.mask_fraction: p.fvu for p in table.points if p.input_noise == p.reconstruction_noise == 0}
-    assert clean[0.5].total > 0.1 > clean[0.0].total + 0.09
+    assert clean[0.0].total < 0.01 and clean[0.5].total > 0.1
     assert clean[0.5].nonlinear < 1e-3
     assert len(table.points) == 2 * 3 * 3
+
+
+def test_projection_r2_from_each_source_to_each_target() -> None:
+    # t = a M + ξ with Var(a M) = Var(ξ) per dimension: R² 0.5 from a, 0 from an unrelated b; a scalar target a_0
+    # is a column of a itself (R² 1 from a).
+    g = _gen(10)
+    a, b = torch.randn(20_000, 6, generator=g), torch.randn(20_000, 6, generator=g)
+    m = torch.randn(6, 4, generator=g)
+    m /= m.norm(dim=0, keepdim=True)
+    t = a @ m + torch.randn(20_000, 4, generator=g)
+    table = projection_r2({"a": a, "b": b}, {"t": t, "a0": a[:, 0]})
+    assert table["a"]["t"] == pytest.approx(0.5, abs=0.015)
+    assert table["a"]["a0"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(table["b"]["t"]) < 0.01 and abs(table["b"]["a0"]) < 0.01

@@ -84,7 +84,7 @@ def test_rows_subset_equals_fit_on_the_copied_subset() -> None:
     torch.testing.assert_close(a.bias, b.bias)
 
 
-def test_singular_inputs_fall_back_to_least_squares() -> None:
+def test_singular_inputs_predict_like_least_squares() -> None:
     # A duplicated and a constant column make the system singular; predictions still match the lstsq reference.
     g = _gen(4)
     base = torch.randn(3_000, 3, generator=g)

@@ -8,7 +8,7 @@ import torch
 
 from saelab.saes.kernels import (
     default_chunk_rows,
-    encoder_weight_grad,
+    per_latent_matrix,
     sparse_decode,
     topk_encode,
     topk_encode_dense,
@@ -128,14 +128,24 @@ def test_result_does_not_depend_on_chunking() -> None:
     torch.testing.assert_close(whole.values.gather(-1, order_w), chunks.values.gather(-1, order_c))
 
 
-def test_encoder_weight_grad_matches_index_add() -> None:
+def test_per_latent_matrix_sums_token_rows_per_latent() -> None:
     x = torch.randn(10, 4, dtype=F64)
     indices = torch.randint(0, 7, (10, 3))
-    grad_pre = torch.randn(10, 3, dtype=F64)
+    coefficients = torch.randn(10, 3, dtype=F64)
+    matrix, order = per_latent_matrix(indices, coefficients, 7)
     expected = torch.zeros(7, 4, dtype=F64).index_add_(
-        0, indices.reshape(-1), (grad_pre[..., None] * x[:, None, :]).reshape(-1, 4)
+        0, indices.reshape(-1), (coefficients[..., None] * x[:, None, :]).reshape(-1, 4)
     )
-    torch.testing.assert_close(encoder_weight_grad(x, indices, grad_pre, 7), expected)
+    torch.testing.assert_close(matrix @ x, expected)
+    assert torch.equal(matrix.values(), coefficients.reshape(-1)[order])
+    assert torch.equal(
+        matrix.to_dense(),
+        torch.zeros(10, 7, dtype=F64)
+        .index_put_(
+            (torch.arange(10).repeat_interleave(3), indices.reshape(-1)), coefficients.reshape(-1), accumulate=True
+        )
+        .T,
+    )
 
 
 def test_sparse_decode_keeps_leading_dims() -> None:
@@ -149,6 +159,16 @@ def test_empty_batch() -> None:
     p = _params()
     sel = topk_encode(torch.empty(0, 4, dtype=F64), p["W_enc"], p["b_enc"], 3)
     assert sel.values.shape == (0, 3) and sel.indices.shape == (0, 3)
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 2)], ids=["no_latents_per_token", "no_tokens"])
+def test_sparse_decode_of_nothing_is_zero_with_zero_gradient(shape: tuple[int, int]) -> None:
+    weight = torch.randn(5, 4, requires_grad=True)
+    values = torch.zeros(shape, requires_grad=True)
+    out = sparse_decode(values, torch.zeros(shape, dtype=torch.long), weight)
+    out.sum().backward()
+    assert out.shape == (shape[0], 4) and not out.any()
+    assert not weight.grad.any() and values.grad.shape == shape
 
 
 def test_default_chunk_rows_bounds_memory_but_not_below_gemm_efficiency() -> None:

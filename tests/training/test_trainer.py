@@ -1,4 +1,6 @@
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -107,6 +109,8 @@ def test_resume_refuses_changed_settings_but_allows_logging_changes(tiny_topk, p
         Trainer(tiny_topk(d_in=16, n_latents=8), cfg, tmp_path).restore()
     assert Trainer(tiny_topk(d_in=16), cfg.replace(log_every_steps=1, progress=True), tmp_path).restore()
     assert not Trainer(tiny_topk(d_in=16), cfg, tmp_path / "empty").restore()
+    with pytest.raises(CheckpointError, match="call restore"):  # a fresh run would mix its checkpoints in
+        Trainer(tiny_topk(d_in=16), cfg, tmp_path).fit(planted(2, 32))
 
 
 def test_checkpoints_are_pruned_and_corruption_is_reported(tiny_topk, planted, tmp_path) -> None:
@@ -151,9 +155,11 @@ def test_dead_latents_and_resampling_in_training(tiny_topk, planted, tmp_path) -
     assert revived.b_enc[5] > -1e3  # bias zeroed at step 3, when latent 5 had been idle for 96 tokens
 
 
-def test_stops_at_total_tokens(tiny_topk, planted, tmp_path) -> None:
-    result = Trainer(tiny_topk(d_in=16), _cfg(3, 32), tmp_path).fit(planted(10, 32))
+def test_stops_at_total_tokens_without_reading_further(tiny_topk, planted, tmp_path) -> None:
+    stream = iter(planted(10, 32))
+    result = Trainer(tiny_topk(d_in=16), _cfg(3, 32), tmp_path).fit(stream)
     assert result.completed and result.steps == 3 and not (tmp_path / "checkpoints").exists()
+    assert len(list(stream)) == 7
 
 
 @pytest.mark.parametrize(
@@ -204,3 +210,25 @@ def test_relu_sae_with_l1_gets_sparser(planted, tmp_path) -> None:
                          tmp_path / str(coefficient)).fit(planted(20, 64))
         l0s.append(result.final["l0"])
     assert "l1" in result.final and l0s[1] < 0.5 * l0s[0], l0s  # measured: 19.4 vs 6.1 over the last 5 steps
+
+
+def test_wandb_is_optional_and_mirrors_the_jsonl(tiny_topk, planted, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match=r"pip install saelab\[wandb\]"):
+        Trainer(tiny_topk(d_in=16), _cfg(4, 32, wandb_project="p"), tmp_path)
+
+    logged, finished = [], []
+
+    class Run:
+        def log(self, record, step):
+            logged.append((step, record))
+
+        def finish(self):
+            finished.append(True)
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, name, config, dir: Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    result = Trainer(tiny_topk(d_in=16), _cfg(4, 32, wandb_project="p"), tmp_path).fit(planted(4, 32))
+    assert [step for step, _ in logged] == result.curves["step"] == [2, 4]
+    assert [record for _, record in logged] == _records(tmp_path) and finished == [True]

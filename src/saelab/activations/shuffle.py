@@ -2,10 +2,10 @@
 
 Tokens of one shard come from consecutive contexts and are strongly correlated, so batches must mix shards. A full
 shuffle would need the whole store in memory; instead each epoch visits the shards in a random order and keeps a
-sliding pool of at most `buffer_shards` shards' worth of rows: after a shard is added the pool is permuted and
-batches are taken until there is room for the next shard. The trade-off: a batch mixes tokens of about
-`buffer_shards` shards (more is closer to a full shuffle, costs memory and one pool permutation per shard), a token
-can only leave the pool while its shard is among the recent ones, and the last shards of an epoch mix less. Every
+sliding pool of at most `buffer_shards` shards' worth of rows: after a shard is added, batches of rows drawn at
+random from the whole pool are handed out until there is room for the next shard. The trade-off: a batch mixes
+tokens of about `buffer_shards` shards (more is closer to a full shuffle and costs memory, not time), a token is
+most likely to leave the pool soon after its shard arrives, and the last shards of an epoch mix less. Every
 token passing the position filter is yielded exactly once per epoch (with `drop_last`, fewer than `batch_size` of
 them are dropped at the end of each epoch).
 """
@@ -29,9 +29,8 @@ if TYPE_CHECKING:
 class BatchStream:
     """Iterator over `[batch_size, features]` batches (or `(batch, global token index)` pairs with `return_index`).
 
-    `resident_tokens` / `max_resident_tokens` report the pool's size in rows, bounded by `capacity_tokens`; while a
-    shard is merged into the pool, the old and the new pool exist together for a moment. Each batch is a fresh
-    tensor that shares no memory with the pool.
+    The pool is one array of `capacity_tokens` rows (fewer for a small store), allocated once; `resident_tokens` /
+    `max_resident_tokens` report how many of its rows are in use. Each batch is a fresh tensor.
     """
 
     def __init__(
@@ -86,58 +85,67 @@ class BatchStream:
         return next(self._batches)
 
     def _generate(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        width = sum(self._store.dims[hp] for hp in self._hookpoints)
+        rows = min(self.capacity_tokens, self._store.n_tokens)
+        pool = np.empty((rows, width), dtype=self._storage_dtype)  # allocated once, reused for every shard
+        pool_index = np.empty(rows, dtype=np.int64)
         epoch = 0
         while self._epochs is None or epoch < self._epochs:
             rng = np.random.default_rng([self._seed, epoch])
             n_shards = self._store.n_shards
             order = rng.permutation(n_shards) if self._shuffle else np.arange(n_shards)
-            width = sum(self._store.dims[hp] for hp in self._hookpoints)
-            pool = np.zeros((0, width), dtype=self._storage_dtype)
-            pool_index = np.zeros(0, dtype=np.int64)
-            emitted = 0
+            size = emitted = 0
             for shard in order:
-                rows, index = self._read_shard(int(shard))
-                pool, pool_index = np.concatenate([pool, rows]), np.concatenate([pool_index, index])
-                if self._shuffle:
-                    perm = rng.permutation(len(pool))
-                    pool, pool_index = pool[perm], pool_index[perm]
-                self._set_resident(len(pool))
-                surplus = max(len(pool) - self._keep_rows, 0)
-                n_out = min(-(-surplus // self._batch_size), len(pool) // self._batch_size) * self._batch_size
-                yield from self._emit(pool[:n_out], pool_index[:n_out])
+                size += self._read_shard(int(shard), pool[size:], pool_index[size:])
+                self._set_resident(size)
+                surplus = max(size - self._keep_rows, 0)
+                n_out = min(-(-surplus // self._batch_size), size // self._batch_size) * self._batch_size
+                yield from self._take(pool, pool_index, size, n_out, rng)
                 emitted += n_out
-                pool, pool_index = pool[n_out:], pool_index[n_out:]
-                self._set_resident(len(pool))
-            n_out = len(pool) if not self._drop_last else len(pool) // self._batch_size * self._batch_size
-            yield from self._emit(pool[:n_out], pool_index[:n_out])
+                size -= n_out
+                self._set_resident(size)
+            n_out = size if not self._drop_last else size // self._batch_size * self._batch_size
+            yield from self._take(pool, pool_index, size, n_out, rng)
             emitted += n_out
             self._set_resident(0)
             if emitted == 0:
                 raise DataError(
                     f"store {self._store.path} yields no batch of {self._batch_size} tokens (it keeps "
-                    f"{len(pool)} tokens at positions >= {self._position_filter}); lower batch_size or "
+                    f"{size} tokens at positions >= {self._position_filter}); lower batch_size or "
                     "position_filter, or pass drop_last=False"
                 )
             epoch += 1
 
-    def _read_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_shard(self, shard: int, out: np.ndarray, out_index: np.ndarray) -> int:
+        """Append one shard's kept rows to the pool (`out` is the pool's free tail); returns the row count."""
         first = int(self._store.shard_offsets[shard])
         if self._position_filter:
             keep = self._store.read_token_field(shard, "positions") >= self._position_filter
-            return self._store.read_rows(shard, self._hookpoints, keep), first + np.flatnonzero(keep)
-        rows = self._store.read_rows(shard, self._hookpoints, slice(None))
-        return rows, first + np.arange(len(rows), dtype=np.int64)
+            index = first + np.flatnonzero(keep)
+        else:
+            keep = slice(None)
+            index = first + np.arange(int(np.diff(self._store.shard_offsets)[shard]), dtype=np.int64)
+        self._store.read_rows(shard, self._hookpoints, keep, out=out[: len(index)])
+        out_index[: len(index)] = index
+        return len(index)
 
-    def _emit(self, rows: np.ndarray, index: np.ndarray) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        for start in range(0, len(rows), self._batch_size):
-            batch = torch.from_numpy(rows[start : start + self._batch_size])
-            batch = batch.to(device=self._device, dtype=self._dtype, copy=True)
+    def _take(
+        self, pool: np.ndarray, pool_index: np.ndarray, size: int, n_out: int, rng: np.random.Generator
+    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+        """Yield `n_out` of the pool's first `size` rows (random ones when shuffling), then move the rows that stay
+        into the freed places so they are again the pool's first `size - n_out` rows: only about `n_out` rows are
+        copied, never the whole pool."""
+        order = rng.permutation(size) if self._shuffle else np.arange(size)
+        chosen, staying = order[:n_out], order[n_out:]
+        for start in range(0, n_out, self._batch_size):
+            rows = chosen[start : start + self._batch_size]
+            batch = torch.from_numpy(pool[rows]).to(device=self._device, dtype=self._dtype)
             if self._scale is not None:
                 batch.mul_(self._scale)
-            if self._return_index:
-                yield batch, torch.from_numpy(index[start : start + self._batch_size].copy())
-            else:
-                yield batch
+            yield (batch, torch.from_numpy(pool_index[rows])) if self._return_index else batch
+        remaining = size - n_out
+        moving, freed = staying[staying >= remaining], chosen[chosen < remaining]
+        pool[freed], pool_index[freed] = pool[moving], pool_index[moving]
 
     def _set_resident(self, rows: int) -> None:
         self.resident_tokens = rows

@@ -19,7 +19,6 @@ from torch import Tensor
 from saelab.activations.layout import (
     SHARD_FIX,
     STORAGE_DTYPES,
-    TOKEN_FIELDS,
     file_problem,
     read_manifest,
     shard_problem,
@@ -132,7 +131,7 @@ class ActivationStore:
         parts = [self.read_rows(i, names, slice(lo, hi)) for i, lo, hi in self._pieces(start, stop)]
         width = sum(self._manifest["dims"][hp] for hp in names)
         out = torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, width), np.float32)).float()
-        return out * self.scale_vector(names) if normalize else out
+        return out.mul_(self.scale_vector(names)) if normalize else out
 
     def token_ids(self, start: int | None = None, stop: int | None = None) -> Tensor:
         return self._token_field("token_ids", start, stop)
@@ -200,11 +199,15 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- shard access (used by BatchStream)
 
-    def read_rows(self, shard: int, hookpoints: Sequence[str], rows: slice | np.ndarray) -> np.ndarray:
-        """Rows of one shard in the storage dtype, hookpoints concatenated; `rows` is a slice or a boolean mask."""
+    def read_rows(
+        self, shard: int, hookpoints: Sequence[str], rows: slice | np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows of one shard in the storage dtype, hookpoints concatenated; `rows` is a slice or a boolean mask.
+        Written into `out` (e.g. a reused buffer) when given."""
         arrays = [self._array(shard, self._shards[shard]["activations"][hp]["file"]) for hp in hookpoints]
         n = len(range(*rows.indices(arrays[0].shape[0]))) if isinstance(rows, slice) else int(rows.sum())
-        out = np.empty((n, sum(a.shape[1] for a in arrays)), dtype=STORAGE_DTYPES[self._manifest["dtype"]])
+        if out is None:
+            out = np.empty((n, sum(a.shape[1] for a in arrays)), dtype=STORAGE_DTYPES[self._manifest["dtype"]])
         column = 0
         for array in arrays:
             out[:, column : column + array.shape[1]] = array[rows]
@@ -219,10 +222,12 @@ class ActivationStore:
 
     def _resolve(self, hookpoints: Hookpoints) -> list[str]:
         names = [hookpoints] if isinstance(hookpoints, str) else list(hookpoints)
+        if not names:
+            raise StoreError(f"no hookpoints given; name one or more of {self._manifest['hookpoints']}")
         unknown = [hp for hp in names if hp not in self._manifest["hookpoints"]]
-        if unknown or not names:
+        if unknown:
             raise StoreError(
-                f"hookpoint(s) {unknown or names} are not in store {self.path}; it holds "
+                f"hookpoint(s) {unknown} are not in store {self.path}; it holds "
                 f"{self._manifest['hookpoints']}. Use one of those or harvest the missing hookpoints"
             )
         if len(set(names)) != len(names):
@@ -241,8 +246,6 @@ class ActivationStore:
             yield shard, max(start, lo) - lo, min(stop, hi) - lo
 
     def _token_field(self, field: str, start: int | None, stop: int | None) -> Tensor:
-        if field not in TOKEN_FIELDS:
-            raise StoreError(f"unknown token field {field!r}; use one of {sorted(TOKEN_FIELDS)}")
         start, stop, _ = slice(start, stop).indices(self.n_tokens)
         parts = [self.read_token_field(i, field)[lo:hi] for i, lo, hi in self._pieces(start, max(start, stop))]
         return torch.from_numpy(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))

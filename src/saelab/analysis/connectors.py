@@ -175,8 +175,9 @@ def raw_affine(sae: SparseAutoencoder) -> RawAffine:
     return RawAffine(E=s * E, e=sae.b_enc.detach() - E @ c, D=sae.decoder_weight.detach() / s, c=c / s)
 
 
-def network_feature_weights(layer: nn.Linear, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder
-                            ) -> tuple[Tensor, Tensor]:
+def network_feature_weights(
+    layer: nn.Linear, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder
+) -> tuple[Tensor, Tensor]:
     """The seed's "smart" connector (W2, b2) = (E2 W D1, E2 b + e2), with our conventions made exact.
 
     In raw space (see `raw_affine`), h1 ≈ F1 D1 + c1 and F2 = ReLU(h2 E2ᵀ + e2) with h2 = ReLU(h1 Wᵀ + b).
@@ -192,8 +193,9 @@ def network_feature_weights(layer: nn.Linear, sae_in: SparseAutoencoder, sae_out
 
 
 @torch.no_grad()
-def smart_init_(connector: FeatureConnector, layer: nn.Linear, sae_in: SparseAutoencoder,
-                sae_out: SparseAutoencoder) -> None:
+def smart_init_(
+    connector: FeatureConnector, layer: nn.Linear, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder
+) -> None:
     """Initialise from the network. linear/relu: (W2, b2) of `network_feature_weights`. mlp: the exact composition
     decode → layer → encode, W_a = W D1ᵀ, b_a = W c1 + b, W_b = E2, b_b = e2, which needs mlp_hidden = the
     layer's width and then reproduces F2 whenever SAE 1 reconstructs perfectly (no ReLU dropped)."""
@@ -234,15 +236,22 @@ def encode_features(sae: SparseAutoencoder, activations: Tensor) -> Tensor:
     return to_dense(sae.encode(x_n))
 
 
-def simulate(model: MnistMLP, saes: Mapping[int, SparseAutoencoder], connectors: Mapping[int, nn.Module],
-             images: Tensor, start: int, end: int) -> Tensor:
+def simulate(
+    model: MnistMLP,
+    saes: Mapping[int, SparseAutoencoder],
+    connectors: Mapping[int, nn.Module],
+    images: Tensor,
+    start: int,
+    end: int,
+) -> Tensor:
     """Logits with network layers start+1..end replaced: encode hidden state `start` with saes[start], apply
     connectors[start], ..., connectors[end-1], decode with saes[end], run the rest of the network. start == end
     splices the SAE alone. Keys are hidden-state indices (1..n_hidden); connectors[k] maps features k → k+1."""
     if not 1 <= start <= end <= model.n_hidden:
         raise ConfigError(f"span ({start}, {end}) is not within hidden states 1..{model.n_hidden}")
-    missing = [k for k in (start, end) if k not in saes] + [f"connector {k}" for k in range(start, end)
-                                                            if k not in connectors]
+    missing = [k for k in (start, end) if k not in saes] + [
+        f"connector {k}" for k in range(start, end) if k not in connectors
+    ]
     if missing:
         raise ConfigError(f"span ({start}, {end}) needs SAEs/connectors that were not given: {missing}")
     _check_splice(saes[start])
@@ -263,8 +272,13 @@ class SpanScores(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate_spans(model: MnistMLP, saes: Mapping[int, SparseAutoencoder], connectors: Mapping[int, nn.Module],
-                   images: Tensor, labels: Tensor) -> list[SpanScores]:
+def evaluate_spans(
+    model: MnistMLP,
+    saes: Mapping[int, SparseAutoencoder],
+    connectors: Mapping[int, nn.Module],
+    images: Tensor,
+    labels: Tensor,
+) -> list[SpanScores]:
     """Accuracy and cross-entropy of every span start <= end that the given SAEs and connectors cover."""
     results = []
     for start in range(1, model.n_hidden + 1):

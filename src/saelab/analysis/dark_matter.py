@@ -133,7 +133,7 @@ def fit_power_law(widths: Sequence[float], fvus: Sequence[float]) -> PowerLaw:
         return c + a * np.power(width, -m)
 
     (c, a, m), _ = curve_fit(
-        model, w / w0, f, p0=(c0, a0, m0), bounds=([0.0, 0.0, 0.0], [f.min(), np.inf, 10.0]), maxfev=20_000
+        model, w / w0, f, p0=(c0, a0, m0), bounds=([0.0, 0.0, 0.0], [max(f.min(), 1e-12), np.inf, 10.0]), maxfev=20_000
     )
     return PowerLaw(c=float(c), a=float(a * w0**m), m=float(m))
 
@@ -191,6 +191,26 @@ def component_shares(x: Tensor, sae_x: Tensor, components: dict[str, Tensor]) ->
     return ComponentShares(norm, variance)
 
 
+# ---- (10) projections from earlier components ----------------------------------------------------------------
+
+
+def projection_r2(
+    sources: dict[str, Tensor], targets: dict[str, Tensor], cfg: RegressionConfig | None = None
+) -> dict[str, dict[str, float]]:
+    """Experiment 10: held-out R² (mean per dimension) of a linear map from each source (e.g. the previous
+    residual, this layer's attention and MLP outputs, their reconstructions and errors) to each target (e.g. the
+    SAE's error, linear and nonlinear error). One regression per source, all targets side by side."""
+    names = list(targets)
+    widths = [targets[name].reshape(targets[name].shape[0], -1).shape[1] for name in names]
+    stacked = torch.cat([targets[name].reshape(targets[name].shape[0], -1) for name in names], dim=1)
+    table = {}
+    for source, x in sources.items():
+        result = heldout_regression(x, stacked, cfg)
+        per_dim = r2_per_dimension(stacked[result.test_idx], result.predictions).split(widths)
+        table[source] = {name: block.nanmean().item() for name, block in zip(names, per_dim, strict=True)}
+    return table
+
+
 # ---- (5) synthetic test -------------------------------------------------------------------------------------
 
 
@@ -207,8 +227,9 @@ class SyntheticPoint:
 
 @dataclasses.dataclass
 class SyntheticEstimate:
-    """Per noise setting: the linearly explained FVU with no latent masked (the dense-error estimate) and the
-    nonlinear FVU averaged over mask fractions (the introduced-error estimate, flat in the mask fraction)."""
+    """Per noise setting: the linearly explained FVU at the smallest mask fraction, normally 0, where no unlearned
+    feature is left for the linear map to find (the dense-error estimate), and the nonlinear FVU averaged over mask
+    fractions (the introduced-error estimate, flat in the mask fraction)."""
 
     input_noise: float
     reconstruction_noise: float
@@ -218,6 +239,8 @@ class SyntheticEstimate:
 
 @dataclasses.dataclass
 class SyntheticErrorTest:
+    """Every measured setting, the two estimates per noise setting, and their correlation table."""
+
     points: list[SyntheticPoint]
     estimates: list[SyntheticEstimate]
     # Pearson correlation over the noise grid: {"input noise" | "reconstruction noise": {"dense" | "introduced": r}}

@@ -45,7 +45,7 @@ def _editor(site: HookSite, edit: _Edit, record: dict[str, Tensor], n_record: in
                     f"the replacement for {site.name} returned {got} but the activation has shape "
                     f"{tuple(act.shape)}; return a tensor of the same shape (check the SAE's d_in and hookpoint)"
                 )
-            act = new.to(act.dtype)
+            act = new.to(act)  # dtype and device of the site
         if edit.record:
             record[site.name] = act
             if stop and len(record) == n_record:
@@ -133,7 +133,8 @@ def capture(
 
 @contextlib.contextmanager
 def spliced(model: nn.Module, replacements: Mapping[str, Replacement]) -> Iterator[nn.Module]:
-    """While active, each hookpoint's activation is replaced by `fn(activation)` (same shape; cast to its dtype).
+    """While active, each hookpoint's activation is replaced by `fn(activation)` (same shape; moved back to the
+    activation's dtype and device).
 
     Replacements are differentiable: gradients flow through `fn` to its parameters and to earlier layers.
     """

@@ -6,11 +6,14 @@ arranged so that nothing else costs nearly as much:
 - the forward never materialises the [B, n] pre-activations: one reused [rows, n] buffer per chunk of tokens;
 - top-k runs on the raw pre-activations and the k winners are clamped at 0, which selects the same latents with the
   same values as ReLU-then-top-k but skips a dense ReLU pass;
-- the backward is sparse: with g the gradient of the k selected pre-activations of each token, the encoder weight
-  gradient is `embedding_bag`'s own weight backward (a per-latent sum of g·x over the tokens that selected it, no
-  [B·k, d] temporary), the input gradient is an `embedding_bag` gather-sum of encoder rows, the bias gradient is a
-  bincount of g, and the pre-bias (b_dec) gradient is -(that bincount) @ W_enc, one vector-matrix product;
-- the decoder is `embedding_bag(indices, W_dec, per_sample_weights=values)`, whose backward is sparse already.
+- the backward is sparse. With g the gradient of the k selected pre-activations of each token: the encoder weight
+  gradient is a per-latent sum of g·x over the tokens that selected the latent, a sparse [n, B] (CSR) x dense
+  [B, d] product with no [B·k, d] temporary; the input gradient is an `embedding_bag` gather-sum of encoder rows;
+  the bias gradient is a bincount of g; the pre-bias (b_dec) gradient is -(that bincount) @ W_enc, one
+  vector-matrix product instead of a per-token input gradient;
+- the decoder is an `embedding_bag` gather-sum of W_dec rows; its weight gradient is the same CSR product and its
+  value gradient a sampled dense-dense product (one dot per selected latent, read latent by latent). Both beat
+  `embedding_bag`'s own backward by ~1/3 on CPU.
 
 Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the buffer GEMM (an `out=` op) stays in the
 parameters' dtype. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decode` for their sparse layer.
@@ -18,6 +21,7 @@ parameters' dtype. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decod
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -27,7 +31,6 @@ from torch import Tensor
 # Pre-activation buffer per chunk of tokens: bounded memory; chunks under ~256 rows make the GEMM slower.
 DEFAULT_CHUNK_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
-_EMBEDDING_BAG_SUM = 0  # aten's mode code for mode="sum"
 
 
 class TopKSelection(NamedTuple):
@@ -61,10 +64,13 @@ def topk_encode(
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
-    """Σ_j values[..., j] · weight[indices[..., j]]: a k-sparse gather-sum whose backward is sparse too."""
-    k = values.shape[-1]
-    out = F.embedding_bag(indices.reshape(-1, k), weight, per_sample_weights=values.reshape(-1, k), mode="sum")
-    return out.reshape(*values.shape[:-1], weight.shape[1])
+    """Σ_j values[..., j] · weight[indices[..., j]]: a k-sparse gather-sum whose backward is sparse too.
+
+    Differentiable in values and weight ([n, d_out], row = one latent's atom); any leading dims.
+    """
+    lead, k = values.shape[:-1], values.shape[-1]
+    out = _SparseDecode.apply(values.reshape(lead.numel(), k), indices.reshape(lead.numel(), k), weight)
+    return out.reshape(*lead, weight.shape[1])
 
 
 def topk_encode_dense(x: Tensor, weight: Tensor, bias: Tensor, k: int, pre_bias: Tensor | None = None) -> Tensor:
@@ -88,27 +94,24 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     return TopKSelection(values.clamp_min_(0), indices)
 
 
-def encoder_weight_grad(x: Tensor, indices: Tensor, grad_pre: Tensor, n_latents: int) -> Tensor:
-    """[n, d] with row i = Σ over (token b, slot j) with indices[b, j] == i of grad_pre[b, j] · x[b].
+def per_latent_matrix(indices: Tensor, coefficients: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """CSR [n_latents, B] with coefficients[b, j] at (indices[b, j], b), and its entries' positions in the flat
+    [B·k] order.
 
-    This is exactly `embedding_bag`'s weight backward with x in the place of the output gradient, so it reuses that
-    kernel (sorted, per-latent accumulation) instead of building a [B·k, d] temporary for an index_add.
+    Rows are latents and columns tokens in increasing order (a stable sort), so `matrix @ x` sums, per latent, the
+    rows of x of the tokens that selected it.
     """
     n_tokens, k = indices.shape
-    offset2bag = torch.arange(n_tokens, device=x.device).repeat_interleave(k)
-    bag_size = torch.full((n_tokens,), k, dtype=torch.long, device=x.device)
-    unused_max_indices = torch.empty(0, dtype=torch.long, device=x.device)
-    return torch.ops.aten._embedding_bag_dense_backward(
-        x.contiguous(),
-        indices.reshape(-1),
-        offset2bag,
-        bag_size,
-        unused_max_indices,
-        n_latents,
-        False,
-        _EMBEDDING_BAG_SUM,
-        grad_pre.reshape(-1).contiguous(),
-    )
+    flat = indices.reshape(-1)
+    sorted_latents, order = torch.sort(flat, stable=True)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=flat.device)
+    torch.cumsum(torch.bincount(sorted_latents, minlength=n_latents), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        matrix = torch.sparse_csr_tensor(
+            crow, order // max(k, 1), coefficients.reshape(-1)[order], (n_latents, n_tokens), check_invariants=False
+        )
+    return matrix, order
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -139,9 +142,33 @@ class _TopKEncode(torch.autograd.Function):
         if need_x:
             grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_pre, mode="sum")
         if need_weight:
-            grad_weight = encoder_weight_grad(x_c, indices, grad_pre, n_latents)
+            grad_weight = per_latent_matrix(indices, grad_pre, n_latents)[0] @ x_c
         if need_bias or need_pre_bias:
             per_latent = grad_pre.new_zeros(n_latents).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
             grad_bias = per_latent if need_bias else None
             grad_pre_bias = -(per_latent @ weight) if need_pre_bias else None
         return grad_x, grad_weight, grad_bias, grad_pre_bias, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, weight)
+        if indices.shape[1] == 0:  # embedding_bag cannot form empty bags from a [B, 0] index matrix
+            return weight.new_zeros(indices.shape[0], weight.shape[1])
+        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+        values, indices, weight = ctx.saved_tensors
+        need_values, _, need_weight = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        matrix, order = per_latent_matrix(indices, values, weight.shape[0])
+        grad_values = grad_weight = None
+        if need_weight:
+            grad_weight = matrix @ grad_out
+        if need_values:
+            # <grad_out[b], weight[indices[b, j]]> for every selected (b, j), computed in the matrix's order.
+            dots = torch.sparse.sampled_addmm(matrix, weight, grad_out.t(), beta=0.0).values()
+            grad_values = torch.empty_like(dots).index_put_((order,), dots).view_as(values)
+        return grad_values, None, grad_weight

@@ -81,18 +81,16 @@ class Trainer:
         self._resampled_since_log = 0
 
     def _require_sae_methods(self) -> None:
-        needs = {
-            "decoder_norms": self.cfg.l1_coefficient > 0,
-            "auxk_latents": self.cfg.auxk_coefficient > 0,
-            "latent_parameters": self.cfg.resample_every_steps is not None,
-        }
-        options = {"decoder_norms": "l1_coefficient", "auxk_latents": "auxk_coefficient",
-                   "latent_parameters": "resample_every_steps"}
-        for method, needed in needs.items():
-            if needed and not callable(getattr(self.sae, method, None)):
+        cfg = self.cfg
+        for option, enabled, method in (
+            ("l1_coefficient", cfg.l1_coefficient > 0, "decoder_norms"),
+            ("auxk_coefficient", cfg.auxk_coefficient > 0, "auxk_latents"),
+            ("resample_every_steps", cfg.resample_every_steps is not None, "latent_parameters"),
+        ):
+            if enabled and not callable(getattr(self.sae, method, None)):
                 raise ConfigError(
-                    f"{options[method]} needs the SAE method {method}(), which {type(self.sae).__name__} lacks; "
-                    f"unset {options[method]} or use an SAE that implements it"
+                    f"{option} needs the SAE method {method}(), which {type(self.sae).__name__} lacks; "
+                    f"unset {option} or use an SAE that implements it"
                 )
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -152,9 +150,14 @@ class Trainer:
         checkpoint already consumed are skipped unless `skip_consumed=False` (the iterable is already positioned).
         """
         cfg = self.cfg
-        self.cfg.save(self.out_dir / CONFIG_FILE)
         if self.step == 0:
+            if ckpt.latest_checkpoint(self.out_dir) is not None:
+                raise CheckpointError(
+                    f"{self.out_dir} holds checkpoints of an earlier run; call restore() to continue it, "
+                    "or train into a new folder"
+                )
             self._records = self.logger.keep_until(0)
+        cfg.save(self.out_dir / CONFIG_FILE)
         stream: Iterator[Tensor] = iter(batches)
         if skip_consumed and self.step > 0:
             stream = itertools.islice(stream, self.step, None)
@@ -163,9 +166,7 @@ class Trainer:
         window = _Window()
         last_checkpoint = self.step
         try:
-            for batch in stream:
-                if self.tokens_seen >= cfg.total_tokens:
-                    break
+            for batch in stream if self.tokens_seen < cfg.total_tokens else ():
                 x = self._prepare(batch)
                 window.add(self._train_step(x), x.shape[0])
                 bar.update(x.shape[0])
@@ -174,16 +175,18 @@ class Trainer:
                 if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                     self.save_checkpoint()
                     last_checkpoint = self.step
+                if self.tokens_seen >= cfg.total_tokens:
+                    break  # before pulling another batch from the (possibly disk-backed) iterator
             if window.steps:
                 self._log(window, bar)
         finally:
             bar.close()
+            self.logger.close()
         completed = self.tokens_seen >= cfg.total_tokens
         if not completed and last_checkpoint != self.step:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
         self.sae.save(sae_dir)
-        self.logger.close()
         curves: dict[str, list[float]] = {}
         for record in self._records:
             for key, value in record.items():
