@@ -29,6 +29,11 @@ class SAESpec(Config):
     def validate(self) -> None:
         if self.architecture not in architectures():
             raise ConfigError(f"unknown SAE architecture {self.architecture!r}; choose one of {architectures()}")
+        if not architecture_class(self.architecture).trainable:
+            trainable = [a for a in architectures() if architecture_class(a).trainable]
+            raise ConfigError(
+                f"architecture {self.architecture!r} can be loaded but not trained; train one of {trainable}"
+            )
 
 
 def build_sae(spec: SAESpec, store: ActivationStore, hookpoint: str) -> SparseAutoencoder:

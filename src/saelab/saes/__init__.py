@@ -14,12 +14,15 @@ from saelab.saes.base import (
 )
 from saelab.saes.initialization import geometric_median, init_dictionary
 from saelab.saes.kernels import TopKSelection, sparse_decode, topk_encode, topk_encode_dense
+from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 __all__ = [
     "ForwardOutput",
+    "JumpReLUSAE",
+    "JumpReLUSAEConfig",
     "Latents",
     "ReluSAE",
     "ReluSAEConfig",
@@ -35,6 +38,7 @@ __all__ = [
     "geometric_median",
     "init_dictionary",
     "load_sae",
+    "load_saelens",
     "register",
     "sparse_decode",
     "to_dense",

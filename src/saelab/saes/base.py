@@ -105,6 +105,8 @@ class SparseAutoencoder(nn.Module, ABC):
     architecture: ClassVar[str]
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     weights_file: ClassVar[str] = "sae_weights.safetensors"
+    # False for architectures only loaded, never trained here (e.g. JumpReLU from SAELens: no straight-through loss).
+    trainable: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

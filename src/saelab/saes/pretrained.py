@@ -63,6 +63,7 @@ class JumpReLUSAE(ShallowSAE):
     x_hat = z @ W_dec + b_dec. For loading and evaluating pretrained SAEs (saelab trains no JumpReLU)."""
 
     architecture = "jumprelu"
+    trainable = False
     config_class = JumpReLUSAEConfig
     cfg: JumpReLUSAEConfig
 
