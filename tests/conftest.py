@@ -1,4 +1,4 @@
-"""Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded; CI has 2 cores), tiny random models built from configs."""
+"""Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded), offline fixtures."""
 
 import pytest
 import torch

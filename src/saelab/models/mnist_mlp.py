@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,9 +44,9 @@ class MnistMLPConfig(Config):
 
 @dataclasses.dataclass
 class MnistTrainConfig(Config):
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-3  # peak; cosine decay to 0 over the run (constant lr stalls below 97.5% test accuracy)
     seed: int = 0
 
     def validate(self) -> None:
@@ -132,9 +133,11 @@ class MnistMLP(nn.Module):
 
 
 def train_mnist_mlp(model: MnistMLP, data: MnistSplit, cfg: MnistTrainConfig) -> list[float]:
-    """Adam on shuffled minibatches; returns the mean training loss of each epoch."""
+    """Adam with cosine lr decay on shuffled minibatches; returns the mean training loss of each epoch."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    total_steps = cfg.epochs * math.ceil(len(data.labels) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     model.train()
     epoch_losses = []
     for _ in range(cfg.epochs):
@@ -145,6 +148,7 @@ def train_mnist_mlp(model: MnistMLP, data: MnistSplit, cfg: MnistTrainConfig) ->
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             total += loss.item() * len(batch)
         epoch_losses.append(total / len(order))
     model.eval()

@@ -12,6 +12,7 @@ from saelab.saes.base import (
     register,
     to_dense,
 )
+from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary
 from saelab.saes.kernels import TopKSelection, sparse_decode, topk_encode, topk_encode_dense
 from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
@@ -20,6 +21,8 @@ from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 __all__ = [
+    "DeepSAE",
+    "DeepSAEConfig",
     "ForwardOutput",
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
