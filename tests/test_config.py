@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from saelab.config import Config, add_config_arguments, config_from_args
+from saelab.config import Config, PresetConfig, add_config_arguments, config_from_args
 from saelab.errors import ConfigError
 
 
@@ -48,3 +48,29 @@ def test_every_field_is_a_flag_and_flags_override_file(tmp_path) -> None:
 def test_bad_type_is_named() -> None:
     with pytest.raises(ConfigError, match=r"Outer.inner.steps: expected int"):
         Outer.from_dict({"inner": {"steps": "many"}})
+
+
+@dataclasses.dataclass
+class WithPresets(PresetConfig):
+    PRESETS = {"fast": {"name": "quick", "inner": {"lr": 0.1}}}
+
+    name: str = "x"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_preset_applies_under_given_fields_and_survives_a_round_trip(tmp_path) -> None:
+    cfg = WithPresets.from_dict({"preset": "fast", "inner": {"steps": 3}})
+    assert (cfg.name, cfg.inner.lr, cfg.inner.steps) == ("quick", 0.1, 3)  # nested preset merged key by key
+    assert WithPresets.from_dict({"preset": "fast", "inner": {"lr": 2.0}}).inner.lr == 2.0  # given value wins
+    assert WithPresets.from_dict({}).name == "x"  # no preset, plain defaults
+    cfg.save(tmp_path / "c.json")
+    assert WithPresets.load(tmp_path / "c.json") == cfg
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, WithPresets)
+    from_flags = config_from_args(WithPresets, parser.parse_args(["--preset", "fast", "--inner.lr", "0.5"]))
+    assert (from_flags.name, from_flags.inner.lr) == ("quick", 0.5)
+
+
+def test_unknown_preset_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown preset 'slow'; choose one of \['fast'\]"):
+        WithPresets.from_dict({"preset": "slow"})

@@ -28,6 +28,10 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train an SAE on an activation store", "saelab.recipes.train"),
     "evaluate": Command("reconstruction and downstream (CE/KL spliced) metrics of a trained SAE",
                         "saelab.recipes.evaluate"),
+    "frontier": Command("deep vs shallow SAEs: the NMSE-vs-k frontier, dead latents and CE recovered on one store",
+                        "saelab.recipes.frontier"),
+    "dark-matter": Command("what SAEs fail to reconstruct: experiments (1)-(10) of the dark-matter write-up over a "
+                           "width sweep", "saelab.recipes.dark_matter"),
 }
 
 

@@ -11,8 +11,9 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from saelab.errors import ConfigError
 from saelab.io import atomic_write_text
@@ -142,6 +143,38 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(data, where=str(path))
+
+
+@dataclasses.dataclass
+class PresetConfig(Config):
+    """A config with named presets: `preset` picks a set of field values (nested for nested configs) that applies
+    under whatever else is given (file, flags, dict), so one switch sets a published recipe and any field can
+    still be changed. Applied when the config is read (`from_dict`, `load`, the CLI), and recorded in what is
+    saved, so a saved config reloads to the same values."""
+
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    preset: str | None = dataclasses.field(default=None, metadata={"help": "named preset applied under the flags"})
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C:
+        name = data.get("preset")
+        if name is not None:
+            if name not in cls.PRESETS:
+                raise ConfigError(
+                    f"{where or cls.__name__}.preset: unknown preset {name!r}; choose one of {sorted(cls.PRESETS)}"
+                )
+            data = _under(cls.PRESETS[name], data)
+        return super().from_dict(data, where)
+
+
+def _under(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` on top of `base`, nested mappings merged key by key (a given value always wins)."""
+    merged = dict(base)
+    for key, value in given.items():
+        inner = merged.get(key)
+        merged[key] = _under(inner, value) if isinstance(inner, Mapping) and isinstance(value, Mapping) else value
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ model. All numbers come from `saelab.metrics`, pooled over every evaluated token
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,7 +68,67 @@ def evaluate_reconstruction(
     return result
 
 
+@dataclasses.dataclass
+class SpliceLosses:
+    """Mean next-token CE of each pass (`ce["clean"]` when the clean model ran, one entry per replacement),
+    KL(clean || spliced) per replacement when the clean model ran, and the clean activation's mean over the
+    counted positions (the mean-ablation value; None without a clean pass)."""
+
+    ce: dict[str, float]
+    kl: dict[str, float]
+    activation_mean: Tensor | None
+
+
 @torch.no_grad()
+def splice_losses(
+    model: nn.Module,
+    hookpoint: str,
+    contexts: Tensor,
+    replacements: Mapping[str, Callable[[Tensor], Tensor]],
+    batch_size: int = 8,
+    drop_first: int = 0,
+    exclude_token_ids: Sequence[int] = (),
+    clean: bool = True,
+    progress: bool = False,
+    desc: str = "downstream",
+) -> SpliceLosses:
+    """Next-token CE with each named replacement spliced in at `hookpoint`, all sharing one clean pass per batch.
+
+    A replacement maps the activations of the counted positions, `[n, d]`, to new ones of the same shape; positions
+    masked out by `position_mask(contexts, drop_first, exclude_token_ids)` (e.g. BOS) keep their clean activation
+    in every pass and are left out of every average; a prediction counts at the position it is made. Cost per
+    batch: one clean forward (with `clean`) plus one per replacement.
+    """
+    if contexts.ndim != 2 or contexts.shape[1] < 2:
+        raise DataError(f"contexts must be token ids [N, T] with T >= 2, got shape {tuple(contexts.shape)}")
+    model.eval()
+    ce = {name: MeanAccumulator() for name in (["clean"] if clean else []) + list(replacements)}
+    kl = {name: MeanAccumulator() for name in replacements} if clean else {}
+    act_sum: Tensor | None = None
+    act_count = 0
+    device = next(model.parameters()).device
+    n_batches = -(-contexts.shape[0] // batch_size)
+    for start in tqdm(range(0, contexts.shape[0], batch_size), total=n_batches, desc=desc, disable=not progress):
+        ids = contexts[start : start + batch_size].to(device)
+        mask = position_mask(ids, drop_first, exclude_token_ids).to(device)
+        act_count += int(mask.sum().item())
+        clean_logits = None
+        if clean:
+            clean_logits, captured = forward_with(model, ids, capture=(hookpoint,))
+            batch_sum = captured[hookpoint][mask].double().sum(0)
+            act_sum = batch_sum if act_sum is None else act_sum + batch_sum
+            ce["clean"].update(token_cross_entropy(clean_logits, ids)[mask[:, :-1]])
+        for name, replace in replacements.items():
+            logits, _ = forward_with(model, ids, {hookpoint: _splice(mask, replace)})
+            ce[name].update(token_cross_entropy(logits, ids)[mask[:, :-1]])
+            if clean_logits is not None:
+                kl[name].update(token_kl_divergence(clean_logits, logits)[mask])
+    if act_count == 0:
+        raise DataError("the position mask excludes every position; lower drop_first or exclude fewer tokens")
+    mean = None if act_sum is None else (act_sum / act_count).float()
+    return SpliceLosses({k: v.mean() for k, v in ce.items()}, {k: v.mean() for k, v in kl.items()}, mean)
+
+
 def evaluate_downstream(
     model: nn.Module,
     sae: SparseAutoencoder,
@@ -81,67 +142,36 @@ def evaluate_downstream(
     progress: bool = False,
 ) -> dict[str, float]:
     """Next-token CE of the model clean, with `sae.reconstruct` spliced in at `hookpoint`, and with the site
-    zero- or mean-ablated; KL(clean || spliced) and KL(clean || zero-ablated).
-
-    Positions masked out by `position_mask(contexts, drop_first, exclude_token_ids)` (e.g. BOS) keep their clean
-    activation in every pass and are left out of every average; a prediction counts at the position it is made.
+    zero- or mean-ablated; KL(clean || spliced) and KL(clean || zero-ablated). Positions are masked and counted as
+    in `splice_losses`.
 
     Cost per batch: one clean forward (which also captures the site's activation), one spliced forward, and one
     more per ablation asked for. Mean ablation uses the mean of the clean activation over all evaluated positions,
     so its passes run after all the others (a second sweep over `contexts`).
     """
-    if contexts.ndim != 2 or contexts.shape[1] < 2:
-        raise DataError(f"contexts must be token ids [N, T] with T >= 2, got shape {tuple(contexts.shape)}")
-    model.eval()
-    ce = {name: MeanAccumulator() for name in ("clean", "spliced", "zero_ablated", "mean_ablated")}
-    kl = {name: MeanAccumulator() for name in ("spliced", "zero_ablated")}
-    act_sum: Tensor | None = None
-    act_count = 0
-
-    def measure(name: str, logits: Tensor, ids: Tensor, mask: Tensor, clean_logits: Tensor | None) -> None:
-        ce[name].update(token_cross_entropy(logits, ids)[mask[:, :-1]])
-        if clean_logits is not None:
-            kl[name].update(token_kl_divergence(clean_logits, logits)[mask])
-
-    device = next(model.parameters()).device
-
-    def batches() -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, contexts.shape[0], batch_size):
-            ids = contexts[start : start + batch_size].to(device)
-            yield ids, position_mask(ids, drop_first, exclude_token_ids).to(device)
-
-    n_batches = -(-contexts.shape[0] // batch_size)
-    for ids, mask in tqdm(batches(), total=n_batches, desc="downstream", disable=not progress):
-        clean, captured = forward_with(model, ids, capture=(hookpoint,))
-        act = captured[hookpoint]
-        batch_sum = act[mask].double().sum(0)
-        act_sum = batch_sum if act_sum is None else act_sum + batch_sum
-        act_count += int(mask.sum().item())
-        measure("clean", clean, ids, mask, None)
-        spliced, _ = forward_with(model, ids, {hookpoint: _splice(mask, sae.reconstruct)})
-        measure("spliced", spliced, ids, mask, clean)
-        if zero_ablation:
-            zeroed, _ = forward_with(model, ids, {hookpoint: _splice(mask, torch.zeros_like)})
-            measure("zero_ablated", zeroed, ids, mask, clean)
-    if act_sum is None or act_count == 0:
-        raise DataError("the position mask excludes every position; lower drop_first or exclude fewer tokens")
-    if mean_ablation:
-        mean = (act_sum / act_count).float()
-        for ids, mask in tqdm(batches(), total=n_batches, desc="mean ablation", disable=not progress):
-            ablated, _ = forward_with(model, ids, {hookpoint: _splice(mask, lambda a: mean.to(a).expand_as(a))})
-            measure("mean_ablated", ablated, ids, mask, None)
-
-    result = {"ce_clean": ce["clean"].mean(), "ce_spliced": ce["spliced"].mean()}
-    result["ce_delta"] = result["ce_spliced"] - result["ce_clean"]
-    result["kl_divergence"] = kl["spliced"].mean()
+    replacements: dict[str, Callable[[Tensor], Tensor]] = {"spliced": sae.reconstruct}
     if zero_ablation:
-        result["ce_zero_ablated"] = ce["zero_ablated"].mean()
+        replacements["zero_ablated"] = torch.zeros_like
+    masking = dict(batch_size=batch_size, drop_first=drop_first, exclude_token_ids=exclude_token_ids)
+    losses = splice_losses(model, hookpoint, contexts, replacements, progress=progress, **masking)
+    result = {"ce_clean": losses.ce["clean"], "ce_spliced": losses.ce["spliced"]}
+    result["ce_delta"] = result["ce_spliced"] - result["ce_clean"]
+    result["kl_divergence"] = losses.kl["spliced"]
+    if zero_ablation:
+        result["ce_zero_ablated"] = losses.ce["zero_ablated"]
         result["ce_loss_recovered"] = ce_loss_recovered(
             result["ce_clean"], result["ce_spliced"], result["ce_zero_ablated"]
         )
-        result["kl_zero_ablated"] = kl["zero_ablated"].mean()
+        result["kl_zero_ablated"] = losses.kl["zero_ablated"]
     if mean_ablation:
-        result["ce_mean_ablated"] = ce["mean_ablated"].mean()
+        mean = losses.activation_mean
+
+        def mean_ablate(act: Tensor) -> Tensor:
+            return mean.to(act).expand_as(act)
+
+        ablated = splice_losses(model, hookpoint, contexts, {"mean_ablated": mean_ablate}, clean=False,
+                                progress=progress, desc="mean ablation", **masking)
+        result["ce_mean_ablated"] = ablated.ce["mean_ablated"]
         result["ce_loss_recovered_mean_ablation"] = ce_loss_recovered(
             result["ce_clean"], result["ce_spliced"], result["ce_mean_ablated"]
         )

@@ -69,11 +69,12 @@ def reconstruction_metrics(sae: SparseAutoencoder, store: ActivationStore, hookp
 
 
 def downstream_metrics(model: nn.Module, tokenizer, sae: SparseAutoencoder, hookpoint: str, contexts: Tensor,
-                       data: DataConfig, context_batch_size: int, mean_ablation: bool = True) -> dict[str, float]:
+                       data: DataConfig, context_batch_size: int, mean_ablation: bool = True,
+                       zero_ablation: bool = True) -> dict[str, float]:
     excluded = tokenizer.all_special_ids if data.exclude_special_tokens else ()
     return evaluate_downstream(
         model, sae, hookpoint, contexts, batch_size=context_batch_size, drop_first=data.drop_first_positions,
-        exclude_token_ids=excluded, mean_ablation=mean_ablation, progress=True,
+        exclude_token_ids=excluded, zero_ablation=zero_ablation, mean_ablation=mean_ablation, progress=True,
     )
 
 

@@ -6,17 +6,18 @@ import dataclasses
 from pathlib import Path
 
 from saelab.activations.store import ActivationStore
-from saelab.config import Config
+from saelab.config import Config, PresetConfig
 from saelab.errors import ConfigError
 from saelab.saes import SparseAutoencoder, architectures, create_sae
 from saelab.saes.base import architecture_class
-from saelab.training.config import TrainerConfig
+from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.trainer import Trainer, TrainResult
 
 
 @dataclasses.dataclass
 class SAESpec(Config):
-    """Architecture-independent description of a fresh SAE; fields an architecture lacks must stay at default."""
+    """Architecture-independent description of a fresh SAE; fields an architecture lacks must stay at default
+    (None = the architecture's own default)."""
 
     architecture: str = dataclasses.field(default="topk", metadata={"help": "SAE architecture (see saelab.saes)"})
     n_latents: int = dataclasses.field(default=4096, metadata={"help": "dictionary size"})
@@ -24,6 +25,15 @@ class SAESpec(Config):
     preprocessing: str = dataclasses.field(
         default="scale",
         metadata={"help": "none | scale (the store's E||x||=sqrt(d) factor, built into the SAE) | token_l2"},
+    )
+    encoder_multiples: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: dense encoder widths as multiples of d_in, e.g. 2,4 (mirrored)"}
+    )
+    tied_init: bool | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: start each decoder matrix as its mirror encoder's transpose"}
+    )
+    pre_encoder_bias: bool | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: subtract the output bias before encoding (top-k convention)"}
     )
 
     def validate(self) -> None:
@@ -38,19 +48,27 @@ class SAESpec(Config):
 
 def build_sae(spec: SAESpec, store: ActivationStore, hookpoint: str) -> SparseAutoencoder:
     """A fresh SAE sized for `hookpoint` of `store`, with the store's normalisation built in when asked."""
-    fields = spec.to_dict()
+    scale = store.norm_stats(hookpoint).scale if spec.preprocessing == "scale" else 1.0
+    return sae_from_spec(spec, store.dims[hookpoint], scale, hookpoint, store.model_name)
+
+
+def sae_from_spec(
+    spec: SAESpec, d_in: int, input_scale: float, hookpoint: str | None = None, model_name: str | None = None
+) -> SparseAutoencoder:
+    """A fresh SAE of width `d_in`; `input_scale` (E||scale·x|| = sqrt(d_in)) is built in when the spec asks for
+    preprocessing="scale". For activations that are not a store's hookpoint, e.g. tensors held in memory."""
+    fields = {name: value for name, value in spec.to_dict().items() if value is not None}
     architecture = fields.pop("architecture")
-    config_fields = {f.name: f for f in dataclasses.fields(architecture_class(architecture).config_class)}
-    defaults = {f.name: f.default for f in dataclasses.fields(SAESpec)}
+    config_fields = {f.name for f in dataclasses.fields(architecture_class(architecture).config_class)}
+    defaults = SAESpec().to_dict()
     for name in list(fields):
         if name not in config_fields:
             if fields[name] != defaults[name]:
                 raise ConfigError(f"sae.{name} does not apply to architecture {architecture!r}; leave it unset")
             del fields[name]
     if spec.preprocessing == "scale":
-        fields["input_scale"] = store.norm_stats(hookpoint).scale
-    return create_sae(architecture, d_in=store.dims[hookpoint], hookpoint=hookpoint, model_name=store.model_name,
-                      **fields)
+        fields["input_scale"] = input_scale
+    return create_sae(architecture, d_in=d_in, hookpoint=hookpoint, model_name=model_name, **fields)
 
 
 def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
@@ -64,7 +82,20 @@ def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
 
 
 @dataclasses.dataclass
-class TrainConfig(Config):
+class TrainConfig(PresetConfig):
+    """`preset="deep_sae"` (`--preset deep_sae`): the deep-SAE write-up's recipe, a deep SAE with one dense layer
+    each side on per-token centred, L2-normalised inputs, trained with `DEEP_SAE_RECIPE`."""
+
+    PRESETS = {
+        "deep_sae": {
+            "sae": {"architecture": "deep", "encoder_multiples": [2.0], "preprocessing": "token_l2"},
+            "trainer": DEEP_SAE_RECIPE,
+        }
+    }
+
+    preset: str | None = dataclasses.field(
+        default=None, metadata={"help": "deep_sae = the deep-SAE write-up's recipe, under any other flag given"}
+    )
     store: str = dataclasses.field(default="runs/activations", metadata={"help": "activation store folder"})
     hookpoint: str | None = dataclasses.field(default=None, metadata={"help": "default: the store's only one"})
     out_dir: str = dataclasses.field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics)"})

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,11 +40,14 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], path: str | Pat
 
 
 def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, xlabel: str,
-               ylabel: str, title: str = "", logx: bool = False, logy: bool = False, markers: bool = True) -> Path:
-    """Several named (x, y) series on one axis: frontier plots, sweeps."""
+               ylabel: str, title: str = "", logx: bool = False, logy: bool = False, markers: bool = True,
+               dashed: Sequence[str] = ()) -> Path:
+    """Several named (x, y) series on one axis: frontier plots, sweeps. Series named in `dashed` are drawn as
+    dashed lines without markers (fits, reference levels) so they read apart from the measurements."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, (xs, ys) in series.items():
-        ax.plot(list(xs), list(ys), marker="o" if markers else None, lw=1.4, label=name)
+        style = dict(ls="--", marker=None) if name in dashed else dict(marker="o" if markers else None)
+        ax.plot(list(xs), list(ys), lw=1.4, label=name, **style)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -75,15 +79,48 @@ def plot_histogram(values: Sequence[float], path: str | Path, *, xlabel: str, ti
 
 
 def plot_heatmap(matrix, path: str | Path, *, xlabel: str, ylabel: str, title: str = "", cmap: str = "viridis",
-                 aspect: str = "auto", colorbar: bool = True) -> Path:
-    """Banding heatmaps, weight matrices, connector images."""
+                 aspect: str = "auto", colorbar: bool = True, xticklabels: Sequence[str] | None = None,
+                 yticklabels: Sequence[str] | None = None, annotate: bool = False) -> Path:
+    """Banding heatmaps, weight matrices, connector images; small labelled tables of numbers (one tick label per
+    column / row, and with `annotate` each cell's value written in it)."""
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     image = ax.imshow(matrix, aspect=aspect, cmap=cmap, interpolation="nearest")
+    if xticklabels is not None:
+        ax.set_xticks(range(len(xticklabels)), list(xticklabels), rotation=30, ha="right")
+    if yticklabels is not None:
+        ax.set_yticks(range(len(yticklabels)), list(yticklabels))
+    if annotate:
+        for (row, col), value in np.ndenumerate(np.asarray(matrix, dtype=float)):
+            if np.isfinite(value):
+                shade = "k" if image.norm(value) > 0.6 else "w"  # dark text on the light end of the colour map
+                ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=7, color=shade)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     if colorbar:
         fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_groups(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *, ylabel: str,
+                title: str = "") -> Path:
+    """Distributions side by side: one panel per outer key, one box (with its points) per inner key; e.g. per-latent
+    autointerp scores of two SAEs per scorer."""
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.4 * max(len(groups), 1), 3.4), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], groups.items(), strict=False):
+        names = list(series)
+        ax.boxplot([list(series[name]) for name in names], showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=15)
+        for position, name in enumerate(names, start=1):
+            values = list(series[name])
+            jitter = np.random.default_rng(position).uniform(-0.12, 0.12, len(values))
+            ax.scatter(position + jitter, values, s=8, alpha=0.5)
+        ax.set_title(panel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

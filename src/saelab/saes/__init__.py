@@ -15,6 +15,7 @@ from saelab.saes.base import (
 from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary
 from saelab.saes.kernels import TopKSelection, sparse_decode, topk_encode, topk_encode_dense
+from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.shallow import ShallowSAE
@@ -27,6 +28,8 @@ __all__ = [
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
     "Latents",
+    "MultiLayerSAE",
+    "MultiLayerSAEConfig",
     "ReluSAE",
     "ReluSAEConfig",
     "SAEConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Literal
+from typing import Any, Literal
 
 from saelab.config import Config
 from saelab.errors import ConfigError
@@ -95,3 +95,23 @@ class TrainerConfig(Config):
     @property
     def total_steps(self) -> int:
         return math.ceil(self.total_tokens / self.batch_size)
+
+
+# The deep-SAE write-up's training recipe (REFERENCE §1) as TrainerConfig fields: loss = MSE + 1e-3 × mean(z²);
+# Adam (0.9, 0.999) at a constant 2e-4 with the masked moment updates; gradients clipped at norm 1.0; every decoder
+# matrix unit-norm per unit with gradient projection; dead = silent for 1.5M tokens, and dead latents resampled
+# (checked every 100 steps). Presets (e.g. `saelab train --preset deep_sae`) apply it under any explicit field.
+DEEP_SAE_RECIPE: dict[str, Any] = {
+    "loss": "mse",
+    "activation_decay": 1e-3,
+    "optimizer": "masked_adam",
+    "lr": 2e-4,
+    "betas": (0.9, 0.999),
+    "warmup_steps": 0,
+    "decay_fraction": 0.0,
+    "grad_clip_norm": 1.0,
+    "unit_norm_decoder": True,
+    "decoder_norm_axis": "per_unit",
+    "dead_window_tokens": 1_500_000,
+    "resample_every_steps": 100,
+}

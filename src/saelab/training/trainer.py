@@ -1,7 +1,8 @@
 """The one training loop for every SAE. It knows only the SAE interface: `normalize`, `forward`,
 `decoder_matrices`, and optional methods that a loss term or option needs (checked up front):
 
-- `init_b_dec_geometric_median(x_n)`: called once with the first (normalised) batch of a fresh run;
+- `initialize_from_batch(x_n)`, or else `init_b_dec_geometric_median(x_n)`: called once with the first
+  (normalised) batch of a fresh run;
 - `decoder_norms()`, `auxk_latents(x_n, dead_mask, k_aux)`: see `losses`;
 - `latent_parameters()`: see `dead` (resampling).
 
@@ -268,13 +269,16 @@ class Trainer:
             return self.sae.decoder_matrices()
 
     def _initialize(self, x_n: Tensor) -> None:
-        """Fresh run only: data-dependent init on the first batch, and the decoder constraint from the start."""
-        init_b_dec = getattr(self.sae, "init_b_dec_geometric_median", None)
-        if callable(init_b_dec):
-            with torch.no_grad():
-                init_b_dec(x_n)
+        """Fresh run only: the decoder constraint from the start, then the data-dependent init on the first batch
+        (after the constraint, so an init that measures the SAE's output sees the decoder it will train)."""
         if self.cfg.unit_norm_decoder:
             normalize_decoder(self._decoders(), self.cfg.decoder_norm_axis)
+        init = getattr(self.sae, "initialize_from_batch", None)
+        if not callable(init):
+            init = getattr(self.sae, "init_b_dec_geometric_median", None)
+        if callable(init):
+            with torch.no_grad():
+                init(x_n)
 
     def _resample(self) -> int:
         dead = self.tracker.dead_mask()

@@ -1,0 +1,130 @@
+"""The dark-matter recipe end to end on a tiny random Llama and a word-level tokenizer (seconds, offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.analysis.regression import RegressionConfig
+from saelab.data.tokenize import DataConfig, build_contexts
+from saelab.errors import ConfigError
+from saelab.models.loading import load_model
+from saelab.recipes.dark_matter import DarkMatterConfig, run, split_store
+from saelab.training.config import TrainerConfig
+
+EXPERIMENTS = {
+    "1_error_norm_probe", "2_error_vector_transform", "3_nonlinear_fvu", "4_per_token_scaling", "5_synthetic",
+    "6_norm_prediction", "7_component_saes", "8_downstream_ce", "9_gradient_pursuit", "10_earlier_components",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
+    """(model folder, corpus file): a 3-block random Llama saved with the word tokenizer, and random word text."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(word_tokenizer), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+    ))
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    documents = [" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (40,), generator=generator))
+                 for _ in range(90)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(documents))
+    return tmp_path / "model", corpus
+
+
+def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> DarkMatterConfig:
+    cfg = DarkMatterConfig(
+        out_dir=str(out), model=str(model), hookpoint="resid_post.2",
+        data=DataConfig(source=str(corpus), context_length=16, drop_first_positions=2, n_tokens=2_800),
+        analysis_tokens=700, downstream_contexts=4, widths=[16, 32, 64], k=4, reference_width=32,
+        trainer=TrainerConfig(total_tokens=1_024, batch_size=128, warmup_steps=2, log_every_steps=2,
+                              checkpoint_every_steps=None, progress=False),
+        aux_sae_tokens=512, regression=RegressionConfig(seed=1), pursuit_tokens=300, synthetic_tokens=300,
+        harvest_batch_size=32,
+    )
+    return cfg.replace(**changes)
+
+
+def test_recipe_writes_every_experiment_to_the_json_and_the_report(tiny_setup, tmp_path: Path) -> None:
+    model, corpus = tiny_setup
+    out = tmp_path / "run"
+    summary = run(tiny_config(model, corpus, out))
+
+    saved = json.loads((out / "dark_matter.json").read_text())
+    assert set(saved["experiments"]) == EXPERIMENTS
+    exp = saved["experiments"]
+    labels = ["16", "32", "64"]
+    assert list(saved["setup"]["saes"]) == labels and saved["setup"]["reference"] == "32"
+    assert saved["setup"]["earlier_hookpoints"] == ["resid_post.1", "attn_out.2", "mlp_out.2"]
+    for key in ("1_error_norm_probe", "2_error_vector_transform", "6_norm_prediction", "8_downstream_ce"):
+        assert set(exp[key]) == set(labels), key
+    assert set(exp["3_nonlinear_fvu"]["per_sae"]) == set(labels)
+    assert exp["3_nonlinear_fvu"]["scaling"]["total_power_law"] is not None
+    assert [(p["small"], p["large"]) for p in exp["4_per_token_scaling"]] == [("16", "32"), ("16", "64"),
+                                                                              ("32", "64")]
+    assert set(exp["5_synthetic"]["correlations"]) == {"input noise", "reconstruction noise"}
+    assert set(exp["7_component_saes"]["heldout"]) == {"linear", "nonlinear"}
+    assert set(exp["9_gradient_pursuit"]["per_sae"]) == set(labels)
+    sources = set(exp["10_earlier_components"]["r2"])
+    assert {"resid_post.1", "Sae(attn_out.2)", "mlp_out.2 − Sae(mlp_out.2)", "all SAE reconstructions"} <= sources
+    for row in exp["10_earlier_components"]["r2"].values():
+        assert set(row) == {"sae(x)", "error", "linear error", "nonlinear error"}
+    for label in labels:
+        fvu = exp["3_nonlinear_fvu"]["per_sae"][label]
+        assert fvu["total"] == pytest.approx(fvu["linear"] + fvu["nonlinear"])
+        assert all(math.isfinite(v) for v in exp["6_norm_prediction"][label].values())
+    # Experiment 8: Sae(x) + linear + nonlinear error is x again, so the splice gives the clean model's loss.
+    reference = exp["8_downstream_ce"]["32"]
+    assert reference["ce"]["sae+linear+nonlinear"] == pytest.approx(reference["ce_clean"], abs=1e-5)
+    assert reference["ce"]["sae"] != pytest.approx(reference["ce_clean"], abs=1e-3)
+    assert "sae+linear+nonlinear" not in exp["8_downstream_ce"]["16"]["ce"]
+    assert summary["experiments"].keys() == saved["experiments"].keys()
+
+    html = (out / "report.html").read_text()
+    headings = " ".join(re.findall(r"<h2>(.*?)</h2>", html))
+    for number in range(1, 11):
+        assert f"({number})" in headings
+    assert html.count("<img ") == 10
+    assert {p.name for p in (out / "saes").iterdir()} == {
+        "resid_post.2-w16", "resid_post.2-w32", "resid_post.2-w64", "32-linear-error", "32-nonlinear-error",
+        "resid_post.1-w32", "attn_out.2-w32", "mlp_out.2-w32",
+    }
+
+
+def test_store_split_keeps_contexts_whole_and_parts_disjoint(tiny_setup, tmp_path: Path) -> None:
+    model, corpus = tiny_setup
+    cfg = tiny_config(model, corpus, tmp_path / "run")
+    llama, tokenizer = load_model(str(model))
+    contexts = build_contexts(cfg.data, tokenizer)
+    harvest_cfg = HarvestConfig(out_dir=str(tmp_path / "acts"), hookpoints=["resid_post.0"], data=cfg.data,
+                                batch_size=64)
+    store = harvest(llama, tokenizer, contexts, harvest_cfg, show_progress=False)
+    split = split_store(store, analysis_tokens=100, downstream_contexts=3)
+    context_of = store.context_index()
+    assert split.train[0] == 0 and split.train[1] == split.analysis[0]
+    assert split.analysis[1] - split.analysis[0] >= 100
+    assert context_of[split.analysis[0] - 1] < context_of[split.analysis[0]]  # a context boundary
+    assert context_of[split.analysis[1] - 1] == contexts.shape[0] - 4  # the last context before the held-out ones
+    assert split.analysis[1] == int((context_of < contexts.shape[0] - 3).sum())
+    torch.testing.assert_close(split.downstream, contexts[-3:])
+    with pytest.raises(ConfigError, match="analysis_tokens"):
+        split_store(store, analysis_tokens=store.n_tokens, downstream_contexts=3)
