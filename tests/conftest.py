@@ -1,4 +1,13 @@
-"""Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded), offline fixtures."""
+"""Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded), offline fixtures
+(a tokenizer, and a loopback HTTP server speaking the OpenAI chat-completions protocol)."""
+
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import torch
@@ -26,3 +35,83 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+# ----------------------------------------------------------- a loopback server speaking the OpenAI chat protocol
+
+
+@dataclasses.dataclass
+class FakeServer:
+    """`reply(body) -> (status, content)` decides each answer: with status 200, a str is the assistant's message,
+    a dict is sent as the whole JSON response and bytes as the raw body; otherwise content is the error body.
+    `bodies` are the requests received, in order; `served` counts the 200 answers."""
+
+    url: str
+    bodies: list[dict[str, Any]]
+    headers: list[dict[str, str]]
+    reply: Callable[[dict[str, Any]], tuple[int, Any]]
+    served: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.bodies)
+
+
+def deterministic_reply(body: dict[str, Any]) -> tuple[int, str]:
+    """Explainer prompts get an explanation; yes/no prompts answer Yes iff the excerpt holds the token "w7"."""
+    user = body["messages"][-1]["content"]
+    if "Explanation:" not in user:
+        return 200, "Explanation: the token w7"
+    excerpt = user.split("Excerpt:", 1)[1]
+    return 200, "Yes" if "w7" in excerpt.split() or "<<w7>>" in excerpt else "No"
+
+
+def completion(body: dict[str, Any], content: str) -> dict[str, Any]:
+    """An OpenAI chat-completions response; with logprobs, P(Yes) = 0.8 for a Yes and 0.3 for a No."""
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+    if body.get("logprobs"):
+        p_yes = 0.8 if content == "Yes" else 0.3
+        top = [{"token": "Yes", "logprob": math.log(p_yes)}, {"token": "No", "logprob": math.log(1 - p_yes)}]
+        choice["logprobs"] = {"content": [{"token": content, "logprob": top[0]["logprob"], "top_logprobs": top}]}
+    prompt_tokens = sum(len(m["content"].split()) for m in body["messages"])
+    return {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1}}
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    server_state = FakeServer(url="", bodies=[], headers=[], reply=deterministic_reply)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            server_state.bodies.append(body)
+            server_state.headers.append(dict(self.headers))
+            status, content = server_state.reply(body)
+            if self.path != "/v1/chat/completions":
+                status, content = 404, "no such route"
+            if status == 200:
+                server_state.served += 1
+            if isinstance(content, bytes):
+                payload = content
+            else:
+                payload = json.dumps(content if isinstance(content, dict) else completion(body, content)).encode()
+            if status != 200:
+                payload = str(content).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json" if status == 200 else "text/plain")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    server_state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield server_state
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()

@@ -74,3 +74,15 @@ def test_preset_applies_under_given_fields_and_survives_a_round_trip(tmp_path) -
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'slow'; choose one of \['fast'\]"):
         WithPresets.from_dict({"preset": "slow"})
+
+
+@dataclasses.dataclass
+class WithPreset(Config):
+    inner: Inner = dataclasses.field(default_factory=lambda: Inner(lr=0.5, steps=99))
+
+
+def test_partial_nested_override_keeps_the_parents_defaults() -> None:
+    assert WithPreset.from_dict({"inner": {"steps": 3}}).inner == Inner(lr=0.5, steps=3)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, WithPreset)
+    assert config_from_args(WithPreset, parser.parse_args(["--inner.lr", "0.1"])).inner == Inner(lr=0.1, steps=99)

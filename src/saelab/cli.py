@@ -30,6 +30,8 @@ COMMANDS: dict[str, Command] = {
                         "saelab.recipes.evaluate"),
     "frontier": Command("deep vs shallow SAEs: the NMSE-vs-k frontier, dead latents and CE recovered on one store",
                         "saelab.recipes.frontier"),
+    "autointerp": Command("explain and score an SAE's latents (detection, fuzzing), or compare two SAEs, and write "
+                          "their feature pages", "saelab.recipes.autointerp"),
     "dark-matter": Command("what SAEs fail to reconstruct: experiments (1)-(10) of the dark-matter write-up over a "
                            "width sweep", "saelab.recipes.dark_matter"),
 }

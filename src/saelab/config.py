@@ -103,6 +103,8 @@ class Config:
                 "Fix the spelling or remove the field."
             )
         hints = _field_types(cls)
+        defaults = _nested_defaults(cls)
+        data = {k: _merge(defaults[k], v) if k in defaults and isinstance(v, dict) else v for k, v in data.items()}
         kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
         try:
             obj = cls(**kwargs)
@@ -174,6 +176,29 @@ def _under(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in given.items():
         inner = merged.get(key)
         merged[key] = _under(inner, value) if isinstance(inner, Mapping) and isinstance(value, Mapping) else value
+    return merged
+
+
+def _nested_defaults(cls: type[Config]) -> dict[str, dict[str, Any]]:
+    """Default values (as dicts) of nested-config fields, so a partial override such as `--trainer.lr 1e-3` keeps
+    the parent's own defaults for the other nested fields rather than the nested class's bare defaults."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        if isinstance(value, Config):
+            defaults[f.name] = value.to_dict()
+    return defaults
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
 
 

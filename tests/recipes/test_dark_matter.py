@@ -103,7 +103,10 @@ def test_recipe_writes_every_experiment_to_the_json_and_the_report(tiny_setup, t
     headings = " ".join(re.findall(r"<h2>(.*?)</h2>", html))
     for number in range(1, 11):
         assert f"({number})" in headings
-    assert html.count("<img ") == 10
+    figures = {"probe_transform", "fvu_breakdown", "per_token_scaling", "synthetic", "norm_prediction",
+               "component_sae_training", "downstream", "pursuit", "earlier_components"}
+    assert {p.stem for p in (out / "figures").iterdir()} == figures
+    assert html.count("<img ") == len(figures)
     assert {p.name for p in (out / "saes").iterdir()} == {
         "resid_post.2-w16", "resid_post.2-w32", "resid_post.2-w64", "32-linear-error", "32-nonlinear-error",
         "resid_post.1-w32", "attn_out.2-w32", "mlp_out.2-w32",

@@ -85,7 +85,9 @@ class OpenAIChatClient(ChatClient):
             if exc.code in RETRYABLE_STATUS:
                 raise _Retryable(f"HTTP {exc.code}: {detail}") from None
             hint = f"; is ${self.api_key_env} set to a valid key?" if exc.code in (401, 403) else ""
-            raise LLMError(f"{self.url} refused the request for model {self.model!r}: HTTP {exc.code} {detail}{hint}")
+            raise LLMError(
+                f"{self.url} refused the request for model {self.model!r}: HTTP {exc.code} {detail}{hint}"
+            ) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}") from None
         try:

@@ -38,7 +38,8 @@ MANIFEST_NAME = "record.json"
 
 def sae_fingerprint(sae: SparseAutoencoder) -> str:
     """sha256 over the SAE's config and weights: a record is valid only for the exact SAE that wrote it."""
-    digest = hashlib.sha256(json.dumps({"architecture": sae.architecture, **sae.cfg.to_dict()}, sort_keys=True).encode())
+    described = json.dumps({"architecture": sae.architecture, **sae.cfg.to_dict()}, sort_keys=True)
+    digest = hashlib.sha256(described.encode())
     for name, tensor in sorted(sae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -92,9 +93,9 @@ def record_latents(
     }
     manifest = _resume_manifest(folder, identity)
     done = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
-    starts = range(done, n_tokens, chunk_tokens)
-    with tqdm(total=n_tokens - done, unit="tok", unit_scale=True, desc="latent record", disable=not show_progress) as bar:
-        for start in starts:
+    progress = tqdm(total=n_tokens - done, unit="tok", unit_scale=True, desc="latent record", disable=not show_progress)
+    with progress as bar:
+        for start in range(done, n_tokens, chunk_tokens):
             stop = min(start + chunk_tokens, n_tokens)
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             arrays = _encode_chunk(sae, store, hookpoint, start, stop, batch_size)
@@ -237,8 +238,9 @@ class LatentRecord:
         for shard in self._manifest["shards"]:
             with safe_open(str(self.folder / shard["file"]), framework="np") as handle:
                 lo, hi = (int(v) for v in handle.get_slice("offsets")[latent : latent + 2])
-                tokens.append(handle.get_slice("tokens")[lo:hi])
-                values.append(handle.get_slice("values")[lo:hi])
+                if hi > lo:  # safetensors refuses an empty slice at the end of a tensor
+                    tokens.append(handle.get_slice("tokens")[lo:hi])
+                    values.append(handle.get_slice("values")[lo:hi])
         if not tokens:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(tokens).astype(np.int64), np.concatenate(values).astype(np.float32)

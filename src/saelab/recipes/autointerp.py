@@ -92,7 +92,9 @@ class AutointerpConfig(Config):
     out_dir: str = dataclasses.field(default="runs/autointerp", metadata={"help": "run folder"})
     n_latents: int = dataclasses.field(default=50, metadata={"help": "alive latents scored per SAE"})
     latent_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the latent draw"})
-    max_tokens: int | None = dataclasses.field(default=200_000, metadata={"help": "store tokens recorded (whole contexts)"})
+    max_tokens: int | None = dataclasses.field(
+        default=200_000, metadata={"help": "store tokens recorded (cut back to whole contexts)"}
+    )
     record_chunk_tokens: int = dataclasses.field(default=65_536, metadata={"help": "tokens per record shard"})
     batch_size: int = dataclasses.field(default=4096, metadata={"help": "tokens per SAE encode"})
     examples: ExampleConfig = dataclasses.field(default_factory=ExampleConfig)
@@ -191,7 +193,8 @@ def score_latents(
                 "max_activation": latent_examples.max_activation,
                 "explanations": {name: per_latent[position].to_dict() for name, per_latent in explanations.items()},
                 "scores": scores,
-                "n_examples": {"train": len(latent_examples.train), "test_activating": len(latent_examples.test_activating),
+                "n_examples": {"train": len(latent_examples.train),
+                               "test_activating": len(latent_examples.test_activating),
                                "test_non_activating": len(latent_examples.test_non_activating)},
             })
 
@@ -251,7 +254,7 @@ def autointerp_sae(cfg: AutointerpConfig, sae_dir: str, label: str, subject: Sub
         "alive_fraction": float((record.counts > 0).mean()), "latents": latents, "scores": summarize(results),
     }
     if cfg.pages:
-        summary["pages"] = str(write_pages(cfg, sae, record, sampler, results, subject, folder / "pages"))
+        summary["pages"] = str(write_pages(cfg, sae, record, sampler, results, subject, folder / "pages", label))
     return {**summary, "results": results}
 
 

@@ -26,9 +26,9 @@ HISTOGRAM_BINS = 40
 
 def write_pages(
     cfg: AutointerpConfig, sae: SparseAutoencoder, record: LatentRecord, sampler: ExampleSampler,
-    results: list[dict[str, Any]], subject: Subject, folder: Path,
+    results: list[dict[str, Any]], subject: Subject, folder: Path, label: str,
 ) -> Path:
-    """The site for `results` (per-latent autointerp results) in `folder`; returns the index path."""
+    """The site of SAE `label` for `results` (per-latent autointerp results) in `folder`; returns the index path."""
     latents = [r["latent"] for r in results]
     logits = _logits(cfg, sae, record, results, subject)
     pages = []
@@ -51,12 +51,12 @@ def write_pages(
             explanations={name: e["text"] for name, e in result["explanations"].items()},
             scores=_page_scores(result), contexts=sections, top_logits=top_logits, bottom_logits=bottom_logits,
         ))
-    notes = [f"SAE {cfg.sae_dir if not latents else sae.architecture} at {record.hookpoint}: {sae.n_latents} latents, "
+    notes = [f"SAE {label} ({sae.architecture}) at {record.hookpoint}: {sae.n_latents} latents, "
              f"{record.n_tokens:,} recorded tokens; {len(latents)} scored latents shown. Scores: accuracy of the "
              "yes/no answers of the scorer on the test windows (detection: does the latent fire in this window; "
              "fuzzing: are the marked tokens the activating ones)."]
-    note = LOGITS_NOTE if logits else f"No logit effects: {record.hookpoint} is not a residual-stream site of this model."
-    return write_feature_site(folder, f"{sae.architecture} SAE, {record.hookpoint}", pages, notes, note)
+    note = LOGITS_NOTE if logits else f"No logit effects: {record.hookpoint} is not read in the residual-stream basis."
+    return write_feature_site(folder, f"SAE {label}, {record.hookpoint}", pages, notes, note)
 
 
 def _views(examples: list[Example], max_activation: float, text: TokenText) -> list[ContextView]:

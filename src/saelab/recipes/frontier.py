@@ -154,8 +154,8 @@ def matched_width(cfg: FrontierConfig, d_in: int, depth: int) -> int:
                               encoder_multiples=cfg.dense_multiples[:depth_]).num_parameters()
 
     target = count(0, cfg.n_latents)
-    base, slope = count(depth, 1), count(depth, 2) - count(depth, 1)
-    width = round((target - base) / slope)
+    at_one, slope = count(depth, 1), count(depth, 2) - count(depth, 1)
+    width = 1 + round((target - at_one) / slope)
     if width < max(cfg.ks):
         raise ConfigError(
             f"a {architecture_name(depth)} SAE matched to the shallow one's {target:,} parameters would have "

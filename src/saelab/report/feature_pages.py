@@ -152,7 +152,9 @@ def _index_html(title: str, pages: Sequence[LatentPage], notes: Sequence[str]) -
     for page in pages:
         values = {"latent": page.latent, "frequency": page.frequency, "count": page.count}
         values.update({_key(name): page.scores.get(name) for name in score_names})
-        attributes = "".join(f' data-{_e(key)}="{_e("" if values[key] is None else values[key])}"' for key, _ in numeric)
+        attributes = "".join(
+            f' data-{_e(key)}="{_e("" if values[key] is None else values[key])}"' for key, _ in numeric
+        )
         cells = f'<td class="num"><a href="{_e(page_name(page.latent))}">{page.latent}</a></td>'
         cells += "".join(f'<td class="num">{_e(format_value(values[key]))}</td>' for key, _ in numeric[1:])
         explanation = next((text for text in page.explanations.values() if text), "")
@@ -163,7 +165,8 @@ def _index_html(title: str, pages: Sequence[LatentPage], notes: Sequence[str]) -
         + "".join(f'<p class="note">{_e(note)}</p>' for note in notes)
         + '<p><input id="search" type="search" placeholder="search explanations" aria-label="search explanations"> '
         + '<span id="shown"></span></p>'
-        + f'<table id="latents"><thead><tr>{head}<th>explanation</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        + f'<table id="latents"><thead><tr>{head}<th>explanation</th></tr></thead>'
+        + f'<tbody>{"".join(rows)}</tbody></table>'
     )
     return _document(title, body, _INDEX_SCRIPT)
 
@@ -238,7 +241,8 @@ def _context_html(view: ContextView) -> str:
         if scaled > 0:
             spans.append(
                 f'<span class="tok act" data-act="{activation:.6g}" data-scaled="{scaled}" '
-                f'title="activation {activation:.4g}" style="background:rgba(255,136,0,{scaled / 10:.2f})">{text}</span>'
+                f'title="activation {activation:.4g}" style="background:rgba(255,136,0,{scaled / 10:.2f})">'
+                f"{text}</span>"
             )
         else:
             spans.append(f'<span class="tok">{text}</span>')
