@@ -6,6 +6,8 @@ as much, so `ratio = train / encode` says how close the step is to that floor (t
 Measured: the full step (forward through the fast path, MSE loss, backward, decoder gradient projection, fused
 Adam, decoder renormalisation) and the encode-only pass (chunked GEMM + top-k + clamp, no autograd), alternating
 step by step so machine drift hits both alike; figures are medians over `--steps`. Synthetic Gaussian activations.
+On CPU the JSON also gives the ratio of process CPU time (`cpu_ratio`): on a shared, oversubscribed machine wall
+times swing with other people's work, while the CPU time each step needs is steadier.
 
 Process settings for stable figures (both applied before anything large is allocated):
 - glibc malloc keeps freed large buffers instead of unmapping them and page-faulting them back every step
@@ -76,14 +78,15 @@ def encode_only(sae: TopKSAE, x: Tensor) -> None:
         sae.encode(x)
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -105,14 +108,16 @@ def main() -> None:
     batches = torch.randn(2, args.batch, args.d, device=device)
     optimizer, fused = make_optimizer(sae, args.lr)
 
-    train_s, encode_s = [], []
+    train_s, encode_s, train_cpu, encode_cpu = [], [], [], []
     for step in range(args.warmup + args.steps):
         x = batches[step % 2]
-        t_train = timed(lambda x=x: train_step(sae, optimizer, x), device)
-        t_encode = timed(lambda x=x: encode_only(sae, x), device)
+        t_train, c_train = timed(lambda x=x: train_step(sae, optimizer, x), device)
+        t_encode, c_encode = timed(lambda x=x: encode_only(sae, x), device)
         if step >= args.warmup:
             train_s.append(t_train)
             encode_s.append(t_encode)
+            train_cpu.append(c_train)
+            encode_cpu.append(c_encode)
             print(f"step {step - args.warmup + 1}/{args.steps}: train {t_train:.3f} s, encode {t_encode:.3f} s")
 
     train_tps = args.batch / statistics.median(train_s)
@@ -134,10 +139,13 @@ def main() -> None:
         "fused_adam": fused,
         "malloc_tuned": malloc_tuned,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
+    if device.type == "cpu":
+        result["cpu_ratio"] = round(statistics.median(encode_cpu) / statistics.median(train_cpu), 4)
     print(
         f"train {train_tps:,.0f} tokens/s, encode-only {encode_tps:,.0f} tokens/s, ratio {train_tps / encode_tps:.3f}"
     )

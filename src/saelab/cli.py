@@ -32,8 +32,12 @@ COMMANDS: dict[str, Command] = {
                         "saelab.recipes.frontier"),
     "autointerp": Command("explain and score an SAE's latents (detection, fuzzing), or compare two SAEs, and write "
                           "their feature pages", "saelab.recipes.autointerp"),
+    "contexts": Command("top-activating and random activating contexts of chosen latents, as marked text",
+                        "saelab.recipes.contexts"),
     "dark-matter": Command("what SAEs fail to reconstruct: experiments (1)-(10) of the dark-matter write-up over a "
                            "width sweep", "saelab.recipes.dark_matter"),
+    "multilayer": Command("one SAE over several layers' residual streams: train, per-layer FVU, banding, decoder "
+                          "cosines and information flow", "saelab.recipes.multilayer"),
 }
 
 

@@ -20,7 +20,7 @@ def test_shipped_split_sizes_and_ranges() -> None:
     images, labels = load_mnist("test", limit=500)
     assert images.shape == (500, N_PIXELS) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
-    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.9
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.max() > 0.9
 
 
 def test_returned_tensors_do_not_alias_the_cache() -> None:

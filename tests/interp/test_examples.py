@@ -1,10 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
 from saelab.errors import ConfigError
 from saelab.interp.examples import Example, ExampleConfig, ExampleSampler, TokenText, marked_text
-from saelab.interp.explainers import baseline_explanation
 
 C, T = 10, 12
 
@@ -106,11 +104,3 @@ def test_token_pieces_and_marks(word_tokenizer) -> None:
     assert marked_text(pieces, [False, True, True, False]) == "w1 <<w2 w3>> w4"
     assert marked_text(pieces, [True, False, False, True]) == "<<w1>> w2 w3 <<w4>>"
     assert marked_text(["a", "\n b"], [False, True]) == "a\n <<b>>"
-
-
-def test_baseline_explanation_names_the_most_frequent_activating_tokens(word_tokenizer) -> None:
-    text = TokenText(word_tokenizer)
-    w = {f"w{i}": word_tokenizer.convert_tokens_to_ids(f"w{i}") for i in range(10)}
-    ids = np.array([w["w7"]] * 5 + [w["w3"]] * 3 + [w["w1"]])
-    assert baseline_explanation(4, ids, text, n_tokens=2).text == 'the tokens "w7", "w3"'
-    assert baseline_explanation(4, np.zeros(0, np.int64), text).text is None

@@ -127,8 +127,8 @@ def test_per_layer_fvu_combines_to_the_total() -> None:
     with torch.no_grad():
         x_hat = sae(x_n).x_hat
     per_layer = metrics["per_slice_fvu"]
-    torch.testing.assert_close(torch.tensor(per_layer, dtype=torch.float64), per_slice_fvu(x_n, x_hat, sae.slices).double(),
-                               rtol=1e-5, atol=0)
+    expected = per_slice_fvu(x_n, x_hat, sae.slices).double()
+    torch.testing.assert_close(torch.tensor(per_layer, dtype=torch.float64), expected, rtol=1e-5, atol=0)
     variance = torch.stack([(x_n[:, s] - x_n[:, s].mean(0)).pow(2).sum() for s in sae.slices]).double()
     combined = (variance / variance.sum() * torch.tensor(per_layer)).sum().item()
     assert metrics["fvu"] == pytest.approx(combined, rel=1e-6)

@@ -165,7 +165,7 @@ def banding(triggers: TriggerLayers, rates: ActivationRates, group_by_bucket: bo
 
 def plot_banding(band: Banding, path: str | Path, which: TriggerBy = "encoder") -> Path:
     matrix = band.encoder_share if which == "encoder" else band.decoder_share
-    grouped = f", grouped by trigger layer (buckets start at columns {band.bucket_starts})" if band.bucket_starts else ""
+    grouped = f", grouped by trigger layer (buckets start at {band.bucket_starts})" if band.bucket_starts else ""
     return plot_heatmap(matrix.numpy(), path, xlabel=f"active latents, least to most active{grouped}",
                         ylabel=f"layer (rows: {band.layers})",
                         title=f"{which} squared-norm share per layer")

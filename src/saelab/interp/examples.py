@@ -43,11 +43,11 @@ class Example:
         return max(self.activations, default=0.0)
 
     def scaled(self, max_activation: float) -> list[int]:
-        """Activations as integers 0-10 relative to the latent's maximum; a nonzero activation is at least 1, so
-        "scaled >= 1" marks exactly the activating tokens."""
+        """Activations as integers 0-10 relative to the latent's maximum (rounded half up); a nonzero activation is
+        at least 1, so "scaled >= 1" marks exactly the activating tokens."""
         if max_activation <= 0:
             return [0] * len(self.activations)
-        return [0 if a <= 0 else max(1, min(10, round(10 * a / max_activation))) for a in self.activations]
+        return [0 if a <= 0 else max(1, min(10, int(10 * a / max_activation + 0.5))) for a in self.activations]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -59,7 +59,7 @@ class BlockRunner:
         attention_mask: Tensor | None = None,
     ) -> None:
         if not 0 <= first_block <= last_block:
-            raise HookpointError(f"block span {first_block}..{last_block} is empty or negative; need 0 <= first <= last")
+            raise HookpointError(f"block span {first_block}..{last_block} is empty; need 0 <= first <= last")
         self.model = model
         self.first_block, self.last_block = first_block, last_block
         self._blocks = {i: block(model, i) for i in range(first_block, last_block + 1)}

@@ -7,11 +7,13 @@ copy into the user cache (`$SAELAB_CACHE` or `~/.cache/saelab`) and every later 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -113,16 +115,30 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode with frozen parameters, tokenizer) for a hub name, a local folder or "smollm2-135m"."""
     source = _resolve_source(name_or_path)
-    try:
+    with _not_found(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as exc:  # not cached offline / no such folder / not a valid repo id
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, by the same names as `load_model` (e.g. to decode a store's token ids as text)."""
+    source = _resolve_source(name_or_path)
+    with _not_found(name_or_path):
+        return AutoTokenizer.from_pretrained(source)
+
+
+@contextlib.contextmanager
+def _not_found(name_or_path: str) -> Iterator[None]:
+    """Turn a failed load (not cached offline, no such folder, not a valid repo id) into one clear error."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot load model {name_or_path!r}: {exc}\nFixes: connect to the network so the Hugging Face hub can "
             "download it; or make it available offline in the HF cache (HF_HOME) or as a local folder and pass that "
             f"path; or use the bundled offline model {OFFLINE_DEFAULT_MODEL!r}"
         ) from None
-    model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model, tokenizer

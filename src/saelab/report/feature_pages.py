@@ -178,7 +178,7 @@ def _latent_html(title: str, page: LatentPage, logits_note: str, position: int, 
     if position + 1 < len(pages):
         nav.append(f'<a href="{_e(page_name(pages[position + 1].latent))}">next</a>')
     parts = [f"<p>{' · '.join(nav)}</p>", f"<h1>{_e(title)}: latent {page.latent}</h1>"]
-    parts += [f'<p><b>{_e(name)} explanation:</b> <span class="explanation" data-source="{_e(name)}">'
+    parts += [f'<p><strong>{_e(name)} explanation:</strong> <span class="explanation" data-source="{_e(name)}">'
               f"{_e(text if text else '(none)')}</span></p>" for name, text in page.explanations.items()]
     stats = {"count": page.count, "frequency": page.frequency, "max activation": page.max_activation, **page.scores}
     parts.append('<table class="stats">' + "".join(

@@ -1,0 +1,97 @@
+"""The multi-layer recipe end to end on a tiny random Llama and a word-level tokenizer (seconds, offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from saelab.cli import main
+from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
+from saelab.saes.multilayer import layer_hookpoints
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
+    """(model folder, corpus file): a 4-block random Llama saved with the word tokenizer, and random word text."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=len(word_tokenizer), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+    ))
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(0)
+    documents = [" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (40,), generator=generator))
+                 for _ in range(40)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(documents))
+    return tmp_path / "model", corpus
+
+
+def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["multilayer", "--out-dir", str(out), "--model", str(model), "--layers", "0,1,3",
+            "--data.source", str(corpus), "--data.context-length", "16", "--data.n-tokens", "900",
+            "--eval-tokens", "300", "--sae.n-latents", "48", "--sae.k", "4", "--cosine-top-n", "10",
+            "--trainer.total-tokens", "1024", "--trainer.batch-size", "128", "--trainer.warmup-steps", "2",
+            "--trainer.log-every-steps", "2", "--trainer.progress", "false", "--flow.contexts", "4",
+            "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2", *extra]
+
+
+def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path) -> None:
+    model, corpus = tiny_setup
+    out = tmp_path / "run"
+    assert main(_args(model, corpus, out)) == 0
+
+    saved = json.loads((out / "multilayer.json").read_text())
+    assert list(saved["per_layer_fvu"]) == ["0", "1", "3"] and 0 < saved["fvu"] < 1
+    assert saved["sae"]["layers"] == [0, 1, 3] and saved["sae"]["d_in"] == 48
+    triggers = saved["triggers"]
+    assert sum(triggers["bucket_counts_by_encoder"]) == triggers["n_active"] == saved["activation"]["n_active"]
+    assert len(saved["decoder_cosines"]["all"]["adjacent"]) == 2
+    flow = saved["information_flow"]["all"]
+    assert saved["flow_rows"] > 0 and len(flow["cosine"]["adjacent"]) == 2
+    assert all(-1 <= c <= 1 for c in flow["cosine"]["adjacent"] if c is not None)
+    html = (out / "report.html").read_text()
+    for section in ("Reconstruction", "Trigger layers", "Banding", "Decoder cosines", "Information flow",
+                    "Compared with the write-up"):
+        assert f"<h2>{section}" in html
+    assert html.count("<img") == 11  # training, rates, buckets, 4 banding, 2 cosine, 2 flow
+
+    sae = load_sae(out / "train" / "sae", normalization="per_layer")
+    assert isinstance(sae, MultiLayerSAE) and sae.hookpoints == ["resid_post.0", "resid_post.1", "resid_post.3"]
+
+
+def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tiny_setup, tmp_path, capsys) -> None:
+    model, corpus = tiny_setup
+    sae = MultiLayerSAE(MultiLayerSAEConfig(
+        d_in=48, n_latents=48, k=4, layers=[0, 1, 3], hookpoints=layer_hookpoints([0, 1, 3]), slice_widths=[16] * 3,
+        layer_scales=[1.0, 2.0, 3.0]))
+    sae.save(tmp_path / "sae")
+    reuse = ("--sae-dir", str(tmp_path / "sae"))
+    assert main(_args(model, corpus, tmp_path / "a", *reuse, "--normalization", "global")) == 2
+    assert "trained with normalization='per_layer' but 'global' was asked for" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "b", *reuse, "--layers", "0,1")) == 2
+    assert "reads ['resid_post.0', 'resid_post.1', 'resid_post.3'] but activations of" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "c", *reuse)) == 0
+    saved = json.loads((tmp_path / "c" / "multilayer.json").read_text())
+    assert saved["train"] is None and saved["sae"]["layer_scales"] == [1.0, 2.0, 3.0]
+
+
+def test_bad_layer_lists_are_refused(tiny_setup, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny_setup
+    assert main(_args(model, corpus, tmp_path / "a", "--layers", "0,4")) == 2
+    assert "out of range (this model has layers 0..3)" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "b", "--layers", "3,1")) == 2
+    assert "sorted" in capsys.readouterr().err
