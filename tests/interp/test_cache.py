@@ -26,6 +26,7 @@ def test_the_cache_prevents_repeated_calls_across_runs(fake_server, tmp_path) ->
     assert again.complete_many(requests) == replies
     assert fake_server.count == 2
     assert again.usage.to_dict() == {"requests": 0, "cache_hits": 3, "prompt_tokens": 0, "completion_tokens": 0}
+    assert again.cache.totals() == {"replies": 2, "prompt_tokens": 18, "completion_tokens": 2}
 
 
 def test_the_key_covers_model_and_parameters(fake_server, tmp_path) -> None:

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.cli import main
 from saelab.data.tokenize import DataConfig
+from saelab.errors import ConfigError
 from saelab.interp.examples import ExampleConfig
 from saelab.recipes.autointerp import AutointerpConfig, LLMConfig, run
 from saelab.saes import create_sae
@@ -77,6 +78,8 @@ def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_serv
     usage = summary["llm"]["usage"]
     assert usage["requests"] == fake_server.served == fake_server.count > 6
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == usage["requests"]
+    assert summary["llm"]["cache"] == {"replies": usage["requests"], "prompt_tokens": usage["prompt_tokens"],
+                                       "completion_tokens": usage["completion_tokens"]}
     page = (out / "shallow" / "pages" / "latent_{:06d}.html".format(summary["saes"][0]["latents"][0])).read_text()
     assert "Logit effects" in page and "final norm skipped" in page
     assert (out / "report.html").exists() and (out / "comparison.png").exists()
@@ -86,6 +89,12 @@ def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_serv
     again = run(_config(setup, out, fake_server.url))
     assert fake_server.count == sent  # results and replies are on disk: nothing is requested again
     assert again["saes"][0]["scores"] == summary["saes"][0]["scores"]
+    assert again["llm"]["usage"]["requests"] == 0 and again["llm"]["cache"] == summary["llm"]["cache"]
+
+    other_examples = ExampleConfig(window_before=5, window_after=2, n_train=4, train_quantiles=2, test_quantiles=2,
+                                   test_per_quantile=1, test_non_activating=2)
+    with pytest.raises(ConfigError, match="other settings \\(examples differ\\)"):
+        run(_config(setup, out, fake_server.url, examples=other_examples))
 
 
 def test_a_failing_server_stops_with_a_clear_error_and_a_rerun_resumes(setup, fake_server, tmp_path, capsys) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from saelab.activations.harvest import HarvestConfig, harvest
@@ -111,6 +112,45 @@ def test_recipe_writes_every_experiment_to_the_json_and_the_report(tiny_setup, t
         "resid_post.2-w16", "resid_post.2-w32", "resid_post.2-w64", "32-linear-error", "32-nonlinear-error",
         "resid_post.1-w32", "attn_out.2-w32", "mlp_out.2-w32",
     }
+
+
+def _write_gemma_scope_style(folder: Path, d_in: int, width: int, seed: int) -> str:
+    """A JumpReLU SAE in SAELens's folder format, reading resid_post.2."""
+    g = torch.Generator().manual_seed(seed)
+    w_enc = torch.randn(d_in, width, generator=g) / d_in**0.5
+    tensors = {"W_enc": w_enc, "b_enc": torch.zeros(width), "W_dec": 0.3 * w_enc.T.contiguous(),
+               "b_dec": torch.zeros(d_in), "threshold": torch.full((width,), 0.1)}
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text(json.dumps({
+        "architecture": "jumprelu", "d_in": d_in, "d_sae": width, "hook_name": "blocks.2.hook_resid_post",
+        "apply_b_dec_to_input": False, "normalize_activations": None,
+    }))
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    return str(folder)
+
+
+def test_recipe_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path) -> None:
+    model, corpus = tiny_setup
+    cfg = tiny_config(model, corpus, tmp_path / "run")
+    llama, tokenizer = load_model(str(model))
+    hookpoints = ["resid_post.1", "attn_out.2", "mlp_out.2", "resid_post.2"]
+    store = harvest(llama, tokenizer, build_contexts(cfg.data, tokenizer),
+                    HarvestConfig(out_dir=str(tmp_path / "acts"), model=str(model), hookpoints=hookpoints,
+                                  data=cfg.data, batch_size=64), show_progress=False)
+    folders = [_write_gemma_scope_style(tmp_path / "gemma-scope" / f"width_{w}", 32, w, seed=w) for w in (16, 64, 32)]
+    summary = run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None))
+
+    assert summary["setup"]["store"] == str(store.path) and not (tmp_path / "run" / "activations").exists()
+    assert list(summary["setup"]["saes"]) == ["width_16", "width_32", "width_64"]
+    assert summary["setup"]["reference"] == "width_32"  # the middle width
+    assert set(summary["experiments"]) == EXPERIMENTS
+    assert {p.name for p in (tmp_path / "run" / "saes").iterdir()} == {
+        "width_32-linear-error", "width_32-nonlinear-error", "resid_post.1-w32", "attn_out.2-w32", "mlp_out.2-w32",
+    }
+    check = summary["experiments"]["8_downstream_ce"]["width_32"]
+    assert check["ce"]["sae+linear+nonlinear"] == pytest.approx(check["ce_clean"], abs=1e-5)
+    with pytest.raises(ConfigError, match="do not read resid_post.1"):
+        run(cfg.replace(store=str(store.path), hookpoint="resid_post.1", earlier_hookpoints=[], pretrained_sae=folders))
 
 
 def test_store_split_keeps_contexts_whole_and_parts_disjoint(tiny_setup, tmp_path: Path) -> None:

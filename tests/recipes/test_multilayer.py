@@ -9,7 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from saelab.activations.writer import StoreWriter
 from saelab.cli import main
+from saelab.data.tokenize import DataConfig
+from saelab.errors import ConfigError, StoreError
+from saelab.recipes.multilayer import MultiLayerConfig, check_training_store, layer_scales
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
 from saelab.saes.multilayer import layer_hookpoints
 
@@ -95,3 +99,35 @@ def test_bad_layer_lists_are_refused(tiny_setup, tmp_path: Path, capsys) -> None
     assert "out of range (this model has layers 0..3)" in capsys.readouterr().err
     assert main(_args(model, corpus, tmp_path / "b", "--layers", "3,1")) == 2
     assert "sorted" in capsys.readouterr().err
+
+
+def _synthetic_store(path: Path):
+    writer = StoreWriter(path, model="synthetic", hookpoints=["resid_post.0", "resid_post.2"], dtype="float32",
+                         context_length=4, shard_tokens=64, config={"data": DataConfig().to_dict()})
+    n = 32
+    writer.append({"resid_post.0": torch.randn(n, 3), "resid_post.2": torch.randn(n, 3) * 10 + 5},
+                  torch.arange(n) % 50, torch.arange(n) % 4, torch.arange(n) // 4, n_contexts=8)
+    return writer.finish()
+
+
+def test_layer_scales_per_layer_global_or_none(tmp_path: Path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    hookpoints = ["resid_post.0", "resid_post.2"]
+    per_layer = layer_scales(store, hookpoints, "per_layer")
+    assert per_layer == [store.norm_stats(hp).scale for hp in hookpoints] and per_layer[0] > 5 * per_layer[1]
+    concatenated = store.load(hookpoints)
+    (scale,) = set(layer_scales(store, hookpoints, "global"))
+    assert scale == pytest.approx(6**0.5 / concatenated.norm(dim=1).mean().item(), rel=1e-5)
+    assert layer_scales(store, hookpoints, "none") == [1.0, 1.0]
+
+
+def test_a_reused_store_must_hold_the_layers_of_the_model_and_data(tmp_path: Path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    cfg = MultiLayerConfig(model="synthetic", data=DataConfig())
+    check_training_store(cfg, store, ["resid_post.0", "resid_post.2"])
+    with pytest.raises(StoreError, match=r"hookpoint\(s\) \['resid_post.1'\] are not in store"):
+        check_training_store(cfg, store, ["resid_post.0", "resid_post.1"])
+    with pytest.raises(ConfigError, match="holds activations of 'synthetic', not of 'smollm2-135m'"):
+        check_training_store(cfg.replace(model="smollm2-135m"), store, ["resid_post.0"])
+    with pytest.raises(ConfigError, match="harvested with data settings"):
+        check_training_store(cfg.replace(data=DataConfig(n_tokens=5)), store, ["resid_post.0"])

@@ -8,7 +8,8 @@ import torch
 
 from saelab.saes.kernels import (
     default_chunk_rows,
-    per_latent_matrix,
+    per_latent_sum,
+    selected_dots,
     sparse_decode,
     topk_encode,
     topk_encode_dense,
@@ -128,24 +129,16 @@ def test_result_does_not_depend_on_chunking() -> None:
     torch.testing.assert_close(whole.values.gather(-1, order_w), chunks.values.gather(-1, order_c))
 
 
-def test_per_latent_matrix_sums_token_rows_per_latent() -> None:
-    x = torch.randn(10, 4, dtype=F64)
-    indices = torch.randint(0, 7, (10, 3))
+def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
+    rows = torch.randn(10, 4, dtype=F64)
+    indices = torch.randint(0, 7, (10, 3))  # repeats within a token allowed: each (b, j) counts once
     coefficients = torch.randn(10, 3, dtype=F64)
-    matrix, order = per_latent_matrix(indices, coefficients, 7)
-    expected = torch.zeros(7, 4, dtype=F64).index_add_(
-        0, indices.reshape(-1), (coefficients[..., None] * x[:, None, :]).reshape(-1, 4)
+    expected_sum = torch.zeros(7, 4, dtype=F64).index_add_(
+        0, indices.reshape(-1), (coefficients[..., None] * rows[:, None, :]).reshape(-1, 4)
     )
-    torch.testing.assert_close(matrix @ x, expected)
-    assert torch.equal(matrix.values(), coefficients.reshape(-1)[order])
-    assert torch.equal(
-        matrix.to_dense(),
-        torch.zeros(10, 7, dtype=F64)
-        .index_put_(
-            (torch.arange(10).repeat_interleave(3), indices.reshape(-1)), coefficients.reshape(-1), accumulate=True
-        )
-        .T,
-    )
+    torch.testing.assert_close(per_latent_sum(rows, indices, coefficients, 7), expected_sum)
+    weight = torch.randn(7, 4, dtype=F64)
+    torch.testing.assert_close(selected_dots(rows, indices, weight), (weight[indices] * rows[:, None, :]).sum(-1))
 
 
 def test_sparse_decode_keeps_leading_dims() -> None:
@@ -159,6 +152,16 @@ def test_empty_batch() -> None:
     p = _params()
     sel = topk_encode(torch.empty(0, 4, dtype=F64), p["W_enc"], p["b_enc"], 3)
     assert sel.values.shape == (0, 3) and sel.indices.shape == (0, 3)
+
+
+def test_k_zero_selects_nothing_and_passes_zero_gradients() -> None:
+    """AuxK with no dead latents asks for k = 0."""
+    p = _leaves(_params())
+    x = torch.randn(5, 4, dtype=F64, requires_grad=True)
+    sel = topk_encode(x, p["W_enc"], p["b_enc"], 0, pre_bias=p["b_dec"])
+    (sparse_decode(sel.values, sel.indices, p["W_dec"]).sum() + sel.values.sum()).backward()
+    assert sel.values.shape == (5, 0)
+    assert not x.grad.any() and not p["W_enc"].grad.any() and not p["b_dec"].grad.any()
 
 
 @pytest.mark.parametrize("shape", [(3, 0), (0, 2)], ids=["no_latents_per_token", "no_tokens"])

@@ -45,6 +45,17 @@ class ResponseCache:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0])
 
+    def totals(self) -> dict[str, int]:
+        """Replies held and the tokens they cost when first requested: what every run with this cache spent."""
+        with self._lock:
+            rows = self._db.execute("SELECT reply FROM replies").fetchall()
+        replies = [json.loads(row[0]) for row in rows]
+        return {
+            "replies": len(replies),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in replies),
+            "completion_tokens": sum(r["completion_tokens"] for r in replies),
+        }
+
     def close(self) -> None:
         self._db.close()
 

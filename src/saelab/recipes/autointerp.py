@@ -237,9 +237,27 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def check_settings(cfg: AutointerpConfig, folder: Path, model_id: str) -> None:
+    """Refuse to mix per-latent results made with different examples, explainer or scorer settings in one folder."""
+    settings = {"examples": cfg.examples.to_dict(), "model_id": model_id, "top_logprobs": cfg.llm.top_logprobs,
+                "explainer_max_tokens": cfg.llm.explainer_max_tokens, "score_baseline": cfg.score_baseline}
+    path = folder / "settings.json"
+    if not path.exists():
+        atomic_write_json(path, settings)
+        return
+    recorded = json.loads(path.read_text())
+    changed = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
+    if changed:
+        raise ConfigError(
+            f"{folder} holds results scored with other settings ({', '.join(changed)} differ); rerun with the "
+            "original settings, or choose another --out-dir"
+        )
+
+
 def autointerp_sae(cfg: AutointerpConfig, sae_dir: str, label: str, subject: Subject) -> dict[str, Any]:
     """Record, explain, score and page one SAE; returns its summary (with the per-latent results)."""
     folder = Path(cfg.out_dir) / label
+    check_settings(cfg, folder, subject.client.model_id)
     sae = load_sae(sae_dir, device=cfg.device)
     hookpoint = check_compatible(sae, subject.store)
     record = record_latents(sae, subject.store, folder / "record", hookpoint, cfg.max_tokens, cfg.record_chunk_tokens,
@@ -273,7 +291,7 @@ def run(cfg: AutointerpConfig) -> dict[str, Any]:
     runs = [autointerp_sae(cfg, sae_dir, label, subject) for sae_dir, label in zip(dirs, labels, strict=True)]
     summary: dict[str, Any] = {
         "saes": [{k: v for k, v in r.items() if k != "results"} for r in runs],
-        "llm": {"model_id": client.model_id, "usage": client.usage.to_dict(), "cache_entries": len(client.cache)},
+        "llm": {"model_id": client.model_id, "usage": client.usage.to_dict(), "cache": client.cache.totals()},
         "config": cfg.to_dict(),
         "provenance": provenance(),
     }

@@ -108,8 +108,11 @@ class DarkMatterConfig(Config):
     device: str = "cpu"
 
     def validate(self) -> None:
-        if not self.pretrained_sae and not self.widths:
-            raise ConfigError("widths is empty; give the sweep's SAE widths, e.g. --widths 1024,2048,4096")
+        if not self.pretrained_sae:
+            if not self.widths or len(set(self.widths)) != len(self.widths):
+                raise ConfigError(f"widths must be distinct, e.g. --widths 1024,2048,4096 (got {self.widths})")
+            if self.reference_width is not None and self.reference_width not in self.widths:
+                raise ConfigError(f"reference_width={self.reference_width} is not among the widths {self.widths}")
         for name in ("analysis_tokens", "downstream_contexts", "k", "aux_sae_tokens", "pursuit_tokens",
                      "synthetic_tokens"):
             if getattr(self, name) < 1:
@@ -210,8 +213,6 @@ def run(cfg: DarkMatterConfig) -> dict[str, Any]:
     cfg.save(out / "dark_matter_config.json")
     clock = _Clock()
     target, earlier = cfg.hookpoint, cfg.earlier()
-    if not cfg.pretrained_sae and cfg.reference_width is not None and cfg.reference_width not in cfg.widths:
-        raise ConfigError(f"reference_width={cfg.reference_width} is not among the widths {cfg.widths}")
 
     with clock.phase("load_and_harvest"):
         model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
@@ -297,11 +298,15 @@ TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[Spar
 def _sweep(cfg: DarkMatterConfig, x_train: Tensor, train: TrainFn):
     """(SAEs, training logs, widths), keyed by label: the trained top-k sweep or the given SAELens SAEs."""
     if cfg.pretrained_sae:
-        saes = {Path(folder).name: load_saelens(folder, cfg.device) for folder in cfg.pretrained_sae}
-        wrong = {label: sae.cfg.hookpoint for label, sae in saes.items()
-                 if sae.cfg.hookpoint not in (None, cfg.hookpoint)}
+        names = [Path(folder).name for folder in cfg.pretrained_sae]
+        labels = names if len(set(names)) == len(names) else list(cfg.pretrained_sae)
+        saes = {label: load_saelens(folder, cfg.device)
+                for label, folder in zip(labels, cfg.pretrained_sae, strict=True)}
+        wrong = {label: (sae.cfg.hookpoint, sae.d_in) for label, sae in saes.items()
+                 if sae.cfg.hookpoint not in (None, cfg.hookpoint) or sae.d_in != x_train.shape[1]}
         if wrong:
-            raise ConfigError(f"pretrained SAEs {wrong} do not read {cfg.hookpoint}; pass --hookpoint to match them")
+            raise ConfigError(f"pretrained SAEs {wrong} (hookpoint, d_in) do not read {cfg.hookpoint} of width "
+                              f"{x_train.shape[1]}; pass the --hookpoint and --model they were trained on")
         return saes, {}, {label: sae.n_latents for label, sae in saes.items()}
     saes, logs = {}, {}
     for width in cfg.widths:

@@ -7,13 +7,14 @@ arranged so that nothing else costs nearly as much:
 - top-k runs on the raw pre-activations and the k winners are clamped at 0, which selects the same latents with the
   same values as ReLU-then-top-k but skips a dense ReLU pass;
 - the backward is sparse. With g the gradient of the k selected pre-activations of each token: the encoder weight
-  gradient is a per-latent sum of g·x over the tokens that selected the latent, a sparse [n, B] (CSR) x dense
-  [B, d] product with no [B·k, d] temporary; the input gradient is an `embedding_bag` gather-sum of encoder rows;
-  the bias gradient is a bincount of g; the pre-bias (b_dec) gradient is -(that bincount) @ W_enc, one
-  vector-matrix product instead of a per-token input gradient;
-- the decoder is an `embedding_bag` gather-sum of W_dec rows; its weight gradient is the same CSR product and its
-  value gradient a sampled dense-dense product (one dot per selected latent, read latent by latent). Both beat
-  `embedding_bag`'s own backward by ~1/3 on CPU.
+  gradient is a per-latent sum of g·x over the tokens that selected the latent, taken from `embedding_bag`'s own
+  weight backward (sorted per-latent accumulation, no [B·k, d] temporary); the input gradient is an `embedding_bag`
+  gather-sum of encoder rows; the bias gradient is a bincount of g; the pre-bias (b_dec) gradient is
+  -(that bincount) @ W_enc, one vector-matrix product instead of a per-token input gradient;
+- the decoder is an `embedding_bag` gather-sum of W_dec rows; its weight gradient is the same per-latent sum, and
+  its value gradient (one dot per selected latent) a CSR-sampled dense product that reads W_dec latent by latent:
+  on CPU 1.4-2.5x faster than `embedding_bag`'s per-sample-weight backward (measured at n = 4k-98k latents), while
+  the CSR x dense product lost to `embedding_bag`'s weight backward at n = 4k and 98k.
 
 Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the buffer GEMM (an `out=` op) stays in the
 parameters' dtype. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decode` for their sparse layer.
@@ -31,6 +32,7 @@ from torch import Tensor
 # Pre-activation buffer per chunk of tokens: bounded memory; chunks under ~256 rows make the GEMM slower.
 DEFAULT_CHUNK_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
+_EMBEDDING_BAG_SUM = 0  # aten's mode code for mode="sum"
 
 
 class TopKSelection(NamedTuple):
@@ -94,24 +96,54 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     return TopKSelection(values.clamp_min_(0), indices)
 
 
-def per_latent_matrix(indices: Tensor, coefficients: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
-    """CSR [n_latents, B] with coefficients[b, j] at (indices[b, j], b), and its entries' positions in the flat
-    [B·k] order.
+def gather_sum(indices: Tensor, weight: Tensor, coefficients: Tensor) -> Tensor:
+    """[B, d]: row b = Σ_j coefficients[b, j] · weight[indices[b, j]] (`embedding_bag`, which cannot take k = 0)."""
+    if indices.shape[1] == 0:
+        return weight.new_zeros(indices.shape[0], weight.shape[1])
+    return F.embedding_bag(indices, weight, per_sample_weights=coefficients, mode="sum")
 
-    Rows are latents and columns tokens in increasing order (a stable sort), so `matrix @ x` sums, per latent, the
-    rows of x of the tokens that selected it.
+
+def per_latent_sum(rows: Tensor, indices: Tensor, coefficients: Tensor, n_latents: int) -> Tensor:
+    """[n_latents, d]: row i = Σ over (b, j) with indices[b, j] == i of coefficients[b, j] · rows[b].
+
+    Exactly `embedding_bag`'s weight backward with `rows` in the place of the output gradient, so it reuses that
+    kernel.
     """
     n_tokens, k = indices.shape
-    flat = indices.reshape(-1)
-    sorted_latents, order = torch.sort(flat, stable=True)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=flat.device)
+    offset2bag = torch.arange(n_tokens, device=rows.device).repeat_interleave(k)
+    bag_size = torch.full((n_tokens,), k, dtype=torch.long, device=rows.device)
+    unused_max_indices = torch.empty(0, dtype=torch.long, device=rows.device)
+    return torch.ops.aten._embedding_bag_dense_backward(
+        rows.contiguous(),
+        indices.reshape(-1),
+        offset2bag,
+        bag_size,
+        unused_max_indices,
+        n_latents,
+        False,  # scale_grad_by_freq
+        _EMBEDDING_BAG_SUM,
+        coefficients.reshape(-1).contiguous(),
+    )
+
+
+def selected_dots(rows: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
+    """[B, k]: <rows[b], weight[indices[b, j]]> for every selected (b, j).
+
+    Computed as a CSR-sampled product over the pattern grouped by latent (each weight row read once), then put
+    back in token order.
+    """
+    n_tokens, k = indices.shape
+    n_latents = weight.shape[0]
+    sorted_latents, order = torch.sort(indices.reshape(-1), stable=True)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
     torch.cumsum(torch.bincount(sorted_latents, minlength=n_latents), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        matrix = torch.sparse_csr_tensor(
-            crow, order // max(k, 1), coefficients.reshape(-1)[order], (n_latents, n_tokens), check_invariants=False
+        pattern = torch.sparse_csr_tensor(
+            crow, order // max(k, 1), rows.new_empty(order.shape), (n_latents, n_tokens), check_invariants=False
         )
-    return matrix, order
+    dots = torch.sparse.sampled_addmm(pattern, weight, rows.t(), beta=0.0).values()
+    return torch.empty_like(dots).index_put_((order,), dots).view(n_tokens, k)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -140,9 +172,9 @@ class _TopKEncode(torch.autograd.Function):
         n_latents = weight.shape[0]
         grad_x = grad_weight = grad_bias = grad_pre_bias = None
         if need_x:
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad_pre, mode="sum")
+            grad_x = gather_sum(indices, weight, grad_pre)
         if need_weight:
-            grad_weight = per_latent_matrix(indices, grad_pre, n_latents)[0] @ x_c
+            grad_weight = per_latent_sum(x_c, indices, grad_pre, n_latents)
         if need_bias or need_pre_bias:
             per_latent = grad_pre.new_zeros(n_latents).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
             grad_bias = per_latent if need_bias else None
@@ -154,21 +186,13 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(values, indices, weight)
-        if indices.shape[1] == 0:  # embedding_bag cannot form empty bags from a [B, 0] index matrix
-            return weight.new_zeros(indices.shape[0], weight.shape[1])
-        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
+        return gather_sum(indices, weight, values)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         values, indices, weight = ctx.saved_tensors
         need_values, _, need_weight = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        matrix, order = per_latent_matrix(indices, values, weight.shape[0])
-        grad_values = grad_weight = None
-        if need_weight:
-            grad_weight = matrix @ grad_out
-        if need_values:
-            # <grad_out[b], weight[indices[b, j]]> for every selected (b, j), computed in the matrix's order.
-            dots = torch.sparse.sampled_addmm(matrix, weight, grad_out.t(), beta=0.0).values()
-            grad_values = torch.empty_like(dots).index_put_((order,), dots).view_as(values)
+        grad_values = selected_dots(grad_out, indices, weight) if need_values else None
+        grad_weight = per_latent_sum(grad_out, indices, values, weight.shape[0]) if need_weight else None
         return grad_values, None, grad_weight
