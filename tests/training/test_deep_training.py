@@ -150,3 +150,22 @@ def test_resampling_leaves_live_latents_and_other_parameters_alone() -> None:
             assert torch.equal(p[~dead], before[name][~dead]) and not torch.equal(p[dead], before[name][dead])
         else:
             assert torch.equal(p, before[name]), name  # dense layers and the output bias are not touched
+
+
+def test_deep_sae_resumes_exactly(tmp_path) -> None:
+    data = _batches(6, 32)
+    cfg = _cfg(6, 32, dead_window_tokens=64, resample_every_steps=2, checkpoint_every_steps=3)
+
+    def make(seed: int) -> DeepSAE:
+        torch.manual_seed(seed)
+        return _deep(multiples=(2.0, 1.5), preprocessing="token_l2")
+
+    whole = make(0)
+    Trainer(whole, cfg, tmp_path / "whole").fit(data)
+    Trainer(make(0), cfg, tmp_path / "split").fit(data[:3])
+    resumed = make(1)
+    trainer = Trainer(resumed, cfg, tmp_path / "split")
+    assert trainer.restore()
+    trainer.fit(data)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -184,8 +184,11 @@ def network_feature_weights(
     Dropping the inner ReLU, h2 ≈ F1 D1 Wᵀ + c1 Wᵀ + b, hence
         F2 ≈ ReLU(F1 (E2 W D1ᵀ)ᵀ + E2 (W c1 + b) + e2),
     i.e. W2 = E2 W D1ᵀ `[n_out, n_in]` and b2 = E2 (W c1 + b) + e2 (E2, e2, D1, c1 raw-space, so e2 already holds
-    −E2 c2 and c1 is b_dec1). The seed's D1 is our D1ᵀ and its SAEs had no b_dec, hence its shorter b2. Exact when
-    the layer's pre-activations are non-negative (or for a linear layer) and SAE 1 reconstructs perfectly.
+    −E2 c2 and c1 is b_dec1). Without preprocessing, in the SAEs' own parameters:
+        W2 = W_enc2 · W · W_dec1ᵀ,    b2 = W_enc2 · (W · b_dec1 + b − b_dec2) + b_enc2.
+    The seed's D1 is our W_dec1ᵀ (atoms as columns) and its SAEs had no b_dec, hence its shorter b2 = E2 b + e2.
+    Exact when the layer's pre-activations are non-negative (or the layer is linear) and SAE 1 reconstructs
+    perfectly; for a top-k SAE it approximates the pre-activation only (top-k is not a ReLU).
     """
     enc_out, dec_in = raw_affine(sae_out), raw_affine(sae_in)
     W, b = layer.weight.detach(), layer.bias.detach()

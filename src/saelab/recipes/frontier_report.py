@@ -94,7 +94,8 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Any]:
         f"{trainer['lr']}, {trainer['optimizer']}, activation decay {trainer['activation_decay']}, loss "
         f"{trainer['loss']}) from one store of {summary['stores']['train_tokens']:,} tokens, preprocessing "
         f"{cfg['preprocessing']!r}; sparse width {cfg['n_latents']:,} (matched variants: lower, for equal parameters); "
-        f"dense widths {cfg['dense_multiples']} × d_in mirrored; resampling for depths {cfg['resample_depths']}. "
+        f"dense widths {cfg['dense_multiples']} × d_in mirrored (shallow: none, every Linear with its own bias as in "
+        f"the write-up's code); resampling for depths {cfg['resample_depths']}. "
         f"Evaluated on {summary['stores']['eval_tokens']:,} held-out tokens and "
         f"{summary['stores']['downstream_contexts']} held-out contexts."
     )

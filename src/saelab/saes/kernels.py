@@ -139,8 +139,10 @@ def selected_dots(rows: Tensor, indices: Tensor, weight: Tensor) -> Tensor:
     torch.cumsum(torch.bincount(sorted_latents, minlength=n_latents), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        # Zeros, not uninitialised values: sampled_addmm computes beta·values + A@B even at beta = 0, so a NaN bit
+        # pattern in an uninitialised buffer would leak into the gradient of random latents.
         pattern = torch.sparse_csr_tensor(
-            crow, order // max(k, 1), rows.new_empty(order.shape), (n_latents, n_tokens), check_invariants=False
+            crow, order // max(k, 1), rows.new_zeros(order.shape), (n_latents, n_tokens), check_invariants=False
         )
     dots = torch.sparse.sampled_addmm(pattern, weight, rows.t(), beta=0.0).values()
     return torch.empty_like(dots).index_put_((order,), dots).view(n_tokens, k)

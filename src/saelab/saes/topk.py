@@ -42,8 +42,8 @@ class TopKSAE(ShallowSAE):
     def auxk_latents(self, x: Tensor, dead_mask: Tensor, k_aux: int) -> SparseLatents:
         """The `k_aux` strongest latents among the dead ones (boolean mask [n_latents]), for the AuxK loss.
 
-        Only the dead latents' encoder rows enter the GEMM, so this costs 2·d·n_dead flops per token, and its
-        gradient reaches only their encoder rows and biases (through the row gather).
+        Only the dead latents' encoder rows enter the GEMM, so this costs 2·d·n_dead flops per token; of the
+        per-latent parameters, only the dead latents' encoder rows and biases get a gradient.
         """
         dead = dead_mask.nonzero().squeeze(1)
         k = min(k_aux, dead.numel())
