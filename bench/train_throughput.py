@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads the OpenMP runtime
+from saelab.runtime import configure_process
+
+MALLOC_TUNED = configure_process()  # before torch loads its OpenMP runtime
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -39,18 +40,6 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameter codes
-
-
-def tune_malloc() -> bool:
-    """Serve large buffers from the heap and never trim it; False where glibc is absent."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
 
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
     try:
@@ -101,7 +90,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     args = parser.parse_args()
 
-    malloc_tuned = tune_malloc()
+    malloc_tuned = MALLOC_TUNED
     device = torch.device(args.device)
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=args.d, n_latents=args.n, k=args.k)).to(device)

@@ -12,8 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from saelab.config import Config, add_config_arguments, config_from_args
-from saelab.errors import SaelabError
+from saelab.runtime import configure_process
+
+configure_process()  # before any recipe imports torch
+
+from saelab.config import Config, add_config_arguments, config_from_args  # noqa: E402
+from saelab.errors import SaelabError  # noqa: E402
 
 
 @dataclass(frozen=True)

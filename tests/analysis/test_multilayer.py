@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from saelab.analysis.multilayer import (
     ActivationRates,
@@ -23,6 +24,7 @@ from saelab.analysis.multilayer import (
     trigger_layers,
 )
 from saelab.metrics import fire_counts
+from saelab.models.hooks import forward_with
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.multilayer import layer_hookpoints
 
@@ -173,3 +175,33 @@ def test_plots_are_written(handcrafted, tmp_path) -> None:
         plot_flow(stats, tmp_path / "flow.png", quantity="cosine"),
     ]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_flow_samples_match_finite_differences_of_the_model_on_each_rows_own_sequence() -> None:
+    # A real (random) GPT-2 in float64, several contexts mixed in one pass: each sample's cosine and strength must
+    # be those of perturbing its own sequence at its own position inside the model's forward pass.
+    config = GPT2Config(n_layer=3, n_embd=8, n_head=2, vocab_size=50, n_positions=16)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    scales = [0.5, 2.0]
+    sae = _sae(3, [0, 2], d=8, scales=scales)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.copy_(torch.tensor([5.0, 4.0, -1.0]))
+    contexts = torch.randint(0, 50, (3, 6))
+    flow = information_flow(model, sae, contexts, torch.tensor([0, 1]), tokens_per_latent=3, rows_per_pass=4)
+    assert len(flow.latent) == 6 and len(set(flow.context.tolist())) > 1
+    eps = 1e-6
+    for f, c, p, cos, strength in zip(flow.latent, flow.context, flow.position, flow.cosine, flow.strength,
+                                      strict=True):
+        d = torch.zeros(1, 6, 8, dtype=torch.float64)
+        d[0, p] = sae.W_dec[f, :8].double() / scales[0]
+
+        def pushed(sign: float, d: torch.Tensor = d, c: torch.Tensor = c) -> torch.Tensor:
+            replace = {"resid_post.0": lambda h: h + sign * eps * d}
+            return forward_with(model, contexts[c : c + 1], replace, capture=["resid_post.2"])[1]["resid_post.2"]
+
+        with torch.no_grad():
+            moved = (pushed(1.0) - pushed(-1.0))[0, p] / (2 * eps) * scales[1]
+        target = sae.W_dec[f, 8:].double().detach()
+        assert cos.item() == pytest.approx(F.cosine_similarity(moved, target, dim=0).item(), abs=1e-6)
+        assert strength.item() == pytest.approx((moved @ target / target.pow(2).sum()).item(), rel=1e-5)

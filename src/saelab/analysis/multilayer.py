@@ -308,8 +308,10 @@ def information_flow(
     """J·dec_{f,l} from every SAE layer l to every later one, at up to `tokens_per_latent` random tokens of
     `contexts [N, T]` where latent f fires (only positions where `positions [N, T]` is True, e.g. not BOS).
 
-    Each chosen token is its own batch row (a perturbation at one position reaches later positions through
-    attention, so tokens of one sequence cannot share a row); `rows_per_pass` rows go through the blocks at once.
+    Each chosen token is its own batch row, holding its whole sequence (a perturbation at one position reaches
+    later positions through attention, so tokens of one sequence cannot share a row); `rows_per_pass` rows go
+    through the blocks at once. Cost per row: one forward pass up to the last layer plus, per source layer, about
+    three passes of the blocks after it.
     A d placed in raw space is dec_{f,l} / s_l, and J·d is read back in the SAE's space as s_m·J·d (s = the
     layer scales), so a strength of 1 means the SAE's own write at layer m is what the model makes of its write
     at layer l.
@@ -322,9 +324,7 @@ def information_flow(
     generator = torch.Generator().manual_seed(seed)
     rows = [(int(f), int(c), int(p)) for i, f in enumerate(latents.tolist())
             for c, p in _pick_tokens(fired[..., i], tokens_per_latent, generator).tolist()]
-    rows.sort(key=lambda r: (r[1], r[2], r[0]))
-    groups = [[r for r in rows if r[1] == c] for c in sorted({r[1] for r in rows})]
-    chunks = [g[i : i + rows_per_pass] for g in groups for i in range(0, len(g), rows_per_pass)]
+    chunks = [rows[i : i + rows_per_pass] for i in range(0, len(rows), rows_per_pass)]
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -333,11 +333,9 @@ def information_flow(
     records: dict[str, list[Tensor]] = {k: [] for k in ("latent", "context", "position", "source", "target",
                                                        "cosine", "strength")}
     for chunk in tqdm(chunks, desc="information flow", disable=not progress):
-        latent_ids = torch.tensor([r[0] for r in chunk], device=device)
-        pos = torch.tensor([r[2] for r in chunk], device=device)
+        latent_ids, context_ids, pos = (torch.tensor(column, device=device) for column in zip(*chunk, strict=True))
         row_ids = torch.arange(len(chunk), device=device)
-        ids = contexts[chunk[0][1]].expand(len(chunk), -1)
-        runner = BlockRunner(model, ids, first_block=layers[0] + 1, last_block=layers[-1])
+        runner = BlockRunner(model, contexts[context_ids.cpu()], first_block=layers[0] + 1, last_block=layers[-1])
         for a in range(len(layers) - 1):
             hidden = runner.resid_post(layers[a])
             tangent = torch.zeros_like(hidden)
@@ -348,9 +346,8 @@ def information_flow(
                 target = decoder[latent_ids, slices[b]].double()
                 records["cosine"].append(F.cosine_similarity(moved, target, dim=-1, eps=1e-12).cpu())
                 records["strength"].append(((moved * target).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-30)).cpu())
-                for name, value in (("latent", latent_ids), ("position", pos)):
+                for name, value in (("latent", latent_ids), ("context", context_ids), ("position", pos)):
                     records[name].append(value.cpu())
-                records["context"].append(torch.full((len(chunk),), chunk[0][1]))
                 records["source"].append(torch.full((len(chunk),), a))
                 records["target"].append(torch.full((len(chunk),), b))
     if not records["cosine"]:
