@@ -41,6 +41,7 @@ from torch import Tensor  # noqa: E402
 
 from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
 
+
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
     try:
         return torch.optim.Adam(sae.parameters(), lr=lr, fused=True), True
