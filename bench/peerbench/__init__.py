@@ -1,0 +1,1 @@
+"""Peer benchmark: our top-k trainer against sparsify, SAELens and dictionary_learning, each in its own process."""

@@ -1,0 +1,137 @@
+"""Render the measured figures and the issue-7 targets as `bench/RESULTS.md` (pure formatting, no measuring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Row = Mapping[str, Any]  # one worker's JSON line (see workers.common.report)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    n: int | None
+    required: str
+    measured: float | None  # None: not measured in this run
+    met: bool | None
+
+
+def machine_info() -> dict[str, str]:
+    """CPU model, cores, load average, torch version and date, for the header."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        model = names[0] if names else model
+    return {
+        "cpu": model, "cores": str(os.cpu_count()), "load_average": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _get(rows: Sequence[Row], trainer: str, n: int, key: str) -> float | None:
+    for row in rows:
+        if row["trainer"] == trainer and row["n"] == n:
+            return row[key]
+    return None
+
+
+def speed_targets(rows: Sequence[Row], sizes: Sequence[int]) -> list[Target]:
+    """Issue 7's per-size targets from the synthetic speed rows (medians, measured in the same run)."""
+    targets = []
+    for n in sizes:
+        ours = _get(rows, "ours", n, "median_tokens_per_s")
+        for name, peer, required, floor in (
+            ("tokens/s vs sparsify", "sparsify", "≥ 1.6×", 1.6), ("tokens/s vs SAELens", "saelens", "≥ 6×", 6.0),
+        ):
+            ratio = _ratio(ours, _get(rows, peer, n, "median_tokens_per_s"))
+            targets.append(Target(name, n, required, ratio, None if ratio is None else ratio >= floor))
+        ratio = _ratio(ours, _get(rows, "ours", n, "encode_median_tokens_per_s"))
+        met = None if ratio is None else ratio >= 0.85
+        targets.append(Target("tokens/s vs our encode-only", n, "≥ 0.85×", ratio, met))
+        ratio = _ratio(_get(rows, "ours", n, "peak_rss_mb"), _get(rows, "sparsify", n, "peak_rss_mb"))
+        targets.append(Target("peak RSS vs sparsify", n, "≤ 0.6×", ratio, None if ratio is None else ratio <= 0.6))
+    return targets
+
+
+def quality_target(rows: Sequence[Row]) -> Target:
+    ours = next((r["fvu"] for r in rows if r["trainer"] == "ours"), None)
+    peer = next((r["fvu"] for r in rows if r["trainer"] == "sparsify"), None)
+    diff = None if ours is None or peer is None else ours - peer
+    return Target("FVU at equal tokens, ours − sparsify (real activations)", None, "≤ 0", diff,
+                  None if diff is None else diff <= 0)
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
+def trainer_table(rows: Sequence[Row]) -> list[str]:
+    """One line per (trainer, n): median and min tokens/s, peak RSS, our ratio to it, load during the run."""
+    body = []
+    for row in rows:
+        ours = _get(rows, "ours", row["n"], "median_tokens_per_s") if row["data"] == "synthetic" else None
+        mine = row["trainer"].startswith("ours")
+        body.append([
+            row["trainer"], _fmt(row["n"]), _fmt(row["d"]), row["data"].split(":")[0],
+            _fmt(row["median_tokens_per_s"]), _fmt(row["min_tokens_per_s"]), _fmt(row["peak_rss_mb"]),
+            _fmt(row.get("encode_median_tokens_per_s")),
+            "–" if mine else _fmt(_ratio(ours, row["median_tokens_per_s"]), 2),
+            _fmt(row["fvu"], 4), _fmt(row["load_average_1min"], 2),
+        ])
+    return _table(["trainer", "n", "d", "data", "median tok/s", "min tok/s", "peak RSS MB", "encode-only tok/s",
+                   "ours ÷ this", "FVU (held out)", "load 1 min"], body)
+
+
+def target_table(targets: Sequence[Target]) -> list[str]:
+    verdict = {True: "met", False: "**not met**", None: "not measured"}
+    return _table(["target", "n", "required", "measured", "verdict"], [
+        [t.name, _fmt(t.n), t.required, _fmt(t.measured, 3), verdict[t.met]] for t in targets
+    ])
+
+
+def render(machine: Mapping[str, str], settings: str, speed: Sequence[Row], quality: Sequence[Row],
+           costs: Sequence[Row], sizes: Sequence[int], notes: Sequence[str] = ()) -> str:
+    """The whole RESULTS.md: machine, targets, trainer table, quality, harvesting/evaluation costs, notes."""
+    lines = [
+        "# Peer benchmark results", "",
+        "Generated by `make bench-peers` (`bench/peers.py`); do not edit by hand.", "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores; load average at write time {machine['load_average']}",
+        f"- torch {machine['torch']}; {machine['date']}",
+        f"- Settings: {settings}", "",
+        "## Targets (issue 7)", "", *target_table([*speed_targets(speed, sizes), quality_target(quality)]), "",
+        "## Training throughput (synthetic activations; ours' deep and multi-layer SAE rows included)", "",
+        *trainer_table(speed), "",
+        "## Quality at an equal token budget (real activations)", "", *trainer_table(quality), "",
+    ]
+    if costs:
+        lines += ["## Harvesting and evaluation cost (SmolLM2)", "",
+                  *_table(["measurement", "tokens/s", "relative to a full forward", "load 1 min"], [
+                      [c["name"], _fmt(c["tokens_per_s"]), _fmt(c["relative"], 3), _fmt(c["load_average_1min"], 2)]
+                      for c in costs
+                  ]), ""]
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    return "\n".join(lines)

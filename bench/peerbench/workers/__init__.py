@@ -1,0 +1,1 @@
+"""One module per trainer; each trains on identical activations and prints one JSON line (see `common`)."""

@@ -1,0 +1,70 @@
+"""Our trainer: `saelab.training.Trainer.fit` over the shared batches, with our encode-only pass alternating.
+
+`--arch deep|multilayer` measures the same fast path as the sparse layer of a deep SAE (dense widths 2×d_in) or of
+a multi-layer SAE (two equal layer slices); their encode-only pass includes whatever their `encode` does.
+The trainer runs with the peers' settings: constant lr, no warm-up, decay, clipping, AuxK or checkpoints.
+"""
+
+from __future__ import annotations  # noqa: I001 (common configures the process before torch loads)
+
+from peerbench.workers.common import Activations, StepClock, fvu, parse_args, report  # configures the process
+
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+from torch import Tensor  # noqa: E402
+from train_throughput import encode_only, timed  # noqa: E402
+
+from saelab.saes import SparseAutoencoder, TopKSAE, TopKSAEConfig  # noqa: E402
+from saelab.saes.deep import DeepSAE, DeepSAEConfig  # noqa: E402
+from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig  # noqa: E402
+from saelab.training import Trainer, TrainerConfig  # noqa: E402
+
+ARCHS = ("topk", "deep", "multilayer")
+
+
+def build_sae(arch: str, d: int, n: int, k: int) -> SparseAutoencoder:
+    if arch == "deep":
+        return DeepSAE(DeepSAEConfig(d_in=d, n_latents=n, k=k))
+    if arch == "multilayer":
+        half = d // 2
+        return MultiLayerSAE(MultiLayerSAEConfig(
+            d_in=d, n_latents=n, k=k, layers=[0, 1], hookpoints=["resid_post.0", "resid_post.1"],
+            slice_widths=[half, d - half], layer_scales=[1.0, 1.0],
+        ))
+    return TopKSAE(TopKSAEConfig(d_in=d, n_latents=n, k=k))
+
+
+def main() -> None:
+    import sys
+
+    arch = "topk"
+    if "--arch" in sys.argv:  # ours only; the shared parser stays the peers' interface
+        at = sys.argv.index("--arch")
+        arch = sys.argv[at + 1]
+        del sys.argv[at : at + 2]
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch {arch!r}: use one of {ARCHS}")
+    args = parse_args(__doc__.split("\n\n")[0])
+    data = Activations(args)
+    sae = build_sae(arch, data.d, args.n, args.k).to(data.device)
+    encode_s: list[float] = []
+
+    def encode(x: Tensor) -> None:
+        encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
+
+    clock = StepClock(data, args, between=encode)
+    cfg = TrainerConfig(
+        total_tokens=clock.count * args.batch, batch_size=args.batch, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
+        grad_clip_norm=None, checkpoint_every_steps=None, log_every_steps=10**9, progress=False, seed=args.seed,
+        device=args.device,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        Trainer(sae, cfg, out).fit(clock)
+    encode_tps = args.batch / statistics.median(encode_s[clock.warmup : clock.warmup + clock.steps])
+    report("ours" if arch == "topk" else f"ours-{arch}", args, data, clock, fvu(sae.reconstruct, data),
+           encode_median_tokens_per_s=round(encode_tps, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Our top-k trainer against sparsify, SAELens and dictionary_learning, measured in the same run; writes RESULTS.md.
+
+Every trainer runs in its own process (`peerbench.workers.*`, inside `bench/.peers-venv` so all share one torch)
+on identical activations, with the same d, n, k, batch, fp32, Adam and lr; runs alternate across trainers, with
+the order rotated each round, so machine drift hits all alike. Quality: FVU on held-out real activations after
+the same token budget. Harvesting and evaluation costs run in the project's own venv (`peerbench.model_costs`).
+
+Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 5] [--quick] [--skip-install]
+                             [--peers sparsify] [--store DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from peerbench import install, results
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_STORE = BENCH.parent / "runs" / "frontier-reduced" / "activations" / "train"
+WORKERS = {
+    "ours": "peerbench.workers.ours",
+    "sparsify": "peerbench.workers.sparsify",
+}
+
+
+def run_worker(python: Path | str, module: str, argv: list[str]) -> dict[str, Any] | None:
+    """The worker's JSON line, or None (with its stderr tail shown) when it failed."""
+    proc = subprocess.run([str(python), "-m", module, *argv], cwd=BENCH, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        print(f"{module} {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a trainer's rounds: median of medians, worst min, largest RSS, mean load."""
+    row = dict(runs[0])
+    for key in ("median_tokens_per_s", "encode_median_tokens_per_s", "fvu"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in runs)
+    row["min_tokens_per_s"] = min(r["min_tokens_per_s"] for r in runs)
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    row["load_average_1min"] = round(statistics.mean(r["load_average_1min"] for r in runs), 2)
+    return row
+
+
+def measure(python: Path, trainers: list[str], argv: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Each trainer `rounds` times, alternating, the order rotated every round."""
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in trainers}
+    for r in range(rounds):
+        for trainer in trainers[r % len(trainers):] + trainers[: r % len(trainers)]:
+            module, extra = (WORKERS["ours"], ["--arch", trainer.split("-", 1)[1]]) if trainer.startswith(
+                "ours-") else (WORKERS[trainer], [])
+            result = run_worker(python, module, [*argv, *extra])
+            if result is not None:
+                print(json.dumps(result), flush=True)
+                runs[trainer].append(result)
+    return [combine(rs) for rs in runs.values() if rs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4096,24576,98304")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="n=4,096 only, 3 steps, 1 warm-up")
+    parser.add_argument("--skip-install", action="store_true")
+    parser.add_argument("--peers", default="sparsify", help="comma-separated, from the peers with a worker")
+    parser.add_argument("--store", default=str(DEFAULT_STORE), help="real activations for the quality run")
+    parser.add_argument("--quality-steps", type=int, default=8)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.steps, args.warmup, args.quality_steps = "4096", 3, 1, 4
+    sizes = [int(s) for s in args.sizes.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - (set(WORKERS) - {"ours"})
+    if unknown:
+        raise SystemExit(f"--peers: no worker for {sorted(unknown)}; choose from {sorted(set(WORKERS) - {'ours'})}")
+    python = install.venv_python() if args.skip_install else install.install(peers)
+
+    common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr), "--warmup", str(args.warmup)]
+    speed: list[dict[str, Any]] = []
+    for n in sizes:
+        argv = [*common, "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
+        speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer"], argv, args.rounds)
+    quality: list[dict[str, Any]] = []
+    if Path(args.store).exists():
+        argv = [*common, "--n", str(sizes[0]), "--steps", str(args.quality_steps), "--store", args.store]
+        quality = measure(python, ["ours", *peers], argv, 1)
+    costs = run_worker(sys.executable, "peerbench.model_costs", []) or []
+
+    settings = (f"TopK, d={args.d} (quality: the store's width), k={args.k}, batch {args.batch}, fp32, Adam lr "
+                f"{args.lr}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} alternating rounds; "
+                f"quality: {args.quality_steps} steps on {args.store}")
+    text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
+    (BENCH / "RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

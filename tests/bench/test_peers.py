@@ -1,0 +1,47 @@
+"""The peer harness without peers: our worker emits a valid JSON line, and RESULTS.md renders from fixed figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from peerbench import results  # noqa: E402
+
+
+def test_our_worker_trains_tiny_sae_and_prints_json() -> None:
+    argv = ["--d", "16", "--n", "64", "--k", "4", "--batch", "32", "--steps", "2", "--warmup", "1", "--eval-rows", "16"]
+    proc = subprocess.run([sys.executable, "-m", "peerbench.workers.ours", *argv], cwd=BENCH, capture_output=True,
+                          text=True, check=True)
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["trainer"] == "ours" and (row["d"], row["n"], row["k"], row["steps"]) == (16, 64, 4, 2)
+    assert row["tokens_trained"] == 4 * 32  # warmup + steps + the untimed last step
+    assert row["median_tokens_per_s"] > 0 and row["encode_median_tokens_per_s"] > 0 and row["fvu"] >= 0
+
+
+def _row(trainer: str, tps: float, rss: float, fvu: float, data: str = "synthetic") -> dict:
+    return {"trainer": trainer, "n": 4096, "d": 768, "data": data, "median_tokens_per_s": tps,
+            "min_tokens_per_s": tps / 2, "peak_rss_mb": rss, "fvu": fvu, "load_average_1min": 1.0,
+            **({"encode_median_tokens_per_s": 20_000.0} if trainer == "ours" else {})}
+
+
+def test_results_render_targets_and_tables_from_fixed_figures() -> None:
+    speed = [_row("ours", 18_000.0, 600.0, 0.5), _row("sparsify", 9_000.0, 1_200.0, 0.6),
+             _row("saelens", 4_000.0, 2_000.0, 0.7)]
+    quality = [_row("ours", 1.0, 1.0, 0.30, "store:x"), _row("sparsify", 1.0, 1.0, 0.25, "store:x")]
+    machine = {"cpu": "Test CPU", "cores": "2", "load_average": "1.00 / 1.00 / 1.00", "torch": "2.13.0",
+               "date": "2026-01-01"}
+    text = results.render(machine, "fixed", speed, quality, [], [4096])
+    assert "Test CPU, 2 cores" in text
+    verdicts = {t.name: (t.measured, t.met) for t in results.speed_targets(speed, [4096])}
+    assert verdicts["tokens/s vs sparsify"] == (2.0, True)
+    assert verdicts["tokens/s vs SAELens"] == (4.5, False)
+    assert verdicts["tokens/s vs our encode-only"] == (0.9, True)
+    assert verdicts["peak RSS vs sparsify"] == (0.5, True)
+    assert results.quality_target(quality).met is False
+    assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | – | 0.5000 | 1.00 |" in text
+    assert "| sparsify | 4,096 | 768 | synthetic | 9,000 | 4,500 | 1,200 | – | 2.00 |" in text
