@@ -23,8 +23,8 @@ def chat(word_tokenizer):
     return model, word_tokenizer
 
 
-def _request(words: str, **kw) -> ChatRequest:
-    return ChatRequest((("system", "w1 w2"), ("user", words)), **kw)
+def _request(words: str, system: str = "w1 w2", **kw) -> ChatRequest:
+    return ChatRequest((("system", system), ("user", words)), **kw)
 
 
 def test_batched_generation_matches_one_by_one(chat) -> None:
@@ -51,17 +51,31 @@ def test_batched_generation_matches_one_by_one(chat) -> None:
     assert client.model_id == "local:tiny"
 
 
-def test_the_first_token_alternatives_are_the_model_distribution(chat) -> None:
-    model, tokenizer = chat
-    request = _request("w5", max_tokens=1, top_logprobs=3)
-    reply = LocalChatClient(model, tokenizer, "tiny").complete(request)
+def _full_forward(model, tokenizer, request: ChatRequest, k: int) -> tuple[dict[str, float], str, int]:
+    """(top-k first-token log-probabilities, greedy reply, prompt length) from one plain forward of the prompt."""
     text = tokenizer.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True)
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    logprobs = torch.log_softmax(model(ids).logits[0, -1], dim=-1)
-    values, best = logprobs.topk(3)
+    values, best = torch.log_softmax(model(ids).logits[0, -1], dim=-1).topk(k)
     expected = {tokenizer.decode([i]): v for i, v in zip(best.tolist(), values.tolist(), strict=True)}
-    assert reply.first_token_logprobs == pytest.approx(expected, abs=1e-5)
-    assert reply.text == tokenizer.decode([best[0].item()], skip_special_tokens=True)  # greedy
+    return expected, tokenizer.decode([best[0].item()], skip_special_tokens=True), ids.shape[1]
+
+
+def test_one_token_answers_share_the_prefix_and_match_a_full_forward(chat) -> None:
+    model, tokenizer = chat
+    system = " ".join(f"w{i}" for i in range(30))  # long, like the scorers' instructions
+    requests = [_request(words, system, max_tokens=1, top_logprobs=3)
+                for words in ("w5", "w5 w6", "w9 w8 w7 w6 w5", "w2 w3", "w40 w41 w42")]
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    replies = LocalChatClient(model, tokenizer, "tiny", batch_size=4).complete_many(requests)
+    hook.remove()
+    prompt_tokens = 0
+    for request, reply in zip(requests, replies, strict=True):
+        expected, text, length = _full_forward(model, tokenizer, request, k=3)
+        assert reply.first_token_logprobs == pytest.approx(expected, abs=1e-5)
+        assert reply.text == text and reply.prompt_tokens == length  # greedy
+        prompt_tokens += length
+    assert sum(seen) < 0.6 * prompt_tokens  # the shared system prompt ran once per batch, not once per request
 
 
 def test_a_model_without_chat_template_is_refused(chat) -> None:

@@ -1,9 +1,11 @@
 """A chat client running a local transformers causal LM (default: the offline SmolLM2-135M-Instruct).
 
-Prompts go through the tokenizer's own chat template. Requests are generated in batches (left-padded, sorted by
-length so padding stays small); a scorer's one-token yes/no question then costs one forward pass. Decoding is
-greedy at temperature 0 and sampled otherwise. The first token's top alternatives come from its logits, in the same
-form an OpenAI endpoint returns, so scorers get probabilities (and AUC) from either.
+Prompts go through the tokenizer's own chat template and are answered in batches. One-token requests (the scorers'
+yes/no questions) need no generation loop: a batch is sorted so that prompts sharing a prefix (system prompt and
+explanation) sit together, the shared prefix runs once, and only each prompt's own tail (the excerpt) runs on top
+of it, which makes scoring several times cheaper. Longer requests are generated left-padded, greedily at
+temperature 0 and sampled otherwise. The first token's top alternatives come from its logits, in the form an
+OpenAI endpoint returns, so scorers get probabilities (and AUC) from either.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saelab.errors import ConfigError
@@ -39,23 +42,54 @@ class LocalChatClient(ChatClient):
 
     def complete_many(self, requests: Sequence[ChatRequest], on_reply: OnReply | None = None) -> list[ChatReply]:
         prompts = [self._prompt_ids(request) for request in requests]
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].temperature, len(prompts[i])))
+        one_token = sorted((i for i, r in enumerate(requests) if r.max_tokens == 1), key=lambda i: prompts[i])
+        longer = sorted((i for i, r in enumerate(requests) if r.max_tokens > 1),
+                        key=lambda i: (requests[i].temperature, len(prompts[i])))
         replies: list[ChatReply | None] = [None] * len(requests)
-        start = 0
-        while start < len(order):
-            temperature = requests[order[start]].temperature
-            batch = [i for i in order[start : start + self.batch_size] if requests[i].temperature == temperature]
-            start += len(batch)
-            for index, reply in zip(batch, self._generate([requests[i] for i in batch], [prompts[i] for i in batch]),
-                                    strict=True):
-                replies[index] = reply
-                if on_reply is not None:
-                    on_reply(index, reply)
+        for order, answer in ((one_token, self._next_token), (longer, self._generate)):
+            start = 0
+            while start < len(order):
+                temperature = requests[order[start]].temperature
+                batch = [i for i in order[start : start + self.batch_size] if requests[i].temperature == temperature]
+                start += len(batch)
+                answered = answer([requests[i] for i in batch], [prompts[i] for i in batch])
+                for index, reply in zip(batch, answered, strict=True):
+                    replies[index] = reply
+                    if on_reply is not None:
+                        on_reply(index, reply)
         return [reply for reply in replies if reply is not None]
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:
         text = self.tokenizer.apply_chat_template(request.chat_messages(), tokenize=False, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def _next_token(self, requests: list[ChatRequest], prompts: list[list[int]]) -> list[ChatReply]:
+        """One token per prompt: the shared prefix once (its cache repeated per row), then the right-padded tails."""
+        shared = _common_prefix(prompts, limit=min(len(p) for p in prompts) - 1)
+        device = self.model.device
+        past = None
+        if shared:
+            prefix = torch.tensor([prompts[0][:shared]], device=device)
+            past = self.model(input_ids=prefix, use_cache=True).past_key_values
+            past.batch_repeat_interleave(len(prompts))
+        tails = [p[shared:] for p in prompts]
+        width = max(len(t) for t in tails)
+        input_ids = torch.tensor([t + [self._pad] * (width - len(t)) for t in tails], device=device)
+        tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=device)
+        attention_mask = torch.cat([torch.ones(len(tails), shared, dtype=tail_mask.dtype, device=device), tail_mask], 1)
+        positions = torch.arange(shared, shared + width, device=device).expand(len(tails), width)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            past_key_values=past, use_cache=past is not None).logits
+        last = logits[torch.arange(len(tails), device=device), torch.tensor([len(t) - 1 for t in tails], device=device)]
+        if requests[0].temperature > 0:
+            probabilities = torch.softmax(last.float() / requests[0].temperature, dim=-1)
+            chosen = torch.multinomial(probabilities, 1).squeeze(1).tolist()
+        else:
+            chosen = last.argmax(dim=-1).tolist()
+        first_logprobs = torch.log_softmax(last.float(), dim=-1)
+        return [self._reply(request, prompt, [token], first_logprobs[row])
+                for row, (request, prompt, token) in enumerate(zip(requests, prompts, chosen, strict=True))]
 
     @torch.inference_mode()
     def _generate(self, requests: list[ChatRequest], prompts: list[list[int]]) -> list[ChatReply]:
@@ -77,20 +111,33 @@ class LocalChatClient(ChatClient):
             **sampling,
         )
         first_logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
-        replies = []
-        for row, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
-            generated = out.sequences[row, width:].tolist()[: request.max_tokens]
-            ends = [i for i, token in enumerate(generated) if token in self._stop]
-            generated = generated[: ends[0] + 1] if ends else generated
-            alternatives = None
-            if request.top_logprobs:
-                values, ids = first_logprobs[row].topk(request.top_logprobs)
-                tokens = self.tokenizer.batch_decode([[i] for i in ids.tolist()])
-                alternatives = merge_logprobs(list(zip(tokens, values.tolist(), strict=True)))
-            replies.append(ChatReply(
-                text=self.tokenizer.decode(generated, skip_special_tokens=True),
-                prompt_tokens=len(prompt),
-                completion_tokens=len(generated),
-                first_token_logprobs=alternatives,
-            ))
-        return replies
+        return [self._reply(request, prompt, out.sequences[row, width:].tolist(), first_logprobs[row])
+                for row, (request, prompt) in enumerate(zip(requests, prompts, strict=True))]
+
+    def _reply(
+        self, request: ChatRequest, prompt: list[int], generated: list[int], first_logprobs: Tensor
+    ) -> ChatReply:
+        """The reply up to and including the first stop token (at most `max_tokens`), with the first token's top
+        alternatives when asked for."""
+        generated = generated[: request.max_tokens]
+        ends = [i for i, token in enumerate(generated) if token in self._stop]
+        generated = generated[: ends[0] + 1] if ends else generated
+        alternatives = None
+        if request.top_logprobs:
+            values, ids = first_logprobs.topk(request.top_logprobs)
+            tokens = self.tokenizer.batch_decode([[i] for i in ids.tolist()])
+            alternatives = merge_logprobs(list(zip(tokens, values.tolist(), strict=True)))
+        return ChatReply(
+            text=self.tokenizer.decode(generated, skip_special_tokens=True),
+            prompt_tokens=len(prompt),
+            completion_tokens=len(generated),
+            first_token_logprobs=alternatives,
+        )
+
+
+def _common_prefix(sequences: list[list[int]], limit: int) -> int:
+    """Length of the longest prefix all `sequences` share, at most `limit`."""
+    length = 0
+    while length < limit and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
