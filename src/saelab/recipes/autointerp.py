@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from saelab.errors import ConfigError
 from saelab.interp.cache import CachedClient, ResponseCache
 from saelab.interp.compare import compare_results, latent_scores
 from saelab.interp.examples import ExampleConfig, ExampleSampler, LatentExamples, TokenText
-from saelab.interp.explainers import baseline_explanation, explain_latents
+from saelab.interp.explainers import Explanation, baseline_explanation, explain_latents
 from saelab.interp.llm import ChatClient
 from saelab.interp.local_client import LocalChatClient
 from saelab.interp.openai_client import OpenAIChatClient
@@ -71,7 +72,7 @@ class LLMConfig(Config):
     max_retries: int = dataclasses.field(default=4, metadata={"help": "openai: retries per request"})
     backoff_s: float = dataclasses.field(default=1.0, metadata={"help": "openai: first retry delay (doubles)"})
     timeout_s: float = dataclasses.field(default=120.0, metadata={"help": "openai: seconds per request"})
-    batch_size: int = dataclasses.field(default=8, metadata={"help": "local: prompts per generate call"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "local: prompts per forward / generate call"})
     device: str = dataclasses.field(default="cpu", metadata={"help": "local: device of the model"})
     top_logprobs: int = dataclasses.field(
         default=10, metadata={"help": "alternatives asked for the yes/no token (AUC); 0 if the server rejects it"}
@@ -160,11 +161,14 @@ def latent_file(folder: Path, latent: int) -> Path:
 def score_latents(
     cfg: AutointerpConfig, subject: Subject, record: LatentRecord, sampler: ExampleSampler, latents: list[int],
     folder: Path,
-) -> None:
-    """Explain and score `latents` in steps of `latents_per_step`, writing each latent's result once complete."""
+) -> dict[str, float]:
+    """Explain and score `latents` in steps of `latents_per_step`, writing each latent's result once complete;
+    returns the seconds spent explaining and scoring."""
     todo = [latent for latent in latents if not latent_file(folder, latent).exists()]
     steps = [todo[i : i + cfg.latents_per_step] for i in range(0, len(todo), cfg.latents_per_step)]
+    seconds = {"explain": 0.0, "score": 0.0}
     for step in tqdm(steps, desc=f"autointerp {folder.name}", unit="step"):
+        started = time.perf_counter()
         examples = [sampler.examples(latent, cfg.examples) for latent in step]
         explanations = {"llm": explain_latents(subject.client, examples, subject.text, cfg.llm.explainer_max_tokens)}
         if cfg.score_baseline:
@@ -172,31 +176,44 @@ def score_latents(
                 baseline_explanation(ex.latent, sampler.activating_token_ids(ex.latent), subject.text)
                 for ex in examples
             ]
+        explained = time.perf_counter()
         queries = {}
         for explainer, per_latent in explanations.items():
             for latent_examples, explanation in zip(examples, per_latent, strict=True):
                 if explanation.text is not None:
                     queries[explanation.latent, explainer] = _queries(cfg, explanation.text, latent_examples, subject)
-        replies = iter(subject.client.complete_many([q.request for per_key in queries.values() for q in per_key]))
+        requests = [q.request for per_key in queries.values() for q in per_key]
+        with tqdm(total=len(requests), desc="scoring", unit="query", leave=False) as bar:
+            replies = iter(subject.client.complete_many(requests, on_reply=lambda index, reply: bar.update()))
         answers = {key: [answer(query, next(replies)) for query in per_key] for key, per_key in queries.items()}
-        counts = record.counts
         for position, latent_examples in enumerate(examples):
-            latent = latent_examples.latent
             scores = {
-                explainer: _by_scorer(queries[latent, explainer], answers[latent, explainer])
-                for explainer in explanations if (latent, explainer) in queries
+                explainer: _by_scorer(queries[latent_examples.latent, explainer],
+                                      answers[latent_examples.latent, explainer])
+                for explainer in explanations if (latent_examples.latent, explainer) in queries
             }
-            atomic_write_json(latent_file(folder, latent), {
-                "latent": latent,
-                "count": int(counts[latent]),
-                "frequency": float(counts[latent] / record.n_tokens),
-                "max_activation": latent_examples.max_activation,
-                "explanations": {name: per_latent[position].to_dict() for name, per_latent in explanations.items()},
-                "scores": scores,
-                "n_examples": {"train": len(latent_examples.train),
-                               "test_activating": len(latent_examples.test_activating),
-                               "test_non_activating": len(latent_examples.test_non_activating)},
-            })
+            write_result(folder, record, latent_examples,
+                         {name: per_latent[position] for name, per_latent in explanations.items()}, scores)
+        seconds["explain"] += explained - started
+        seconds["score"] += time.perf_counter() - explained
+    return seconds
+
+
+def write_result(
+    folder: Path, record: LatentRecord, examples: LatentExamples, explanations: dict[str, Explanation],
+    scores: dict[str, Any],
+) -> None:
+    count = int(record.counts[examples.latent])
+    atomic_write_json(latent_file(folder, examples.latent), {
+        "latent": examples.latent,
+        "count": count,
+        "frequency": count / record.n_tokens,
+        "max_activation": examples.max_activation,
+        "explanations": {name: explanation.to_dict() for name, explanation in explanations.items()},
+        "scores": scores,
+        "n_examples": {"train": len(examples.train), "test_activating": len(examples.test_activating),
+                       "test_non_activating": len(examples.test_non_activating)},
+    })
 
 
 def _by_scorer(queries: list[Query], answers: list[Answer]) -> dict[str, Any]:
@@ -260,11 +277,13 @@ def autointerp_sae(cfg: AutointerpConfig, sae_dir: str, label: str, subject: Sub
     check_settings(cfg, folder, subject.client.model_id)
     sae = load_sae(sae_dir, device=cfg.device)
     hookpoint = check_compatible(sae, subject.store)
+    started = time.perf_counter()
     record = record_latents(sae, subject.store, folder / "record", hookpoint, cfg.max_tokens, cfg.record_chunk_tokens,
                             cfg.batch_size)
+    seconds = {"record": time.perf_counter() - started}
     sampler = ExampleSampler(record, subject.store, cfg.examples.window_before, cfg.examples.window_after)
     latents = choose_latents(record.counts, cfg.n_latents, cfg.examples.min_activations, cfg.latent_seed)
-    score_latents(cfg, subject, record, sampler, latents, folder)
+    seconds.update(score_latents(cfg, subject, record, sampler, latents, folder))
     results = [json.loads(latent_file(folder, latent).read_text()) for latent in latents]
     summary = {
         "label": label, "sae_dir": str(sae_dir), "hookpoint": hookpoint, "architecture": sae.architecture,
@@ -272,7 +291,11 @@ def autointerp_sae(cfg: AutointerpConfig, sae_dir: str, label: str, subject: Sub
         "alive_fraction": float((record.counts > 0).mean()), "latents": latents, "scores": summarize(results),
     }
     if cfg.pages:
+        started = time.perf_counter()
         summary["pages"] = str(write_pages(cfg, sae, record, sampler, results, subject, folder / "pages", label))
+        seconds["pages"] = time.perf_counter() - started
+    # Seconds of this run only: explaining and scoring latents done by an earlier run cost nothing here.
+    summary["seconds"] = {key: round(value, 2) for key, value in seconds.items()}
     return {**summary, "results": results}
 
 

@@ -67,6 +67,8 @@ def write_report(summary: dict[str, Any], runs: list[dict[str, Any]], out: Path)
     for run in runs:
         if "pages" in run:
             report.paragraph(f"{run['label']}: {os.path.relpath(run['pages'], out)}")
+    report.heading("Timings (s, this run)")
+    report.table([{"SAE": run["label"], **run["seconds"]} for run in runs])
     report.heading("LLM usage")
     report.key_values(llm["usage"], caption="this run: requests sent, requests answered from the cache, tokens spent")
     report.key_values(llm["cache"], caption="the reply cache: replies held and the tokens they cost, over all runs")

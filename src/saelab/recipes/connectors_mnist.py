@@ -87,7 +87,9 @@ class MnistConnectorsConfig(Config):
     model: MnistMLPConfig = dataclasses.field(default_factory=MnistMLPConfig)
     train: MnistTrainConfig = dataclasses.field(default_factory=MnistTrainConfig)
     sae: MnistSAEConfig = dataclasses.field(default_factory=MnistSAEConfig)
-    connector: ConnectorConfig = dataclasses.field(default_factory=ConnectorConfig)
+    # l1 1e-2: on the default network, 3e-3 / 1e-2 / 3e-2 gave 4317 / 2361 / 1236 large feature weights (3851 between
+    # neurons) at 96.3 / 96.2 / 95.7% test accuracy with two layers replaced (base 97.6%).
+    connector: ConnectorConfig = dataclasses.field(default_factory=lambda: ConnectorConfig(l1_coefficient=1e-2))
     # Also train every connector from the other initialisation, to compare final losses (the seed found the smart
     # init stuck in a worse minimum). Off for the mlp form unless its hidden width equals the network's.
     compare_inits: bool = True
@@ -331,7 +333,8 @@ def _plot_spans(spans: list[dict[str, Any]], base_accuracy: float, path: Path) -
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(spans) + 1.5), 3.6))
     labels = [f"{s['start']}→{s['end']}" for s in spans]
     colours = [plt.cm.viridis(s["layers_replaced"] / max(1, max(x["layers_replaced"] for x in spans))) for s in spans]
-    ax.bar(labels, [s["accuracy"] for s in spans], color=colours)
+    bars = ax.bar(labels, [s["accuracy"] for s in spans], color=colours)
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.axhline(base_accuracy, color="black", lw=1, ls="--", label=f"network {base_accuracy:.2%}")
     lowest = min([s["accuracy"] for s in spans] + [base_accuracy])
     ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
