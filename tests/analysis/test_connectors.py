@@ -168,8 +168,8 @@ def test_training_recovers_a_sparse_map_and_l1_prunes_the_rest() -> None:
     n, noise = 12, 0.5
     true_w = torch.zeros(n, n)
     true_w[torch.arange(n), torch.randperm(n)] = 1.5  # each output copies one input
-    f_in = torch.relu(torch.randn(3000, n))
-    f_out = f_in @ true_w.T + noise * torch.randn(3000, n)  # the noise gives an unpenalised fit small dense weights
+    f_in = torch.relu(torch.randn(1500, n))
+    f_out = f_in @ true_w.T + noise * torch.randn(1500, n)  # the noise gives an unpenalised fit small dense weights
     snapshots = []
     cfg = ConnectorConfig(form="linear", epochs=15, batch_size=64, lr=1e-2, l1_coefficient=0.0)
     plain = FeatureConnector.from_config(n, n, cfg)

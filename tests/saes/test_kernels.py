@@ -141,6 +141,15 @@ def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
     torch.testing.assert_close(selected_dots(rows, indices, weight), (weight[indices] * rows[:, None, :]).sum(-1))
 
 
+def test_selected_dots_ignore_whatever_fresh_buffers_hold(monkeypatch) -> None:
+    # sampled_addmm adds beta·values even at beta = 0: a NaN in an uninitialised pattern buffer once leaked into the
+    # gradients of random latents (nondeterministically). Poison every fresh buffer to make that visible.
+    rows, weight = torch.randn(6, 4), torch.randn(5, 4)
+    indices = torch.randint(0, 5, (6, 2))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: torch.full(*size, float("nan"), **kw))
+    torch.testing.assert_close(selected_dots(rows, indices, weight), (weight[indices] * rows[:, None, :]).sum(-1))
+
+
 def test_sparse_decode_keeps_leading_dims() -> None:
     w = torch.randn(9, 4)
     values, indices = torch.rand(2, 3, 5), torch.randint(0, 9, (2, 3, 5))

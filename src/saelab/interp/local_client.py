@@ -65,23 +65,24 @@ class LocalChatClient(ChatClient):
 
     @torch.inference_mode()
     def _next_token(self, requests: list[ChatRequest], prompts: list[list[int]]) -> list[ChatReply]:
-        """One token per prompt: the shared prefix once (its cache repeated per row), then the right-padded tails."""
+        """One token per prompt: the shared prefix once (its cache repeated per row), then the tails, padded on the
+        left (masked, positions continuing the prefix) so every row ends at the last position and only that
+        position goes through the unembedding."""
         shared = _common_prefix(prompts, limit=min(len(p) for p in prompts) - 1)
         device = self.model.device
         past = None
         if shared:
             prefix = torch.tensor([prompts[0][:shared]], device=device)
-            past = self.model(input_ids=prefix, use_cache=True).past_key_values
+            past = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
             past.batch_repeat_interleave(len(prompts))
         tails = [p[shared:] for p in prompts]
         width = max(len(t) for t in tails)
-        input_ids = torch.tensor([t + [self._pad] * (width - len(t)) for t in tails], device=device)
-        tail_mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=device)
+        input_ids = torch.tensor([[self._pad] * (width - len(t)) + t for t in tails], device=device)
+        tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
         attention_mask = torch.cat([torch.ones(len(tails), shared, dtype=tail_mask.dtype, device=device), tail_mask], 1)
-        positions = torch.arange(shared, shared + width, device=device).expand(len(tails), width)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                            past_key_values=past, use_cache=past is not None).logits
-        last = logits[torch.arange(len(tails), device=device), torch.tensor([len(t) - 1 for t in tails], device=device)]
+        positions = (shared + (tail_mask.cumsum(1) - 1).clamp_min(0)).to(torch.long)
+        last = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          past_key_values=past, use_cache=past is not None, logits_to_keep=1).logits[:, -1]
         if requests[0].temperature > 0:
             probabilities = torch.softmax(last.float() / requests[0].temperature, dim=-1)
             chosen = torch.multinomial(probabilities, 1).squeeze(1).tolist()

@@ -33,6 +33,7 @@ FUZZING_SYSTEM = (
 
 _EXPLANATION = re.compile(r"explanation\s*:\s*(.+)", re.IGNORECASE)
 _FIRST_WORD = re.compile(r"[A-Za-z]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 def explainer_request(excerpts: Sequence[tuple[str, Sequence[tuple[str, int]]]], max_tokens: int) -> ChatRequest:
@@ -46,9 +47,11 @@ def explainer_request(excerpts: Sequence[tuple[str, Sequence[tuple[str, int]]]],
 
 
 def parse_explanation(reply: str) -> str | None:
-    """The text after the last "Explanation:", else the first non-empty line; None for an empty reply."""
+    """The first sentence after the last "Explanation:", else of the first non-empty line (small models ignore the
+    format and ramble on); None for an empty reply."""
     matches = _EXPLANATION.findall(reply)
     candidate = matches[-1] if matches else next((line for line in reply.splitlines() if line.strip()), "")
+    candidate = _SENTENCE_END.split(candidate.strip(), maxsplit=1)[0]
     candidate = candidate.strip().strip("\"'`*").strip()
     return candidate or None
 

@@ -77,7 +77,7 @@ class LLMConfig(Config):
     top_logprobs: int = dataclasses.field(
         default=10, metadata={"help": "alternatives asked for the yes/no token (AUC); 0 if the server rejects it"}
     )
-    explainer_max_tokens: int = dataclasses.field(default=64, metadata={"help": "length limit of an explanation"})
+    explainer_max_tokens: int = dataclasses.field(default=48, metadata={"help": "length limit of an explanation"})
     cache: str | None = dataclasses.field(default=None, metadata={"help": "reply cache (default: out_dir/llm_cache)"})
 
     def validate(self) -> None:

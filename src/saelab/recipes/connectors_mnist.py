@@ -64,9 +64,10 @@ MODEL_NAME = "mnist_mlp"
 class MnistSAEConfig(Config):
     expansion: int = 4  # latents per neuron
     l1_coefficient: float = 1e-2  # × mean over examples of Σ_i z_i·||d_i|| (decoder rows kept at unit norm)
+    # Batch 512 needs half the steps of 256 for a slightly worse layer-1 FVU (tied 0.061 vs 0.056 at 15 epochs).
     epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
+    batch_size: int = 512
+    lr: float = 2e-3
     warmup_steps: int = 100
     variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))  # trained and evaluated
     connect_variant: str = "tied"  # whose features the connectors map
@@ -97,6 +98,17 @@ class MnistConnectorsConfig(Config):
     train_limit: int | None = dataclasses.field(default=None, metadata={"help": "first N training images only"})
     test_limit: int | None = dataclasses.field(default=None, metadata={"help": "first N test images only"})
     seed: int = 0
+    # The matrices here are too small to gain from intra-op threads; on a busy machine, two threads' spin-waiting cost
+    # 5x the CPU time of one (measured on MLP training). None keeps torch's setting.
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        for name in ("train_limit", "test_limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive or None (got {value})")
+        if self.weight_threshold < 0:
+            raise ConfigError(f"weight_threshold must be >= 0 (got {self.weight_threshold})")
 
 
 CONFIG = MnistConnectorsConfig
@@ -108,7 +120,16 @@ def run(cfg: MnistConnectorsConfig) -> dict[str, Any]:
 
 def run_mnist_connectors(cfg: MnistConnectorsConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run every stage into `out_dir` and return the results that `results.json` holds."""
-    out = Path(out_dir)
+    previous_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, Path(out_dir))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: MnistConnectorsConfig, out: Path) -> dict[str, Any]:
     cfg.save(out / "config.json")
     timings: dict[str, float] = {}
     started = time.perf_counter()

@@ -80,12 +80,13 @@ def write_report(summary: dict[str, Any], out: Path) -> dict[str, Any]:
     cfg, rows = summary["config"], summary["rows"]
     table = table_rows(rows)
     result = verdict(rows)
-    nmse_png = plot_lines(series(table, "nmse"), out / "frontier_nmse.png", xlabel="k (active latents)",
-                          ylabel="NMSE (FVU in the SAE's space)", title="Reconstruction-sparsity frontier", logx=True)
-    dead_png = plot_lines(series(table, "dead % (train)"), out / "frontier_dead.png", xlabel="k",
-                          ylabel="dead latents (%)", title="Dead latents in the last training window", logx=True)
-    ce_png = plot_lines(series(table, "ce_loss_recovered"), out / "frontier_ce.png", xlabel="k",
-                        ylabel="CE loss recovered", title="SAE spliced into the model", logx=True)
+    ks = {"xlabel": "k (active latents)", "logx": True, "xticks": sorted(cfg["ks"])}
+    nmse_png = plot_lines(series(table, "nmse"), out / "frontier_nmse.png", ylabel="NMSE (FVU in the SAE's space)",
+                          title="Reconstruction-sparsity frontier", **ks)
+    dead_png = plot_lines(series(table, "dead % (train)"), out / "frontier_dead.png", ylabel="dead latents (%)",
+                          title="Dead latents in the last training window", **ks)
+    ce_png = plot_lines(series(table, "ce_loss_recovered"), out / "frontier_ce.png", ylabel="CE loss recovered",
+                        title="SAE spliced into the model", **ks)
 
     report = Report(f"Deep vs shallow SAEs: {cfg['model']} {cfg['hookpoint']}")
     trainer = cfg["trainer"]

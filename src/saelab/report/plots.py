@@ -41,9 +41,10 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], path: str | Pat
 
 def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, xlabel: str,
                ylabel: str, title: str = "", logx: bool = False, logy: bool = False, markers: bool = True,
-               dashed: Sequence[str] = ()) -> Path:
+               dashed: Sequence[str] = (), xticks: Sequence[float] = ()) -> Path:
     """Several named (x, y) series on one axis: frontier plots, sweeps. Series named in `dashed` are drawn as
-    dashed lines without markers (fits, reference levels) so they read apart from the measurements."""
+    dashed lines without markers (fits, reference levels) so they read apart from the measurements. `xticks`
+    labels exactly those x values (e.g. the k of a sweep on a log axis) instead of matplotlib's choice."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, (xs, ys) in series.items():
         style = dict(ls="--", marker=None) if name in dashed else dict(marker="o" if markers else None)
@@ -56,6 +57,9 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if xticks:
+        ax.set_xticks(list(xticks), [f"{tick:g}" for tick in xticks])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
