@@ -12,15 +12,6 @@ from saelab.models.hooks import forward_with
 from saelab.saes.base import SAEConfig, SparseAutoencoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclasses.dataclass
 class ScaleConfig(SAEConfig):
     factor: float = 1.0

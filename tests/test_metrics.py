@@ -22,16 +22,6 @@ from saelab.metrics import (
 )
 from saelab.saes.base import SparseLatents
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Three tokens in 2-d; mean (1, 2); squared deviations: (1+4) + (0+0) + (1+4) = 10.
 X = torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]])
 X_HAT = torch.tensor([[0.0, 1.0], [1.0, 2.0], [1.0, 4.0]])  # squared errors: 1 (dim 1) + 1 (dim 0) = 2

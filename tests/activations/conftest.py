@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,15 +37,6 @@ def write_batches(
         writer.append(
             {hp: x[rows] for hp, x in activations.items()}, contexts * 7 % 100, positions, contexts, last - first
         )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: with 2 threads on a busy 2-core machine every small matmul waits ~20 ms for the other thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -29,14 +29,6 @@ from saelab.saes.base import SAEConfig, SparseAutoencoder
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -26,14 +26,6 @@ EXPERIMENTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
     """(model folder, corpus file): a 3-block random Llama saved with the word tokenizer, and random word text."""

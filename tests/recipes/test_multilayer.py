@@ -18,14 +18,6 @@ from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
 from saelab.saes.multilayer import layer_hookpoints
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
     """(model folder, corpus file): a 4-block random Llama saved with the word tokenizer, and random word text."""

@@ -14,14 +14,6 @@ from saelab.recipes.train_tensor import tensor_batches, train_on_tensor
 from saelab.training.config import TrainerConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_batches_visit_every_row_once_per_epoch_in_a_seeded_order() -> None:
     x = torch.arange(12, dtype=torch.float16)[:, None].expand(12, 3)
     stream = tensor_batches(x, batch_size=5, seed=1)

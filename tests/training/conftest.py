@@ -85,15 +85,6 @@ class TinyRelu(SparseAutoencoder):
         return 4 * self.d_in * self.n_latents
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-waiting, 10-60x slower on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny_topk():
     def make(d_in: int = 8, n_latents: int = 16, k: int = 2, seed: int = 0, **kw) -> TinyTopK:

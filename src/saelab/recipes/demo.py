@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.provenance import provenance
 from saelab.recipes.evaluate import downstream_metrics, reconstruction_metrics
+from saelab.recipes.stopwatch import Stopwatch
 from saelab.recipes.train import SAESpec, TrainConfig, train_sae
 from saelab.report.html import Report
 from saelab.report.plots import plot_training_curves
@@ -38,7 +38,7 @@ class DemoConfig(Config):
     out_dir: str = dataclasses.field(default="runs/demo", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     hookpoint: str = dataclasses.field(default="resid_post.15", metadata={"help": "where the SAE reads"})
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=240_000))
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=160_000))
     eval_tokens: int = dataclasses.field(default=16_384, metadata={"help": "held-out tokens for reconstruction"})
     downstream_contexts: int = dataclasses.field(default=48, metadata={"help": "held-out contexts for CE/KL"})
     harvest_batch_size: int = 16
@@ -56,12 +56,8 @@ CONFIG = DemoConfig
 def run(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     cfg.save(out / "demo_config.json")
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
-        log.info("%s done in %.1fs", name, timings[name])
+    watch = Stopwatch()
+    lap, timings = watch.lap, watch.seconds
 
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
     lap("load_model")

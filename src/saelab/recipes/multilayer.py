@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from saelab.io import atomic_write_json
 from saelab.models.hookpoints import num_layers
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.provenance import provenance
+from saelab.recipes.stopwatch import Stopwatch
 from saelab.report.html import Report
 from saelab.report.plots import plot_training_curves
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
@@ -138,12 +138,8 @@ CONFIG = MultiLayerConfig
 def run(cfg: MultiLayerConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     cfg.save(out / "multilayer_config.json")
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
-        log.info("%s done in %.1fs", name, timings[name])
+    watch = Stopwatch()
+    lap, timings = watch.lap, watch.seconds
 
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
     layers = select_layers(num_layers(model), cfg.layers, cfg.layer_stride)
