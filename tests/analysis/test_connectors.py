@@ -11,8 +11,10 @@ from saelab.analysis.connectors import (
     encode_features,
     evaluate_spans,
     network_feature_weights,
+    per_feature_mse,
     simulate,
     smart_init_,
+    top_connections,
     train_connector,
     weight_l1,
 )
@@ -157,6 +159,13 @@ def test_mse_over_alive_features_only() -> None:
     assert alive.tolist() == [True, False, True]
     assert connector_mse(prediction, target).item() == pytest.approx((1 + 25 + 0 + 0 + 1 + 4) / 6)
     assert connector_mse(prediction, target, alive).item() == pytest.approx((1 + 0 + 0 + 4) / 4)
+    assert per_feature_mse(prediction, target).tolist() == pytest.approx([0.5, 13.0, 2.0])
+
+
+def test_top_connections_are_ranked_by_magnitude_and_keep_their_sign() -> None:
+    weight = torch.tensor([[0.0, 0.5, -0.9, 0.1], [1.0, 0.0, 0.0, 0.0]])
+    assert top_connections(weight, 0, k=2) == [(2, pytest.approx(-0.9)), (1, pytest.approx(0.5))]
+    assert top_connections(weight, 1, k=1) == [(0, 1.0)]
 
 
 def test_count_large_weights_is_strict_and_sums_matrices() -> None:

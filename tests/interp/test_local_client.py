@@ -31,9 +31,12 @@ def test_batched_generation_matches_one_by_one(chat) -> None:
     model, tokenizer = chat
     client = LocalChatClient(model, tokenizer, "tiny", batch_size=3)
     requests = [_request("w5", max_tokens=1, top_logprobs=5), _request("w6 w7 w8 w9 w10 w11", max_tokens=4),
-                _request("w9 w3", max_tokens=2, top_logprobs=3), _request("w4", max_tokens=3)]
+                _request("w9 w3", max_tokens=2, top_logprobs=3), _request("w4", max_tokens=3),
+                _request("w4", max_tokens=1, temperature=0.7), _request("w7", max_tokens=1)]
     batched = client.complete_many(requests)
     single = [client.complete(request) for request in requests]
+    assert batched[4].completion_tokens == 1  # sampled: any one token
+    del batched[4], single[4], requests[4]
     for a, b, request in zip(batched, single, requests, strict=True):
         assert a.text == b.text
         assert a.completion_tokens == b.completion_tokens <= request.max_tokens

@@ -24,7 +24,9 @@ def test_tiny_run_writes_every_result(tmp_path) -> None:
     results = run_mnist_connectors(cfg, tmp_path)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["spans"] == results["spans"] and MnistConnectorsConfig.load(tmp_path / "config.json") == cfg
+    assert saved["spans"] == results["spans"] and MnistConnectorsConfig.load(tmp_path / "config.json") == cfg.replace(
+        out_dir=str(tmp_path)
+    )
     spans = {(s["start"], s["end"]): s for s in results["spans"]}
     assert sorted(spans) == [(1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (3, 3)]
     assert all(0.0 <= s["accuracy"] <= 1.0 and s["loss"] > 0 for s in spans.values())

@@ -109,9 +109,9 @@ def test_recipe_writes_every_experiment_to_the_json_and_the_report(tiny_setup, t
 def _write_gemma_scope_style(folder: Path, d_in: int, width: int, seed: int) -> str:
     """A JumpReLU SAE in SAELens's folder format, reading resid_post.2."""
     g = torch.Generator().manual_seed(seed)
-    w_enc = torch.randn(d_in, width, generator=g) / d_in**0.5
-    tensors = {"W_enc": w_enc, "b_enc": torch.zeros(width), "W_dec": 0.3 * w_enc.T.contiguous(),
-               "b_dec": torch.zeros(d_in), "threshold": torch.full((width,), 0.1)}
+    w_enc = torch.randn(d_in, width, generator=g)
+    tensors = {"W_enc": w_enc, "b_enc": torch.zeros(width), "W_dec": w_enc.T.contiguous() / width,
+               "b_dec": torch.zeros(d_in), "threshold": torch.full((width,), 0.01)}
     folder.mkdir(parents=True)
     (folder / "cfg.json").write_text(json.dumps({
         "architecture": "jumprelu", "d_in": d_in, "d_sae": width, "hook_name": "blocks.2.hook_resid_post",

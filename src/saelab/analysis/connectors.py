@@ -42,10 +42,10 @@ INITS: tuple[ConnectorInit, ...] = ("random", "smart")
 
 @dataclasses.dataclass
 class ConnectorConfig(Config):
-    form: str = "relu"  # linear | relu | mlp
+    form: ConnectorForm = "relu"
     bias: bool = True
     mlp_hidden: int = 256  # hidden width of the mlp form; the smart init needs the network layer's width
-    init: str = "random"  # random (nn.Linear's default) | smart (from the network layer and the SAEs)
+    init: ConnectorInit = "random"  # random (nn.Linear's default) | smart (from the network layer and the SAEs)
     epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
@@ -94,7 +94,7 @@ class FeatureConnector(nn.Module):
 
 def weight_l1(weights: Iterable[Tensor]) -> Tensor:
     """Σ over matrices of mean_i Σ_j |W_ij|: the mean row L1 norm, so the penalty does not grow with n_out."""
-    return sum(w.abs().sum(dim=1).mean() for w in weights)
+    return torch.stack([w.abs().sum(dim=1).mean() for w in weights]).sum()
 
 
 def alive_features(features: Tensor) -> Tensor:
@@ -102,11 +102,16 @@ def alive_features(features: Tensor) -> Tensor:
     return (features != 0).any(dim=0)
 
 
+def per_feature_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """`[n_out]` mean squared error of each output feature over the examples (e.g. to call a feature linear when
+    the linear connector's error is within a tolerance of the mlp connector's)."""
+    return (prediction - target).pow(2).mean(dim=0)
+
+
 def connector_mse(prediction: Tensor, target: Tensor, alive: Tensor | None = None) -> Tensor:
     """Mean squared error over examples × output features, restricted to `alive` features when given."""
-    if alive is not None:
-        prediction, target = prediction[:, alive], target[:, alive]
-    return (prediction - target).pow(2).mean()
+    errors = per_feature_mse(prediction, target)
+    return errors.mean() if alive is None else errors[alive].mean()
 
 
 class ConnectorEpoch(NamedTuple):
@@ -292,6 +297,14 @@ def evaluate_spans(
                 )
                 results.append(SpanScores(start, end, end - start, scores.accuracy, scores.loss))
     return results
+
+
+def top_connections(weight: Tensor, output: int, k: int = 5) -> list[tuple[int, float]]:
+    """The `k` inputs with the largest |weight| into output feature `output` of a `[n_out, n_in]` matrix, as
+    (input index, signed weight), largest first: the readable relations (OF = 0.26·IF_a + 0.23·IF_b − ...)."""
+    row = weight[output].detach()
+    order = row.abs().argsort(descending=True)[:k]
+    return [(int(i), row[i].item()) for i in order]
 
 
 def count_large_weights(weights: Iterable[Tensor], threshold: float = 0.1) -> int:

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.errors import ConfigError
 from saelab.interp.record import LatentRecord
+
+if TYPE_CHECKING:  # only for annotations: reading examples needs no transformers import
+    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["top", "quantile", "random", "non_activating"]
 

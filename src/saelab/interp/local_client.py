@@ -10,6 +10,7 @@ OpenAI endpoint returns, so scorers get probabilities (and AUC) from either.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -42,21 +43,21 @@ class LocalChatClient(ChatClient):
 
     def complete_many(self, requests: Sequence[ChatRequest], on_reply: OnReply | None = None) -> list[ChatReply]:
         prompts = [self._prompt_ids(request) for request in requests]
-        one_token = sorted((i for i, r in enumerate(requests) if r.max_tokens == 1), key=lambda i: prompts[i])
+        one_token = sorted((i for i, r in enumerate(requests) if r.max_tokens == 1),
+                           key=lambda i: (requests[i].temperature, prompts[i]))
         longer = sorted((i for i, r in enumerate(requests) if r.max_tokens > 1),
                         key=lambda i: (requests[i].temperature, len(prompts[i])))
         replies: list[ChatReply | None] = [None] * len(requests)
         for order, answer in ((one_token, self._next_token), (longer, self._generate)):
-            start = 0
-            while start < len(order):
-                temperature = requests[order[start]].temperature
-                batch = [i for i in order[start : start + self.batch_size] if requests[i].temperature == temperature]
-                start += len(batch)
-                answered = answer([requests[i] for i in batch], [prompts[i] for i in batch])
-                for index, reply in zip(batch, answered, strict=True):
-                    replies[index] = reply
-                    if on_reply is not None:
-                        on_reply(index, reply)
+            for _, same in itertools.groupby(order, key=lambda i: requests[i].temperature):
+                group = list(same)
+                for start in range(0, len(group), self.batch_size):
+                    batch = group[start : start + self.batch_size]
+                    answered = answer([requests[i] for i in batch], [prompts[i] for i in batch])
+                    for index, reply in zip(batch, answered, strict=True):
+                        replies[index] = reply
+                        if on_reply is not None:
+                            on_reply(index, reply)
         return [reply for reply in replies if reply is not None]
 
     def _prompt_ids(self, request: ChatRequest) -> list[int]:

@@ -119,12 +119,13 @@ def run(cfg: MnistConnectorsConfig) -> dict[str, Any]:
 
 
 def run_mnist_connectors(cfg: MnistConnectorsConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run every stage into `out_dir` and return the results that `results.json` holds."""
+    """Run every stage into `out_dir` and return the results that `results.json` holds. Stages are not resumed: a
+    rerun retrains everything (a few minutes) and overwrites the folder's files."""
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, Path(out_dir))
+        return _run(cfg.replace(out_dir=str(out_dir)), Path(out_dir))
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -69,10 +69,11 @@ class DarkMatterConfig(Config):
         default=None, metadata={"help": "reuse this store (all hookpoints, this model) instead of harvesting"}
     )
     # Early positions are easier to reconstruct, so they are dropped, as in the write-up: it kept positions >= 200
-    # of 1024-token contexts; here 32 of 256, the same idea at the context length that fits 2 CPU cores.
+    # of 1024-token contexts; here 32 of 256, the same idea at the context length that fits 2 CPU cores. The
+    # stored tokens (n_tokens) are split into SAE training, analysis and held-out downstream contexts.
     data: DataConfig = dataclasses.field(
         default_factory=lambda: DataConfig(source="kjv", context_length=256, drop_first_positions=32,
-                                           n_tokens=400_000, exclude_special_tokens=True)
+                                           n_tokens=600_000, exclude_special_tokens=True)
     )
     analysis_tokens: int = dataclasses.field(
         default=80_000, metadata={"help": "stored tokens held out of SAE training for the regressions"}
@@ -93,15 +94,15 @@ class DarkMatterConfig(Config):
     )
     trainer: TrainerConfig = dataclasses.field(
         default_factory=lambda: TrainerConfig(
-            total_tokens=1_500_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
+            total_tokens=1_200_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
             dead_window_tokens=500_000, checkpoint_every_steps=200, log_every_steps=20,
         )
     )
     aux_sae_tokens: int = dataclasses.field(
-        default=750_000, metadata={"help": "training tokens of the error-component (7) and earlier-component (10) SAEs"}
+        default=500_000, metadata={"help": "training tokens of the error-component (7) and earlier-component (10) SAEs"}
     )
     regression: RegressionConfig = dataclasses.field(default_factory=RegressionConfig)
-    pursuit_tokens: int = dataclasses.field(default=24_576, metadata={"help": "analysis tokens for pursuit (9)"})
+    pursuit_tokens: int = dataclasses.field(default=16_384, metadata={"help": "analysis tokens for pursuit (9)"})
     synthetic_tokens: int = dataclasses.field(default=16_384, metadata={"help": "analysis tokens for (5)"})
     harvest_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per harvest forward"})
     downstream_batch_size: int = dataclasses.field(default=4, metadata={"help": "contexts per CE forward"})

@@ -27,7 +27,7 @@ td.num{text-align:right}th[data-key]{cursor:pointer;background:#f3f3f3}th[aria-s
 th[aria-sort=descending]::after{content:" ▼"}.note{color:#555;font-size:.88em}
 .ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;white-space:pre-wrap;border:1px solid #eee;
 padding:.3em .5em;margin:.3em 0}.act{border-radius:2px}.logits{display:inline-block;vertical-align:top;margin-right:2em}
-.tok{white-space:pre}input[type=search]{font-size:1em;padding:.3em;width:24em}
+.tok{white-space:pre-wrap}input[type=search]{font-size:1em;padding:.3em;width:24em}
 """
 
 _INDEX_SCRIPT = """
