@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from saelab.models.mnist_mlp import (
     train_mnist_mlp,
 )
 from saelab.provenance import provenance
+from saelab.recipes.stopwatch import Stopwatch
 from saelab.recipes.train_tensor import tensor_batches
 from saelab.report.html import Report
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
@@ -54,7 +53,6 @@ from saelab.training.losses import l1_penalty
 from saelab.training.trainer import Trainer
 
 matplotlib.use("Agg")  # files only, no display; set before the first figure
-log = logging.getLogger(__name__)
 
 VARIANTS = ("tied", "untied")
 MODEL_NAME = "mnist_mlp"
@@ -132,12 +130,8 @@ def run_mnist_connectors(cfg: MnistConnectorsConfig, out_dir: str | Path) -> dic
 
 def _run(cfg: MnistConnectorsConfig, out: Path) -> dict[str, Any]:
     cfg.save(out / "config.json")
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 2)
-        log.info("%s done in %.1fs", name, timings[name])
+    watch = Stopwatch()
+    lap, timings = watch.lap, watch.seconds
 
     train, test = load_mnist("train", cfg.train_limit), load_mnist("test", cfg.test_limit)
     torch.manual_seed(cfg.seed)

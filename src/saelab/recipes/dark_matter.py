@@ -12,15 +12,13 @@ and table. Re-running resumes: the store and every SAE already trained are reuse
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.store import ActivationStore
@@ -28,6 +26,8 @@ from saelab.analysis.dark_matter import component_shares, synthetic_error_test
 from saelab.analysis.dark_matter_experiments import (
     ROWS,
     ErrorAnalysis,
+    FVUScaling,
+    PairScaling,
     analyze_errors,
     component_cross_entropy,
     earlier_component_projections,
@@ -46,18 +46,17 @@ from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.provenance import provenance
 from saelab.recipes.dark_matter_report import write_report
+from saelab.recipes.stopwatch import Stopwatch
 from saelab.recipes.train import SAESpec
 from saelab.recipes.train_tensor import train_on_tensor
 from saelab.saes import SparseAutoencoder, load_saelens
 from saelab.saes.shallow import ShallowSAE
 from saelab.training.config import TrainerConfig
 
-log = logging.getLogger(__name__)
-
 
 @dataclasses.dataclass
 class DarkMatterConfig(Config):
-    out_dir: str = dataclasses.field(default="runs/dark_matter", metadata={"help": "run folder"})
+    out_dir: str = dataclasses.field(default="runs/dark-matter", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     hookpoint: str = dataclasses.field(default="resid_post.15", metadata={"help": "where the SAEs read"})
     earlier_hookpoints: list[str] | None = dataclasses.field(
@@ -165,19 +164,8 @@ def load_half(store: ActivationStore, hookpoint: str, tokens: tuple[int, int], c
                       for lo in range(tokens[0], tokens[1], chunk)])
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - started, 2)
-        log.info("%s done in %.1fs", name, self.seconds[name])
-
-
-def _open_store(cfg: DarkMatterConfig, model, tokenizer, hookpoints: list[str], out: Path) -> ActivationStore:
+def _open_store(cfg: DarkMatterConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hookpoints: list[str],
+                out: Path) -> ActivationStore:
     if cfg.store is None:
         contexts = build_contexts(cfg.data, tokenizer, show_progress=True)
         harvest_cfg = HarvestConfig(out_dir=str(out / "activations"), model=cfg.model, hookpoints=hookpoints,
@@ -212,62 +200,52 @@ def _pick_reference(widths: dict[str, int], wanted: int | None) -> str:
 def run(cfg: DarkMatterConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     cfg.save(out / "dark_matter_config.json")
-    clock = _Clock()
+    watch = Stopwatch()
     target, earlier = cfg.hookpoint, cfg.earlier()
 
-    with clock.phase("load_and_harvest"):
-        model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
-        store = _open_store(cfg, model, tokenizer, [*earlier, target], out)
-        data = HarvestConfig.from_dict(store.manifest["config"]).data
-        split = split_store(store, cfg.analysis_tokens, cfg.downstream_contexts)
-        if split.train[1] < cfg.trainer.batch_size:
-            raise ConfigError(f"only {split.train[1]} tokens are left to train SAEs on; harvest more tokens")
-    aux_trainer = cfg.trainer.replace(total_tokens=cfg.aux_sae_tokens)
+    model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
+    store = _open_store(cfg, model, tokenizer, [*earlier, target], out)
+    data = HarvestConfig.from_dict(store.manifest["config"]).data
+    split = split_store(store, cfg.analysis_tokens, cfg.downstream_contexts)
+    if split.train[1] < cfg.trainer.batch_size:
+        raise ConfigError(f"only {split.train[1]} tokens are left to train SAEs on; harvest more tokens")
+    watch.lap("load_and_harvest")
 
-    def train(name: str, spec: SAESpec, x: Tensor, trainer: TrainerConfig, hookpoint: str | None):
+    def train(name: str, spec: SAESpec, x: Tensor, trainer: TrainerConfig,
+              hookpoint: str | None) -> tuple[SparseAutoencoder, list[dict]]:
         return train_on_tensor(spec, x, trainer, out / "saes" / name, hookpoint=hookpoint, model_name=cfg.model)
 
-    with clock.phase("sweep_saes"):
-        x_train = load_half(store, target, split.train)
-        saes, logs, widths = _sweep(cfg, x_train, train)
+    x_train = load_half(store, target, split.train)
+    saes, logs, widths = _sweep(cfg, x_train, train)
     reference = _pick_reference(widths, cfg.reference_width)
-    aux_width = widths[reference]
+    aux_spec = _spec(widths[reference], cfg.k)
+    aux_trainer = cfg.trainer.replace(total_tokens=cfg.aux_sae_tokens)
+    watch.lap("sweep_saes")
 
     x = store.load(target, *split.analysis)
-    experiments: dict[str, Any] = {}
-    with clock.phase("experiments_1_2_3_4_6"):
-        analyses = {label: analyze_errors(x, reconstruct_rows(sae, x), cfg.regression) for label, sae in saes.items()}
-        labels = sorted(analyses, key=widths.get)
-        scaling = fvu_scaling([widths[lb] for lb in labels], [analyses[lb].fvu for lb in labels])
-        pairs = pairwise_scaling(analyses, widths, cfg.regression)
-        experiments.update(_sweep_summaries(analyses, labels, scaling, pairs))
+    analyses = {label: analyze_errors(x, reconstruct_rows(sae, x), cfg.regression) for label, sae in saes.items()}
+    labels = sorted(analyses, key=widths.get)
+    scaling = fvu_scaling([widths[lb] for lb in labels], [analyses[lb].fvu for lb in labels])
+    experiments = _sweep_summaries(analyses, labels, scaling, pairwise_scaling(analyses, widths, cfg.regression))
+    watch.lap("experiments_1_2_3_4_6")
 
-    with clock.phase("experiment_5_synthetic"):
-        synthetic = synthetic_error_test(saes[reference], x[: cfg.synthetic_tokens], cfg=cfg.regression)
-        experiments["5_synthetic"] = {
-            "sae": reference, "tokens": min(cfg.synthetic_tokens, x.shape[0]),
-            "correlations": synthetic.correlations,
-            "estimates": [dataclasses.asdict(e) for e in synthetic.estimates],
-            "points": [{"input_noise": p.input_noise, "reconstruction_noise": p.reconstruction_noise,
-                        "mask_fraction": p.mask_fraction, "fvu_total": p.fvu.total, "fvu_nonlinear": p.fvu.nonlinear}
-                       for p in synthetic.points],
-        }
+    experiments["5_synthetic"] = _synthetic(saes[reference], reference, x[: cfg.synthetic_tokens], cfg.regression)
+    watch.lap("experiment_5_synthetic")
 
-    with clock.phase("experiment_7_component_saes"):
-        experiments["7_component_saes"] = _component_saes(
-            saes[reference], analyses[reference], x, x_train, _spec(aux_width, cfg.k), aux_trainer, reference, train)
+    experiments["7_component_saes"] = _component_saes(
+        saes[reference], analyses[reference], x, x_train, aux_spec, aux_trainer, reference, train)
     del x_train
+    watch.lap("experiment_7_component_saes")
 
-    with clock.phase("experiment_10_earlier_components"):
-        experiments["10_earlier_components"] = _earlier_components(
-            cfg, store, split, earlier, saes[reference], analyses[reference], x, _spec(aux_width, cfg.k),
-            aux_trainer, reference, train)
+    experiments["10_earlier_components"] = _earlier_components(
+        cfg, store, split, earlier, saes[reference], analyses[reference], x, aux_spec, aux_trainer, reference, train)
+    watch.lap("experiment_10_earlier_components")
 
-    with clock.phase("experiment_9_pursuit"):
-        experiments["9_gradient_pursuit"] = _pursuit(saes, labels, widths, x[: cfg.pursuit_tokens], cfg.regression)
+    experiments["9_gradient_pursuit"] = _pursuit(saes, labels, widths, x[: cfg.pursuit_tokens], cfg.regression)
+    watch.lap("experiment_9_pursuit")
 
-    with clock.phase("experiment_8_downstream"):
-        experiments["8_downstream_ce"] = _downstream(cfg, model, tokenizer, data, split, saes, analyses, x, reference)
+    experiments["8_downstream_ce"] = _downstream(cfg, model, tokenizer, data, split, saes, analyses, x, reference)
+    watch.lap("experiment_8_downstream")
 
     summary = {
         "setup": {
@@ -281,22 +259,35 @@ def run(cfg: DarkMatterConfig) -> dict[str, Any]:
             "saes": {label: {"width": widths[label], "l0_k": getattr(saes[label].cfg, "k", None),
                              "training": _final(logs.get(label, []))} for label in labels},
         },
-        "experiments": experiments,
-        "timings_s": clock.seconds,
+        "experiments": dict(sorted(experiments.items(), key=lambda item: int(item[0].split("_")[0]))),
+        "timings_s": watch.seconds,
         "config": cfg.to_dict(),
         "provenance": provenance(),
     }
     atomic_write_json(out / "dark_matter.json", summary)
-    with clock.phase("report"):
-        write_report(summary, out)
-    atomic_write_json(out / "dark_matter.json", {**summary, "timings_s": clock.seconds})
+    write_report(summary, out)
+    watch.lap("report")
+    atomic_write_json(out / "dark_matter.json", {**summary, "timings_s": watch.seconds})
     return summary
+
+
+def _synthetic(sae: SparseAutoencoder, reference: str, x: Tensor, regression: RegressionConfig) -> dict[str, Any]:
+    """Experiment 5 on the reference SAE."""
+    result = synthetic_error_test(sae, x, cfg=regression)
+    return {
+        "sae": reference, "tokens": x.shape[0], "correlations": result.correlations,
+        "estimates": [dataclasses.asdict(e) for e in result.estimates],
+        "points": [{"input_noise": p.input_noise, "reconstruction_noise": p.reconstruction_noise,
+                    "mask_fraction": p.mask_fraction, "fvu_total": p.fvu.total, "fvu_nonlinear": p.fvu.nonlinear}
+                   for p in result.points],
+    }
 
 
 TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[SparseAutoencoder, list[dict]]]
 
 
-def _sweep(cfg: DarkMatterConfig, x_train: Tensor, train: TrainFn):
+def _sweep(cfg: DarkMatterConfig, x_train: Tensor,
+           train: TrainFn) -> tuple[dict[str, SparseAutoencoder], dict[str, list[dict]], dict[str, int]]:
     """(SAEs, training logs, widths), keyed by label: the trained top-k sweep or the given SAELens SAEs."""
     if cfg.pretrained_sae:
         names = [Path(folder).name for folder in cfg.pretrained_sae]
@@ -317,7 +308,8 @@ def _sweep(cfg: DarkMatterConfig, x_train: Tensor, train: TrainFn):
     return saes, logs, {str(width): width for width in cfg.widths}
 
 
-def _sweep_summaries(analyses: dict[str, ErrorAnalysis], labels: list[str], scaling, pairs) -> dict[str, Any]:
+def _sweep_summaries(analyses: dict[str, ErrorAnalysis], labels: list[str], scaling: FVUScaling,
+                     pairs: list[PairScaling]) -> dict[str, Any]:
     return {
         "1_error_norm_probe": {label: analyses[label].norm_probe_r2 for label in labels},
         "2_error_vector_transform": {label: {"r2": analyses[label].vector_r2, "fvu": analyses[label].vector_fvu}
@@ -331,7 +323,7 @@ def _sweep_summaries(analyses: dict[str, ErrorAnalysis], labels: list[str], scal
     }
 
 
-def _component_saes(sae, analysis: ErrorAnalysis, x: Tensor, x_train: Tensor, spec: SAESpec,
+def _component_saes(sae: SparseAutoencoder, analysis: ErrorAnalysis, x: Tensor, x_train: Tensor, spec: SAESpec,
                     trainer: TrainerConfig, reference: str, train: TrainFn) -> dict[str, Any]:
     """Experiment 7: SAEs trained on the reference SAE's linear and nonlinear error over the training tokens
     (computed from x with experiment 2's fit), scored on the held-out analysis tokens."""
@@ -356,8 +348,8 @@ def _component_saes(sae, analysis: ErrorAnalysis, x: Tensor, x_train: Tensor, sp
 
 
 def _earlier_components(cfg: DarkMatterConfig, store: ActivationStore, split: StoreSplit, earlier: list[str],
-                        sae, analysis: ErrorAnalysis, x: Tensor, spec: SAESpec, trainer: TrainerConfig,
-                        reference: str, train: TrainFn) -> dict[str, Any]:
+                        sae: SparseAutoencoder, analysis: ErrorAnalysis, x: Tensor, spec: SAESpec,
+                        trainer: TrainerConfig, reference: str, train: TrainFn) -> dict[str, Any]:
     """Experiment 10: SAEs trained on each earlier component, then projections from each source to the
     reference SAE's components."""
     if not earlier:
@@ -390,8 +382,8 @@ def _pursuit(saes: dict[str, SparseAutoencoder], labels: list[str], widths: dict
     }
 
 
-def _downstream(cfg: DarkMatterConfig, model, tokenizer, data: DataConfig, split: StoreSplit,
-                saes: dict[str, SparseAutoencoder], analyses: dict[str, ErrorAnalysis], x: Tensor,
+def _downstream(cfg: DarkMatterConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, data: DataConfig,
+                split: StoreSplit, saes: dict[str, SparseAutoencoder], analyses: dict[str, ErrorAnalysis], x: Tensor,
                 reference: str) -> dict[str, Any]:
     """Experiment 8: CE with each component spliced in, next to each component's share of the error norm and of
     the variance (measured on the held-out analysis tokens)."""
