@@ -35,7 +35,7 @@ from saelab.config import Config
 from saelab.data.mnist import load_mnist
 from saelab.errors import ConfigError
 from saelab.evaluation import evaluate_reconstruction
-from saelab.io import atomic_path, atomic_write_json, atomic_write_with
+from saelab.io import atomic_write_json, atomic_write_with
 from saelab.models.mnist_mlp import (
     MnistMLP,
     MnistMLPConfig,
@@ -47,6 +47,7 @@ from saelab.provenance import provenance
 from saelab.recipes.stopwatch import Stopwatch
 from saelab.recipes.train_tensor import tensor_batches
 from saelab.report.html import Report
+from saelab.report.plots import save_figure
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.training.config import TrainerConfig
 from saelab.training.losses import l1_penalty
@@ -304,13 +305,6 @@ def _headline(base_accuracy: float, spans: list[dict[str, Any]], weight_counts: 
 # ---- figures and report -------------------------------------------------------------------------------------
 
 
-def _save_figure(fig: plt.Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
 def _show_weights(ax: plt.Axes, weight: Tensor, limit: float, title: str) -> Any:
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("from")
@@ -327,7 +321,7 @@ def _plot_weights(neuron_weight: Tensor, connector: FeatureConnector, k: int, th
         image = _show_weights(ax, weight, limit, f"{name} {k}→{k + 1}: {large} weights with |w| > {threshold}")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_epochs(snapshots: list[Tensor], path: Path) -> Path:
@@ -342,7 +336,7 @@ def _plot_epochs(snapshots: list[Tensor], path: Path) -> Path:
         ax.set_axis_off()
     fig.suptitle("connector 1→2 over training", fontsize=10)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_spans(spans: list[dict[str, Any]], base_accuracy: float, path: Path) -> Path:
@@ -358,7 +352,7 @@ def _plot_spans(spans: list[dict[str, Any]], base_accuracy: float, path: Path) -
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _write_report(results: dict[str, Any], figures: dict[str, Any], path: Path) -> Path:

@@ -38,7 +38,11 @@ class DemoConfig(Config):
     out_dir: str = dataclasses.field(default="runs/demo", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     hookpoint: str = dataclasses.field(default="resid_post.15", metadata={"help": "where the SAE reads"})
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=160_000))
+    # Positions 0-1 are dropped: BOS, and the first real token, where SmolLM2's residual stream carries rare
+    # "massive activations" (norms ~20x the median) that would dominate the pooled variance and flatter FVU.
+    data: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(source="kjv", n_tokens=160_000, drop_first_positions=2)
+    )
     eval_tokens: int = dataclasses.field(default=16_384, metadata={"help": "held-out tokens for reconstruction"})
     downstream_contexts: int = dataclasses.field(default=48, metadata={"help": "held-out contexts for CE/KL"})
     harvest_batch_size: int = 16
@@ -119,7 +123,8 @@ def write_report(summary: dict[str, Any], curves_png: Path, path: Path) -> Path:
     report = Report(f"saelab demo: top-k SAE on {cfg['model']} {cfg['hookpoint']}")
     report.paragraph(
         f"{summary['sae']['n_latents']} latents, k={cfg['sae']['k']}, trained on {summary['train']['tokens']:,} "
-        f"tokens ({summary['stores']['train_tokens']:,} stored, corpus {cfg['data']['source']!r}); evaluated on "
+        f"tokens ({summary['stores']['train_tokens']:,} stored, corpus {cfg['data']['source']!r}, positions below "
+        f"{cfg['data']['drop_first_positions']} and special tokens excluded); evaluated on "
         f"{summary['stores']['eval_tokens']:,} held-out tokens and {cfg['downstream_contexts']} held-out contexts."
     )
     report.heading("Headline metrics")

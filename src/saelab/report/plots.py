@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from saelab.io import atomic_path  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically and free it (every saelab plot goes through here)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -36,7 +37,7 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], path: str | Pat
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, xlabel: str,
@@ -64,7 +65,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_histogram(values: Sequence[float], path: str | Path, *, xlabel: str, title: str = "", bins: int = 60,
@@ -79,7 +80,7 @@ def plot_histogram(values: Sequence[float], path: str | Path, *, xlabel: str, ti
         ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(matrix, path: str | Path, *, xlabel: str, ylabel: str, title: str = "", cmap: str = "viridis",
@@ -105,7 +106,7 @@ def plot_heatmap(matrix, path: str | Path, *, xlabel: str, ylabel: str, title: s
     if colorbar:
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_groups(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *, ylabel: str,
@@ -127,4 +128,4 @@ def plot_groups(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str |
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
