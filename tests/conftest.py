@@ -115,3 +115,28 @@ def fake_server() -> Iterator[FakeServer]:
     httpd.shutdown()
     httpd.server_close()
     thread.join()
+
+
+@pytest.fixture
+def saved_tiny_llama(tmp_path, word_tokenizer):
+    """Factory for (model folder, corpus file): a random Llama saved with the word tokenizer, so recipes load it by
+    path as they would a hub model, and a corpus of random word documents."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(hidden_size: int = 32, num_hidden_layers: int = 3, n_documents: int = 90):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_hidden_layers,
+            num_attention_heads=2, num_key_value_heads=1, vocab_size=len(word_tokenizer),
+            max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
+        ))
+        model.save_pretrained(tmp_path / "model")
+        word_tokenizer.save_pretrained(tmp_path / "model")
+        generator = torch.Generator().manual_seed(0)
+        documents = [" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (40,), generator=generator))
+                     for _ in range(n_documents)]
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("\n\n".join(documents))
+        return tmp_path / "model", corpus
+
+    return make

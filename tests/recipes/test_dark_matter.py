@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.analysis.regression import RegressionConfig
@@ -27,21 +26,8 @@ EXPERIMENTS = {
 
 
 @pytest.fixture
-def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
-    """(model folder, corpus file): a 3-block random Llama saved with the word tokenizer, and random word text."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=len(word_tokenizer), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-    ))
-    model.save_pretrained(tmp_path / "model")
-    word_tokenizer.save_pretrained(tmp_path / "model")
-    generator = torch.Generator().manual_seed(0)
-    documents = [" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (40,), generator=generator))
-                 for _ in range(90)]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(documents))
-    return tmp_path / "model", corpus
+def tiny_setup(saved_tiny_llama) -> tuple[Path, Path]:
+    return saved_tiny_llama(hidden_size=32, num_hidden_layers=3, n_documents=90)
 
 
 def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> DarkMatterConfig:

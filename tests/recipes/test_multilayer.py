@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from saelab.activations.writer import StoreWriter
 from saelab.cli import main
@@ -19,21 +18,8 @@ from saelab.saes.multilayer import layer_hookpoints
 
 
 @pytest.fixture
-def tiny_setup(tmp_path: Path, word_tokenizer) -> tuple[Path, Path]:
-    """(model folder, corpus file): a 4-block random Llama saved with the word tokenizer, and random word text."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=len(word_tokenizer), max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-    ))
-    model.save_pretrained(tmp_path / "model")
-    word_tokenizer.save_pretrained(tmp_path / "model")
-    generator = torch.Generator().manual_seed(0)
-    documents = [" ".join(f"w{int(i)}" for i in torch.randint(0, 96, (40,), generator=generator))
-                 for _ in range(40)]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(documents))
-    return tmp_path / "model", corpus
+def tiny_setup(saved_tiny_llama) -> tuple[Path, Path]:
+    return saved_tiny_llama(hidden_size=16, num_hidden_layers=4, n_documents=40)
 
 
 def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
