@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from saelab.saes.relu import ReluSAE, ReluSAEConfig
+
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
@@ -140,3 +142,24 @@ def saved_tiny_llama(tmp_path, word_tokenizer):
         return tmp_path / "model", corpus
 
     return make
+
+
+def make_perfect_sae(d: int, tied: bool = False, preprocessing: str = "none", scale: float = 1.0) -> ReluSAE:
+    """2d latents ±q_i of an orthonormal basis: ReLU keeps either (q_i·x) or −(q_i·x), and decoding with the same ±q_i
+    sums back to x exactly. A nonzero b_dec checks the subtract-before-encode / add-after-decode convention."""
+    sae = ReluSAE(ReluSAEConfig(d_in=d, n_latents=2 * d, tied=tied, preprocessing=preprocessing, input_scale=scale))
+    q = torch.linalg.qr(torch.randn(d, d)).Q
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([q, -q]))
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(torch.randn(d))
+        if not tied:
+            sae.W_dec.copy_(torch.cat([q, -q]))
+    x = torch.randn(50, d) * 3
+    torch.testing.assert_close(sae.reconstruct(x), x, atol=1e-5, rtol=1e-5)
+    return sae
+
+@pytest.fixture
+def perfect_sae():
+    """Factory (d, tied, preprocessing, scale) -> a ReLU SAE that reconstructs every input exactly."""
+    return make_perfect_sae

@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
                         "saelab.recipes.contexts"),
     "dark-matter": Command("what SAEs fail to reconstruct: experiments (1)-(10) of the dark-matter write-up over a "
                            "width sweep", "saelab.recipes.dark_matter"),
+    "connectors-lm": Command("feature connectors in a language model: SAEs on an MLP's input and output, connectors, "
+                             "linearity, readable relations, CE with the MLP replaced", "saelab.recipes.connectors_lm"),
     "connectors-mnist": Command("feature connectors on MNIST: MLP, per-layer SAEs, connectors, simulated spans",
                                 "saelab.recipes.connectors_mnist"),
     "multilayer": Command("one SAE over several layers' residual streams: train, per-layer FVU, banding, decoder "

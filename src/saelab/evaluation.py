@@ -84,7 +84,7 @@ def splice_losses(
     model: nn.Module,
     hookpoint: str,
     contexts: Tensor,
-    replacements: Mapping[str, Callable[[Tensor], Tensor]],
+    replacements: Mapping[str, Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]]],
     batch_size: int = 8,
     drop_first: int = 0,
     exclude_token_ids: Sequence[int] = (),
@@ -94,7 +94,10 @@ def splice_losses(
 ) -> SpliceLosses:
     """Next-token CE with each named replacement spliced in at `hookpoint`, all sharing one clean pass per batch.
 
-    A replacement maps the activations of the counted positions, `[n, d]`, to new ones of the same shape; positions
+    A replacement maps the activations of the counted positions, `[n, d]`, to new ones of the same shape, at
+    `hookpoint`; a mapping {hookpoint: replacement} instead rewrites several sites in the same pass (each on the same
+    positions in the same order, so a later site may use what an earlier one saw, e.g. to replace a whole MLP by a
+    function of its input). Positions
     masked out by `position_mask(contexts, drop_first, exclude_token_ids)` (e.g. BOS) keep their clean activation
     in every pass and are left out of every average; a prediction counts at the position it is made. Cost per
     batch: one clean forward (with `clean`) plus one per replacement.
@@ -119,7 +122,8 @@ def splice_losses(
             act_sum = batch_sum if act_sum is None else act_sum + batch_sum
             ce["clean"].update(token_cross_entropy(clean_logits, ids)[mask[:, :-1]])
         for name, replace in replacements.items():
-            logits, _ = forward_with(model, ids, {hookpoint: _splice(mask, replace)})
+            sites = replace if isinstance(replace, Mapping) else {hookpoint: replace}
+            logits, _ = forward_with(model, ids, {site: _splice(mask, fn) for site, fn in sites.items()})
             ce[name].update(token_cross_entropy(logits, ids)[mask[:, :-1]])
             if clean_logits is not None:
                 kl[name].update(token_kl_divergence(clean_logits, logits)[mask])

@@ -10,6 +10,8 @@ from saelab.analysis.connectors import (
     count_large_weights,
     encode_features,
     evaluate_spans,
+    heldout_feature_mse,
+    linear_features,
     network_feature_weights,
     per_feature_mse,
     simulate,
@@ -20,23 +22,8 @@ from saelab.analysis.connectors import (
 )
 from saelab.errors import ConfigError, DataError
 from saelab.models.mnist_mlp import MnistMLP, MnistMLPConfig
+from saelab.saes.base import SparseLatents
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
-
-
-def perfect_sae(d: int, tied: bool = False, preprocessing: str = "none", scale: float = 1.0) -> ReluSAE:
-    """2d latents ±q_i of an orthonormal basis: ReLU keeps either (q_i·x) or −(q_i·x), and decoding with the same ±q_i
-    sums back to x exactly. A nonzero b_dec checks the subtract-before-encode / add-after-decode convention."""
-    sae = ReluSAE(ReluSAEConfig(d_in=d, n_latents=2 * d, tied=tied, preprocessing=preprocessing, input_scale=scale))
-    q = torch.linalg.qr(torch.randn(d, d)).Q
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([q, -q]))
-        sae.b_enc.zero_()
-        sae.b_dec.copy_(torch.randn(d))
-        if not tied:
-            sae.W_dec.copy_(torch.cat([q, -q]))
-    x = torch.randn(50, d) * 3
-    torch.testing.assert_close(sae.reconstruct(x), x, atol=1e-5, rtol=1e-5)
-    return sae
 
 
 def identity_connector(n: int) -> FeatureConnector:
@@ -49,7 +36,7 @@ def identity_connector(n: int) -> FeatureConnector:
 
 @pytest.mark.parametrize(("tied", "preprocessing"), [(False, "none"), (True, "none"), (False, "scale")])
 @torch.no_grad()
-def test_smart_init_is_exact_for_a_linear_layer_with_perfect_saes(tied: bool, preprocessing: str) -> None:
+def test_smart_init_is_exact_for_a_linear_layer_with_perfect_saes(tied: bool, preprocessing: str, perfect_sae) -> None:
     sae_in = perfect_sae(5, tied, preprocessing, scale=0.5)
     sae_out = perfect_sae(7, tied, preprocessing, scale=2.0)
     layer = nn.Linear(5, 7)
@@ -65,7 +52,7 @@ def test_smart_init_is_exact_for_a_linear_layer_with_perfect_saes(tied: bool, pr
 
 
 @torch.no_grad()
-def test_smart_mlp_init_reproduces_a_relu_layer_exactly() -> None:
+def test_smart_mlp_init_reproduces_a_relu_layer_exactly(perfect_sae) -> None:
     sae_in, sae_out = perfect_sae(5), perfect_sae(6)
     layer = nn.Linear(5, 6)
     h_in = torch.randn(64, 5)
@@ -82,7 +69,7 @@ def _small_mlp() -> MnistMLP:
 
 
 @torch.no_grad()
-def test_identity_connectors_on_perfect_saes_reproduce_the_network() -> None:
+def test_identity_connectors_on_perfect_saes_reproduce_the_network(perfect_sae) -> None:
     model = _small_mlp()
     for layer in model.layers[1:3]:  # hidden-to-hidden layers are the identity on non-negative states
         layer.weight.copy_(torch.eye(6))
@@ -103,7 +90,7 @@ def test_identity_connectors_on_perfect_saes_reproduce_the_network() -> None:
 
 
 @torch.no_grad()
-def test_smart_connectors_reproduce_a_network_whose_hidden_layers_never_clip() -> None:
+def test_smart_connectors_reproduce_a_network_whose_hidden_layers_never_clip(perfect_sae) -> None:
     model = _small_mlp()
     for layer in model.layers[1:3]:  # non-negative weights and bias on non-negative inputs: ReLU is the identity
         layer.weight.abs_()
@@ -117,7 +104,7 @@ def test_smart_connectors_reproduce_a_network_whose_hidden_layers_never_clip() -
     torch.testing.assert_close(simulate(model, saes, connectors, x, 1, 3), model(x), atol=1e-4, rtol=1e-4)
 
 
-def test_simulation_needs_its_parts_and_a_foldable_preprocessing() -> None:
+def test_simulation_needs_its_parts_and_a_foldable_preprocessing(perfect_sae) -> None:
     model, sae = _small_mlp(), perfect_sae(6)
     x = torch.rand(4, 10)
     with pytest.raises(ConfigError, match=r"connector 2"):
@@ -131,7 +118,7 @@ def test_simulation_needs_its_parts_and_a_foldable_preprocessing() -> None:
         smart_init_(FeatureConnector(12, 12), model.layers[1], l2, sae)
 
 
-def test_connector_forms() -> None:
+def test_connector_forms(perfect_sae) -> None:
     f = torch.rand(8, 4)
     linear, relu = FeatureConnector(4, 3, "linear"), FeatureConnector(4, 3, "relu")
     relu.load_state_dict(linear.state_dict())
@@ -199,3 +186,52 @@ def test_training_rejects_unusable_feature_pairs() -> None:
         train_connector(connector, torch.rand(5, 3), torch.rand(4, 2), cfg)
     with pytest.raises(DataError, match="no output feature fires"):
         train_connector(connector, torch.rand(5, 3), torch.zeros(5, 2), cfg)
+
+
+def random_sparse(n_rows: int, n_latents: int, k: int) -> SparseLatents:
+    indices = torch.stack([torch.randperm(n_latents)[:k] for _ in range(n_rows)])
+    values = torch.rand(n_rows, k) * (torch.rand(n_rows, k) > 0.2)  # some selected values are exactly zero
+    return SparseLatents(values, indices, n_latents)
+
+
+@pytest.mark.parametrize("form", ["linear", "relu", "mlp"])
+def test_sparse_features_give_the_dense_output_and_gradients(form: str) -> None:
+    connector = FeatureConnector(40, 24, form=form, mlp_hidden=16)
+    sparse = random_sparse(12, 40, 5)
+    outputs, grads = [], []
+    for features in (sparse, sparse.to_dense()):
+        out = connector(features)
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(24.0)).sum(), list(connector.parameters())))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for sparse_grad, dense_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+
+
+def test_alive_features_and_heldout_mse_agree_between_sparse_and_dense() -> None:
+    f_in, f_out = random_sparse(50, 30, 4), random_sparse(50, 20, 3)
+    assert torch.equal(alive_features(f_out), alive_features(f_out.to_dense()))
+    assert not alive_features(SparseLatents(torch.zeros(3, 2), torch.tensor([[0, 1]] * 3), 5)).any()
+    connector = FeatureConnector(30, 20, form="relu")
+    expected = ((connector(f_in.to_dense()) - f_out.to_dense()) ** 2).mean(dim=0)
+    torch.testing.assert_close(heldout_feature_mse(connector, f_in, f_out, chunk=7), expected.detach())
+    torch.testing.assert_close(heldout_feature_mse(connector, f_in.to_dense(), f_out.to_dense()), expected.detach())
+
+
+def test_train_connector_learns_from_sparse_features() -> None:
+    f_in = random_sparse(400, 30, 3)
+    target_map = torch.randn(30, 10).relu()
+    f_out = f_in.to_dense() @ target_map
+    cfg = ConnectorConfig(form="linear", epochs=40, batch_size=50, lr=1e-2, l1_coefficient=0.0)
+    connector = FeatureConnector.from_config(30, 10, cfg)
+    history = train_connector(connector, f_in, f_out, cfg)
+    assert history[-1].mse < 0.05 * history[0].mse
+
+
+def test_linear_features_by_absolute_and_relative_tolerance() -> None:
+    mse_linear = torch.tensor([0.10, 0.20, 0.5, 0.0])
+    mse_mlp = torch.tensor([0.0995, 0.10, 0.5, 0.1])
+    assert linear_features(mse_linear, mse_mlp, 1e-3).tolist() == [True, False, True, True]
+    variance = torch.tensor([1.0, 10.0, 1.0, 1.0])  # gaps 0.0005, 0.1, 0, -0.1 -> relative 0.0005, 0.01, 0, -0.1
+    assert linear_features(mse_linear, mse_mlp, 0.005, scale=variance).tolist() == [True, False, True, True]
+    assert linear_features(mse_linear, mse_mlp, 0.02, scale=variance).tolist() == [True, True, True, True]

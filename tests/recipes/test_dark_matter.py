@@ -16,7 +16,7 @@ from saelab.analysis.regression import RegressionConfig
 from saelab.data.tokenize import DataConfig, build_contexts
 from saelab.errors import ConfigError
 from saelab.models.loading import load_model
-from saelab.recipes.dark_matter import DarkMatterConfig, run, split_store
+from saelab.recipes.dark_matter import DarkMatterConfig, run
 from saelab.training.config import TrainerConfig
 
 EXPERIMENTS = {
@@ -129,23 +129,3 @@ def test_recipe_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Pa
     assert check["ce"]["sae+linear+nonlinear"] == pytest.approx(check["ce_clean"], abs=1e-5)
     with pytest.raises(ConfigError, match="do not read resid_post.1"):
         run(cfg.replace(store=str(store.path), hookpoint="resid_post.1", earlier_hookpoints=[], pretrained_sae=folders))
-
-
-def test_store_split_keeps_contexts_whole_and_parts_disjoint(tiny_setup, tmp_path: Path) -> None:
-    model, corpus = tiny_setup
-    cfg = tiny_config(model, corpus, tmp_path / "run")
-    llama, tokenizer = load_model(str(model))
-    contexts = build_contexts(cfg.data, tokenizer)
-    harvest_cfg = HarvestConfig(out_dir=str(tmp_path / "acts"), hookpoints=["resid_post.0"], data=cfg.data,
-                                batch_size=64)
-    store = harvest(llama, tokenizer, contexts, harvest_cfg, show_progress=False)
-    split = split_store(store, analysis_tokens=100, downstream_contexts=3)
-    context_of = store.context_index()
-    assert split.train[0] == 0 and split.train[1] == split.analysis[0]
-    assert split.analysis[1] - split.analysis[0] >= 100
-    assert context_of[split.analysis[0] - 1] < context_of[split.analysis[0]]  # a context boundary
-    assert context_of[split.analysis[1] - 1] == contexts.shape[0] - 4  # the last context before the held-out ones
-    assert split.analysis[1] == int((context_of < contexts.shape[0] - 3).sum())
-    torch.testing.assert_close(split.downstream, contexts[-3:])
-    with pytest.raises(ConfigError, match="analysis_tokens"):
-        split_store(store, analysis_tokens=store.n_tokens, downstream_contexts=3)

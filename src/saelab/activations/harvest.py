@@ -119,3 +119,19 @@ def harvest_from_config(cfg: HarvestConfig, show_progress: bool = True) -> Activ
     model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
     contexts = build_contexts(cfg.data, tokenizer)
     return harvest(model, tokenizer, contexts, cfg, show_progress=show_progress)
+
+
+def open_or_harvest(
+    store: str | None, model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: HarvestConfig
+) -> ActivationStore:
+    """The store at `store`, checked to hold `cfg.hookpoints` of `cfg.model`; or, with `store` None, a harvest of
+    `cfg` into `cfg.out_dir` (resumed when `cfg.resume` and a partial store is there)."""
+    if store is None:
+        return harvest(model, tokenizer, build_contexts(cfg.data, tokenizer, show_progress=True), cfg)
+    opened = ActivationStore(store)
+    if any(hp not in opened.hookpoints for hp in cfg.hookpoints) or opened.model_name != cfg.model:
+        raise ConfigError(
+            f"store {store} holds {opened.hookpoints} of model {opened.model_name!r}; this run needs "
+            f"{cfg.hookpoints} of {cfg.model!r}. Harvest them (omit --store) or pass the store's model with --model"
+        )
+    return opened

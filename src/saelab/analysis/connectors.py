@@ -15,13 +15,17 @@ weight matrices; biases are not penalised.
 Conventions (row vectors, as in the code): network layer h' = ReLU(h Wᵀ + b) with W `[d_out, d_in]`; SAE with
 preprocessing "none" or "scale" (x_n = s·x) encodes F = ReLU((x_n − c) Eᵀ + e) and decodes x̂_n = F D + c, with
 E = W_enc, e = b_enc, D = decoder rows `[n_latents, d_in]`, c = b_dec. Per-token preprocessing (token_l2) cannot
-be used: the statistics of a layer the connectors skip are never computed.
+be used for the SAE that decodes: the statistics of a layer the connectors skip are never computed.
+
+Features may be dense `[N, n]` or top-k `SparseLatents`; with sparse inputs the first weight matrix is applied as a
+k-sparse gather-sum (forward and backward), so a connector between 3k-latent SAEs trains at the cost of its k active
+inputs instead of a dense GEMM.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -31,7 +35,8 @@ from torch import Tensor, nn
 from saelab.config import Config
 from saelab.errors import ConfigError, DataError
 from saelab.models.mnist_mlp import ClassificationScores, MnistMLP, classification_scores
-from saelab.saes.base import SparseAutoencoder, to_dense
+from saelab.saes.base import Latents, SparseAutoencoder, SparseLatents, to_dense
+from saelab.saes.kernels import sparse_decode
 from saelab.saes.shallow import ShallowSAE
 
 ConnectorForm = Literal["linear", "relu", "mlp"]
@@ -77,12 +82,21 @@ class FeatureConnector(nn.Module):
     def from_config(cls, n_in: int, n_out: int, cfg: ConnectorConfig) -> FeatureConnector:
         return cls(n_in, n_out, cfg.form, cfg.bias, cfg.mlp_hidden)
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Latents) -> Tensor:
+        hidden = self._first_layer(features)
         if self.form == "linear":
-            return self.linears[0](features)
-        for linear in self.linears:
-            features = F.relu(linear(features))
-        return features
+            return hidden
+        hidden = F.relu(hidden)
+        for linear in self.linears[1:]:
+            hidden = F.relu(linear(hidden))
+        return hidden
+
+    def _first_layer(self, features: Latents) -> Tensor:
+        first = self.linears[0]
+        if not isinstance(features, SparseLatents):
+            return first(features)
+        out = sparse_decode(features.values, features.indices, first.weight.t())
+        return out if first.bias is None else out + first.bias
 
     def weight_matrices(self) -> list[Tensor]:
         """`[out, in]` weights, input side first (what L1 penalises and what the large-weight count counts)."""
@@ -97,9 +111,24 @@ def weight_l1(weights: Iterable[Tensor]) -> Tensor:
     return torch.stack([w.abs().sum(dim=1).mean() for w in weights]).sum()
 
 
-def alive_features(features: Tensor) -> Tensor:
+def n_rows(features: Latents) -> int:
+    return len(features.values) if isinstance(features, SparseLatents) else len(features)
+
+
+def take_rows(features: Latents, rows: Tensor | slice) -> Latents:
+    """The examples `rows` of dense or sparse features, in the same representation."""
+    if isinstance(features, SparseLatents):
+        return SparseLatents(features.values[rows], features.indices[rows], features.n_latents)
+    return features[rows]
+
+
+def alive_features(features: Latents) -> Tensor:
     """Boolean `[n]`: which features are nonzero on at least one example."""
-    return (features != 0).any(dim=0)
+    if not isinstance(features, SparseLatents):
+        return (features != 0).any(dim=0)
+    alive = torch.zeros(features.n_latents, dtype=torch.bool, device=features.values.device)
+    alive[features.indices[features.values != 0]] = True
+    return alive
 
 
 def per_feature_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -114,6 +143,29 @@ def connector_mse(prediction: Tensor, target: Tensor, alive: Tensor | None = Non
     return errors.mean() if alive is None else errors[alive].mean()
 
 
+@torch.no_grad()
+def heldout_feature_mse(connector: nn.Module, f_in: Latents, f_out: Latents, chunk: int = 4096) -> Tensor:
+    """`[n_out]` per-feature MSE of the connector's prediction over all examples, in chunks so the dense
+    prediction of a large held-out set never exists at once."""
+    total = None
+    for start in range(0, n_rows(f_in), chunk):
+        rows = slice(start, start + chunk)
+        error = (connector(take_rows(f_in, rows)) - to_dense(take_rows(f_out, rows))).double().pow(2).sum(dim=0)
+        total = error if total is None else total + error
+    if total is None:
+        raise DataError("no held-out examples to score the connector on")
+    return (total / n_rows(f_in)).float()
+
+
+def linear_features(mse_linear: Tensor, mse_reference: Tensor, tolerance: float, scale: Tensor | None = None) -> Tensor:
+    """Boolean `[n_out]`: output features the linear connector predicts within `tolerance` of a more expressive
+    reference (the mlp connector): (mse_linear − mse_reference) / scale <= tolerance. The seed's test is absolute
+    (scale None, tolerance 1e-3); with scale = each feature's variance it reads "loses at most this share of the
+    variance by being linear", which does not depend on the features' units."""
+    gap = mse_linear - mse_reference
+    return (gap if scale is None else gap / scale.clamp_min(1e-12)) <= tolerance
+
+
 class ConnectorEpoch(NamedTuple):
     mse: float
     l1: float
@@ -122,15 +174,16 @@ class ConnectorEpoch(NamedTuple):
 
 def train_connector(
     connector: FeatureConnector,
-    f_in: Tensor,
-    f_out: Tensor,
+    f_in: Latents,
+    f_out: Latents,
     cfg: ConnectorConfig,
     on_epoch: Callable[[int, FeatureConnector], None] | None = None,
 ) -> list[ConnectorEpoch]:
     """Adam on shuffled minibatches of stored feature pairs; `on_epoch(epoch, connector)` runs after each epoch
     (e.g. to snapshot weights). Returns each epoch's mean training MSE, L1 and loss."""
-    if f_in.ndim != 2 or f_out.ndim != 2 or len(f_in) != len(f_out) or len(f_in) == 0:
-        raise DataError(f"need paired non-empty [N, n] features, got {tuple(f_in.shape)} and {tuple(f_out.shape)}")
+    shapes = [tuple(f.values.shape if isinstance(f, SparseLatents) else f.shape) for f in (f_in, f_out)]
+    if any(len(shape) != 2 for shape in shapes) or n_rows(f_in) != n_rows(f_out) or n_rows(f_in) == 0:
+        raise DataError(f"need paired non-empty [N, n] (or [N, k] sparse) features, got {shapes[0]} and {shapes[1]}")
     alive = alive_features(f_out) if cfg.alive_only else None
     if alive is not None and not alive.any():
         raise DataError("no output feature fires on the training data; the next layer's SAE is dead")
@@ -139,15 +192,15 @@ def train_connector(
     history = []
     for epoch in range(cfg.epochs):
         sums = torch.zeros(3, dtype=torch.float64)
-        for batch in torch.randperm(len(f_in), generator=generator).split(cfg.batch_size):
-            mse = connector_mse(connector(f_in[batch]), f_out[batch], alive)
+        for batch in torch.randperm(n_rows(f_in), generator=generator).split(cfg.batch_size):
+            mse = connector_mse(connector(take_rows(f_in, batch)), to_dense(take_rows(f_out, batch)), alive)
             l1 = weight_l1(connector.weight_matrices())
             loss = mse + cfg.l1_coefficient * l1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sums += torch.stack([mse.detach(), l1.detach(), loss.detach()]).double() * len(batch)
-        history.append(ConnectorEpoch(*(sums / len(f_in)).tolist()))
+        history.append(ConnectorEpoch(*(sums / n_rows(f_in)).tolist()))
         if on_epoch is not None:
             on_epoch(epoch, connector)
     return history
@@ -233,15 +286,34 @@ def smart_init_(
 # ---- running the network through features -------------------------------------------------------------------
 
 
-def _check_splice(sae: SparseAutoencoder) -> None:
-    if sae.cfg.preprocessing == "token_l2":
-        raise ConfigError("token_l2 SAEs normalise per token; their statistics are lost across replaced layers")
+def encode_latents(sae: SparseAutoencoder, activations: Tensor) -> Latents:
+    """Features of raw activations in the SAE's own representation (sparse for top-k SAEs)."""
+    x_n, _ = sae.normalize(activations)
+    return sae.encode(x_n)
 
 
 def encode_features(sae: SparseAutoencoder, activations: Tensor) -> Tensor:
     """Dense features of raw activations (the connectors' inputs and targets)."""
-    x_n, _ = sae.normalize(activations)
-    return to_dense(sae.encode(x_n))
+    return to_dense(encode_latents(sae, activations))
+
+
+def through_features(
+    sae_in: SparseAutoencoder, connectors: Sequence[nn.Module], sae_out: SparseAutoencoder
+) -> Callable[[Tensor], Tensor]:
+    """raw activations at the first site → encode with `sae_in` → each connector in turn → decode with `sae_out`
+    → raw activations at the last site: what replaces the network between the two sites. No connectors splices
+    the SAE alone (then sae_in is sae_out)."""
+    if sae_out.cfg.preprocessing == "token_l2":
+        raise ConfigError("token_l2 SAEs normalise per token; their statistics are lost across replaced layers, "
+                          "so the SAE that decodes must use preprocessing 'none' or 'scale'")
+
+    def apply(activations: Tensor) -> Tensor:
+        features = encode_latents(sae_in, activations)
+        for connector in connectors:
+            features = connector(features)
+        return sae_out.denormalize(sae_out.decode(features), None)
+
+    return apply
 
 
 def simulate(
@@ -262,13 +334,8 @@ def simulate(
     ]
     if missing:
         raise ConfigError(f"span ({start}, {end}) needs SAEs/connectors that were not given: {missing}")
-    _check_splice(saes[start])
-    _check_splice(saes[end])
-    features = encode_features(saes[start], model.run_to(images, start))
-    for k in range(start, end):
-        features = connectors[k](features)
-    hidden = saes[end].denormalize(saes[end].decode(features), None)
-    return model.run_from(hidden, end)
+    replace = through_features(saes[start], [connectors[k] for k in range(start, end)], saes[end])
+    return model.run_from(replace(model.run_to(images, start)), end)
 
 
 class SpanScores(NamedTuple):

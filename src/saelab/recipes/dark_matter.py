@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.activations.harvest import HarvestConfig, open_or_harvest
+from saelab.activations.split import StoreSplit, load_half, split_store
 from saelab.activations.store import ActivationStore
 from saelab.analysis.dark_matter import component_shares, synthetic_error_test
 from saelab.analysis.dark_matter_experiments import (
@@ -40,7 +41,7 @@ from saelab.analysis.dark_matter_experiments import (
 )
 from saelab.analysis.regression import RegressionConfig
 from saelab.config import Config
-from saelab.data.tokenize import DataConfig, build_contexts
+from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
 from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
@@ -132,53 +133,11 @@ class DarkMatterConfig(Config):
 CONFIG = DarkMatterConfig
 
 
-@dataclasses.dataclass
-class StoreSplit:
-    """Token ranges of the store (contexts kept whole) and the held-out contexts' token ids."""
-
-    train: tuple[int, int]
-    analysis: tuple[int, int]
-    downstream: Tensor  # [contexts, context_length]
-
-
-def split_store(store: ActivationStore, analysis_tokens: int, downstream_contexts: int) -> StoreSplit:
-    """The last `downstream_contexts` contexts for the CE splices, before them whole contexts holding at least
-    `analysis_tokens` stored tokens for the analysis, and everything earlier for SAE training."""
-    contexts = store.contexts()
-    context_of = store.context_index()
-    if downstream_contexts >= contexts.shape[0]:
-        raise ConfigError(f"the store has {contexts.shape[0]} contexts, not more than downstream_contexts")
-    end = int(torch.searchsorted(context_of, contexts.shape[0] - downstream_contexts))
-    if end <= analysis_tokens:
-        raise ConfigError(
-            f"the store has {end} tokens before its held-out contexts, not more than analysis_tokens="
-            f"{analysis_tokens}; harvest more (--data.n-tokens) or lower --analysis-tokens"
-        )
-    start = int(torch.searchsorted(context_of, context_of[end - analysis_tokens]))
-    return StoreSplit((0, start), (start, end), contexts[-downstream_contexts:])
-
-
-def load_half(store: ActivationStore, hookpoint: str, tokens: tuple[int, int], chunk: int = 65_536) -> Tensor:
-    """A token range of one hookpoint as float16 (as stored), read in chunks so float32 never holds it all."""
-    return torch.cat([store.load(hookpoint, lo, min(lo + chunk, tokens[1])).half()
-                      for lo in range(tokens[0], tokens[1], chunk)])
-
-
 def _open_store(cfg: DarkMatterConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hookpoints: list[str],
                 out: Path) -> ActivationStore:
-    if cfg.store is None:
-        contexts = build_contexts(cfg.data, tokenizer, show_progress=True)
-        harvest_cfg = HarvestConfig(out_dir=str(out / "activations"), model=cfg.model, hookpoints=hookpoints,
-                                    data=cfg.data, batch_size=cfg.harvest_batch_size, device=cfg.device, resume=True)
-        return harvest(model, tokenizer, contexts, harvest_cfg)
-    store = ActivationStore(cfg.store)
-    missing = [hp for hp in hookpoints if hp not in store.hookpoints]
-    if missing or store.model_name != cfg.model:
-        raise ConfigError(
-            f"store {cfg.store} holds {store.hookpoints} of model {store.model_name!r}; this run needs {hookpoints} "
-            f"of {cfg.model!r}. Harvest them (omit --store) or pass the store's model with --model"
-        )
-    return store
+    harvest_cfg = HarvestConfig(out_dir=str(out / "activations"), model=cfg.model, hookpoints=hookpoints, data=cfg.data,
+                                batch_size=cfg.harvest_batch_size, device=cfg.device, resume=True)
+    return open_or_harvest(cfg.store, model, tokenizer, harvest_cfg)
 
 
 def _spec(width: int, k: int) -> SAESpec:
