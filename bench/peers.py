@@ -6,7 +6,8 @@ the order rotated each round, so machine drift hits all alike. Quality: FVU on h
 the same token budget. Harvesting and evaluation costs run in the project's own venv (`peerbench.model_costs`).
 
 Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 5] [--quick] [--skip-install]
-                             [--peers sparsify] [--store DIR]
+                             [--peers sparsify,saelens,dictionary_learning] [--store DIR] [--no-costs] [--out FILE]
+(`make bench-peers` runs it with the defaults; `--quick` is a smoke test: n=4,096 only, few steps.)
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from typing import Any
 from peerbench import install, results
 
 BENCH = Path(__file__).resolve().parent
-DEFAULT_STORE = BENCH.parent / "runs" / "frontier-reduced" / "activations" / "train"
+# Real SmolLM2 resid_post.15 activations: the frontier recipe's reduced store if present, else `make demo`'s.
+STORES = [BENCH.parent / "runs" / run / "activations" / "train" for run in ("frontier-reduced", "demo")]
+DEFAULT_STORE = next((store for store in STORES if store.exists()), STORES[0])
 WORKERS = {
     "ours": "peerbench.workers.ours",
     "sparsify": "peerbench.workers.sparsify",
+    "saelens": "peerbench.workers.saelens",
+    "dictionary_learning": "peerbench.workers.dictionary_learning",
 }
+PEERS = [name for name in WORKERS if name != "ours"]
 
 
 def run_worker(python: Path | str, module: str, argv: list[str]) -> dict[str, Any] | None:
@@ -73,21 +79,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="n=4,096 only, 3 steps, 1 warm-up")
     parser.add_argument("--skip-install", action="store_true")
-    parser.add_argument("--peers", default="sparsify", help="comma-separated, from the peers with a worker")
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated, from " + ", ".join(PEERS))
     parser.add_argument("--store", default=str(DEFAULT_STORE), help="real activations for the quality run")
     parser.add_argument("--quality-steps", type=int, default=8)
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--no-costs", action="store_true", help="skip the SmolLM2 harvesting/evaluation costs")
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="where the table is written")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.steps, args.warmup, args.quality_steps = "4096", 3, 1, 4
     sizes = [int(s) for s in args.sizes.split(",")]
     peers = [p for p in args.peers.split(",") if p]
-    unknown = set(peers) - (set(WORKERS) - {"ours"})
+    unknown = set(peers) - set(PEERS)
     if unknown:
-        raise SystemExit(f"--peers: no worker for {sorted(unknown)}; choose from {sorted(set(WORKERS) - {'ours'})}")
+        raise SystemExit(f"--peers: no worker for {sorted(unknown)}; choose from {PEERS}")
     python = install.venv_python() if args.skip_install else install.install(peers)
 
     common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr), "--warmup", str(args.warmup)]
@@ -96,16 +104,20 @@ def main() -> None:
         argv = [*common, "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
         speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer"], argv, args.rounds)
     quality: list[dict[str, Any]] = []
-    if Path(args.store).exists():
+    if not Path(args.store).exists():
+        print(f"no activation store at {args.store}: quality (FVU) rows skipped; `make demo` writes one",
+              file=sys.stderr)
+    else:
         argv = [*common, "--n", str(sizes[0]), "--steps", str(args.quality_steps), "--store", args.store]
         quality = measure(python, ["ours", *peers], argv, 1)
-    costs = run_worker(sys.executable, "peerbench.model_costs", []) or []
+    costs = [] if args.no_costs else run_worker(sys.executable, "peerbench.model_costs", []) or []
 
-    settings = (f"TopK, d={args.d} (quality: the store's width), k={args.k}, batch {args.batch}, fp32, Adam lr "
-                f"{args.lr}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} alternating rounds; "
-                f"quality: {args.quality_steps} steps on {args.store}")
+    pins = ", ".join(install.PEER_PINS[p] for p in peers)
+    settings = (f"{pins}; TopK, d={args.d} (quality: the store's width), k={args.k}, batch {args.batch}, fp32, "
+                f"Adam lr {args.lr}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} alternating "
+                f"rounds; quality: {args.quality_steps} steps on {args.store}")
     text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
-    (BENCH / "RESULTS.md").write_text(text)
+    Path(args.out).write_text(text)
     print(text)
 
 
