@@ -8,6 +8,8 @@ from __future__ import annotations  # noqa: I001 (common configures the process 
 
 from peerbench.workers.common import Activations, StepClock, drive, fvu, parse_args, report
 
+from importlib.metadata import version  # noqa: E402
+
 import torch  # noqa: E402
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -32,7 +34,8 @@ def main() -> None:
 
     clock = StepClock(data, args)
     drive(step, clock)
-    report("sparsify", args, data, clock, fvu(lambda x: coder(x).sae_out, data))
+    report("sparsify", args, data, clock, fvu(lambda x: coder(x).sae_out, data),
+           version=version("eai-sparsify"))
 
 
 if __name__ == "__main__":
