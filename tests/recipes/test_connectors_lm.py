@@ -56,8 +56,12 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     assert "Readable connections" in html and "mlp_zero_ablated" in html
     assert results["cross_entropy"] == saved["cross_entropy"]
 
-    # A rerun reuses the store and the trained SAEs and reaches the same SAE-only figures.
+    # A rerun reuses the store, the trained SAEs and connectors, and reaches the same figures.
+    trained = {path: path.stat().st_mtime_ns for path in (out / "connectors").glob("*.safetensors")}
     again = run(tiny_config(model, corpus, out))
+    assert {path: path.stat().st_mtime_ns for path in (out / "connectors").glob("*.safetensors")} == trained
+    explained = saved["linearity"]["median_variance_explained"]
+    assert again["linearity"]["median_variance_explained"] == pytest.approx(explained)
     assert again["cross_entropy"]["ce"]["both_saes"] == pytest.approx(saved["cross_entropy"]["ce"]["both_saes"])
 
 

@@ -13,6 +13,7 @@ Writes `results.json`, `report.html` and figures. Re-running resumes: the store 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -48,7 +49,7 @@ from saelab.errors import ConfigError
 from saelab.evaluation import evaluate_reconstruction, splice_losses
 from saelab.interp.contexts import example_text
 from saelab.interp.examples import ExampleSampler, TokenText
-from saelab.interp.record import record_latents
+from saelab.interp.record import record_latents, sae_fingerprint
 from saelab.io import atomic_write_json, atomic_write_with
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.provenance import provenance
@@ -165,18 +166,14 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
     alive = alive_features(features["out", "train"])
     for form in cfg.forms:
         connector_cfg = cfg.connector.replace(form=form)
-        torch.manual_seed(connector_cfg.seed)
-        connector = FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, connector_cfg)
-        history = train_connector(connector, features["in", "train"], features["out", "train"], connector_cfg)
-        feature_mse[form] = heldout_feature_mse(connector, features["in", "test"], features["out", "test"])
-        connectors[form] = connector.eval()
+        connectors[form], history = _fit_connector(connector_cfg, saes, features, out / "connectors" / form)
+        feature_mse[form] = heldout_feature_mse(connectors[form], features["in", "test"], features["out", "test"])
         connector_results[form] = {
-            "train_curve": [epoch._asdict() for epoch in history],
+            "train_curve": history,
             "test_mse_alive": feature_mse[form][alive].mean().item(),
-            "large_weights": count_large_weights(connector.weight_matrices(), cfg.weight_threshold),
-            "total_weights": sum(w.numel() for w in connector.weight_matrices()),
+            "large_weights": count_large_weights(connectors[form].weight_matrices(), cfg.weight_threshold),
+            "total_weights": sum(w.numel() for w in connectors[form].weight_matrices()),
         }
-        _save_connector(connector, out / "connectors" / f"{form}.safetensors")
     watch.lap("train_connectors")
 
     variance = _feature_variance(features["out", "test"])
@@ -264,8 +261,14 @@ def _feature_variance(features: Latents, chunk: int = 16_384) -> Tensor:
 
 
 def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor, alive: Tensor) -> dict[str, Any]:
+    """Fractions of alive output features that are linear: against the mlp connector (the seed's test), and
+    against the best nonlinear connector per feature (an undertrained mlp connector can be worse than the linear
+    one, which would call features linear for the wrong reason)."""
+    best = torch.stack([m for form, m in mse.items() if form != "linear"]).min(dim=0).values
     absolute = linear_features(mse["linear"], mse["mlp"], cfg.linear_tolerance)[alive]
     relative = linear_features(mse["linear"], mse["mlp"], cfg.linear_tolerance_relative, scale=variance)[alive]
+    absolute_best = linear_features(mse["linear"], best, cfg.linear_tolerance)[alive]
+    relative_best = linear_features(mse["linear"], best, cfg.linear_tolerance_relative, scale=variance)[alive]
     explained = {form: (1 - (m[alive] / variance[alive].clamp_min(1e-12))).clamp(min=-1).median().item()
                  for form, m in mse.items()}
     return {
@@ -274,6 +277,8 @@ def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor
         "tolerance_absolute": cfg.linear_tolerance,
         "fraction_linear_relative": relative.float().mean().item(),
         "tolerance_relative_to_variance": cfg.linear_tolerance_relative,
+        "fraction_linear_absolute_vs_best_nonlinear": absolute_best.float().mean().item(),
+        "fraction_linear_relative_vs_best_nonlinear": relative_best.float().mean().item(),
         "median_variance_explained": explained,
         "median_feature_variance": variance[alive].median().item(),
     }
@@ -346,9 +351,25 @@ def _relations(cfg: LMConnectorsConfig, model: nn.Module, store: ActivationStore
     return relations
 
 
-def _save_connector(connector: FeatureConnector, path: Path) -> None:
+def _fit_connector(cfg: ConnectorConfig, saes: dict[str, SparseAutoencoder], features: dict[tuple[str, str], Latents],
+                   path: Path) -> tuple[FeatureConnector, list[dict[str, float]]]:
+    """Train one connector, or load it when `path` already holds one trained with the same settings and SAEs (a
+    rerun then only redoes the cheap analyses)."""
+    request = {"connector": cfg.to_dict(), "saes": {role: sae_fingerprint(sae) for role, sae in saes.items()}}
+    weights, record = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    connector = FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg)
+    if weights.exists() and record.exists():
+        saved = json.loads(record.read_text())
+        if saved["request"] == json.loads(json.dumps(request)):
+            connector.load_state_dict(load_file(str(weights)))
+            return connector.eval(), saved["train_curve"]
+    torch.manual_seed(cfg.seed)
+    history = [epoch._asdict() for epoch in train_connector(connector, features["in", "train"],
+                                                            features["out", "train"], cfg)]
     tensors = {name: t.detach().contiguous() for name, t in connector.state_dict().items()}
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"form": connector.form}))
+    atomic_write_with(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"form": connector.form}))
+    atomic_write_json(record, {"request": request, "train_curve": history})
+    return connector.eval(), history
 
 
 # ---- figures and report -------------------------------------------------------------------------------------
