@@ -75,7 +75,7 @@ WRITE_UP = {
 
 @dataclasses.dataclass
 class MultiLayerSpec(Config):
-    n_latents: int = dataclasses.field(default=16_384, metadata={"help": "dictionary size"})
+    n_latents: int = dataclasses.field(default=8_192, metadata={"help": "dictionary size"})
     k: int = dataclasses.field(default=128, metadata={"help": "active latents per token"})
     encoder_init_scale: float | None = dataclasses.field(
         default=0.2, metadata={"help": "c of the encoder-scaling init (None: off)"}
@@ -112,13 +112,14 @@ class MultiLayerConfig(Config):
         default=None, metadata={"help": "reuse this training store (harvested from --data) instead of harvesting"}
     )
     sae_dir: str | None = dataclasses.field(default=None, metadata={"help": "analyse this trained multilayer SAE"})
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=400_000))
-    eval_tokens: int = dataclasses.field(default=65_536, metadata={"help": "held-out tokens for FVU and rates"})
+    # Defaults sized for the 2-core CPU (about 20-25 min for SmolLM2's 5 layers); the write-up used 24,576 latents.
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=200_000))
+    eval_tokens: int = dataclasses.field(default=32_768, metadata={"help": "held-out tokens for FVU and rates"})
     harvest_batch_size: int = dataclasses.field(default=16, metadata={"help": "contexts per harvest forward"})
     shard_tokens: int = dataclasses.field(default=32_768, metadata={"help": "tokens per store shard"})
     sae: MultiLayerSpec = dataclasses.field(default_factory=MultiLayerSpec)
     trainer: TrainerConfig = dataclasses.field(
-        default_factory=lambda: TrainerConfig(total_tokens=1_500_000, batch_size=2048, lr=1e-3, warmup_steps=50,
+        default_factory=lambda: TrainerConfig(total_tokens=300_000, batch_size=2048, lr=1e-3, warmup_steps=50,
                                               dead_window_tokens=500_000, checkpoint_every_steps=100)
     )
     cosine_top_n: int = dataclasses.field(default=100, metadata={"help": "most active latents for decoder cosines"})
