@@ -16,7 +16,11 @@ Process settings for stable figures (both applied before anything large is alloc
   barriers for a descheduled partner slow some small parallel ops (e.g. the index sort in the sparse backward)
   by up to 100x. Set OMP_WAIT_POLICY=ACTIVE to measure without it.
 
-Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu]
+`--autocast bfloat16` runs both under torch.autocast (the trainer's `autocast_dtype`): on a GPU the encoder GEMM then
+runs in bf16; parameters, gradients and Adam stay fp32.
+
+Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu
+                                        --autocast bfloat16]
 The last line of stdout is one JSON object.
 """
 
@@ -29,6 +33,7 @@ from saelab.runtime import configure_process
 MALLOC_TUNED = configure_process()  # before torch loads its OpenMP runtime
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -49,9 +54,17 @@ def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool
         return torch.optim.Adam(sae.parameters(), lr=lr), False
 
 
-def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> None:
-    x_hat, _ = sae(x)
-    loss = (x_hat - x).pow(2).sum(dim=-1).mean()
+def precision(device: torch.device, autocast: str | None) -> contextlib.AbstractContextManager[object]:
+    """What the trainer's `autocast_dtype` wraps: forward and loss only."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, autocast))
+
+
+def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor, autocast: str | None = None) -> None:
+    with precision(x.device, autocast):
+        x_hat, _ = sae(x)
+        loss = (x_hat - x).pow(2).sum(dim=-1).mean()
     loss.backward()
     w_dec = sae.W_dec
     with torch.no_grad():  # the trainer's unit-norm constraint, done the same way, so the figure is honest
@@ -63,8 +76,8 @@ def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor) -> Non
         w_dec.div_(w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def encode_only(sae: TopKSAE, x: Tensor) -> None:
-    with torch.no_grad():
+def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
+    with torch.no_grad(), precision(x.device, autocast):
         sae.encode(x)
 
 
@@ -89,6 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
     args = parser.parse_args()
 
     malloc_tuned = MALLOC_TUNED
@@ -101,8 +115,8 @@ def main() -> None:
     train_s, encode_s, train_cpu, encode_cpu = [], [], [], []
     for step in range(args.warmup + args.steps):
         x = batches[step % 2]
-        t_train, c_train = timed(lambda x=x: train_step(sae, optimizer, x), device)
-        t_encode, c_encode = timed(lambda x=x: encode_only(sae, x), device)
+        t_train, c_train = timed(lambda x=x: train_step(sae, optimizer, x, args.autocast), device)
+        t_encode, c_encode = timed(lambda x=x: encode_only(sae, x, args.autocast), device)
         if step >= args.warmup:
             train_s.append(t_train)
             encode_s.append(t_encode)
@@ -125,6 +139,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "device": str(device),
+        "autocast": args.autocast,
         "threads": torch.get_num_threads(),
         "fused_adam": fused,
         "malloc_tuned": malloc_tuned,

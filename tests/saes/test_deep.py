@@ -70,6 +70,22 @@ def test_fast_path_forward_and_gradients_match_the_dense_definition(multiples) -
         torch.testing.assert_close(got, want, msg=name)
 
 
+def test_bfloat16_autocast_keeps_the_reconstruction_and_float32_gradients() -> None:
+    torch.manual_seed(0)
+    sae = _deep(d=16, n=64, k=4)
+    _randomise_biases(sae)
+    x = torch.randn(32, 16)
+    x_hat, latents = sae(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_hat, low_latents = sae(x)
+        loss = (low_hat.float() - x).pow(2).mean()
+    error = (low_hat.float() - x_hat).norm() / x_hat.norm()
+    assert 0 < error < 0.1  # the matmuls ran in bf16 (not bit-identical) and stayed close
+    assert (low_latents.to_dense() != 0).sum() >= 0.9 * (latents.to_dense() != 0).sum()
+    grads = torch.autograd.grad(loss, list(sae.parameters()))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_tied_init_makes_every_decoder_its_mirror_encoders_transpose() -> None:
     sae = _deep(d=16, n=64, multiples=(2.0, 3.0))
     for decoder, encoder in zip(sae.W_dec, reversed(sae.W_enc), strict=True):

@@ -129,6 +129,28 @@ def test_result_does_not_depend_on_chunking() -> None:
     torch.testing.assert_close(whole.values.gather(-1, order_w), chunks.values.gather(-1, order_c))
 
 
+def test_under_autocast_the_gemm_runs_in_bfloat16_and_gradients_stay_float32() -> None:
+    p = {name: t.float() for name, t in _params(d=16, n=40).items()}
+    x = torch.randn(64, 16)
+    leaves = _leaves(p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = topk_encode(x, leaves["W_enc"], leaves["b_enc"], 3, pre_bias=leaves["b_dec"], chunk_rows=9)
+    full = _leaves(p)
+    ref = topk_encode(x, full["W_enc"], full["b_enc"], 3, pre_bias=full["b_dec"])
+    assert low.values.dtype == torch.float32
+    assert torch.equal(low.values, low.values.bfloat16().float())  # bf16 GEMM output, upcast
+    order_l, order_r = low.indices.argsort(-1), ref.indices.argsort(-1)
+    assert torch.equal(low.indices.gather(-1, order_l), ref.indices.gather(-1, order_r))
+    torch.testing.assert_close(low.values.gather(-1, order_l), ref.values.gather(-1, order_r), atol=0.05, rtol=0.02)
+    # With the same selection, the sparse backward reads full-precision x and weights: identical gradients.
+    upstream = torch.randn(64, 40)  # one weight per (token, latent): the same loss whatever order top-k returns
+    (low.values * upstream.gather(-1, low.indices)).sum().backward()
+    (ref.values * upstream.gather(-1, ref.indices)).sum().backward()
+    for name in ("W_enc", "b_enc", "b_dec"):
+        assert leaves[name].grad.dtype == torch.float32
+        torch.testing.assert_close(leaves[name].grad, full[name].grad, atol=1e-5, rtol=1e-5)
+
+
 def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
     rows = torch.randn(10, 4, dtype=F64)
     indices = torch.randint(0, 7, (10, 3))  # repeats within a token allowed: each (b, j) counts once

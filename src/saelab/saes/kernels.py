@@ -16,8 +16,11 @@ arranged so that nothing else costs nearly as much:
   on CPU 1.4-2.5x faster than `embedding_bag`'s per-sample-weight backward (measured at n = 4k-98k latents), while
   the CSR x dense product lost to `embedding_bag`'s weight backward at n = 4k and 98k.
 
-Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the buffer GEMM (an `out=` op) stays in the
-parameters' dtype. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decode` for their sparse layer.
+Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the encoder GEMM (an `out=` op, which autocast
+itself would leave alone) runs in the autocast dtype on low-precision copies of x and the weight; the selected
+values come back in the parameters' dtype and the sparse backward reads the full-precision x and weight, so
+gradients and parameters stay full precision. Deep and multi-layer SAEs reuse `topk_encode` / `sparse_decode` for
+their sparse layer.
 """
 
 from __future__ import annotations
@@ -82,8 +85,17 @@ def topk_encode_dense(x: Tensor, weight: Tensor, bias: Tensor, k: int, pre_bias:
     return torch.zeros_like(z).scatter(-1, top.indices, top.values)
 
 
+def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the encoder GEMM runs in: autocast's where it is on for this device, else the tensors' own."""
+    if torch.is_autocast_enabled(device.type) and dtype.is_floating_point:
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
     n_tokens, n_latents = x_c.shape[0], weight.shape[0]
+    low = gemm_dtype(x_c.device, weight.dtype)
+    x_c, weight, bias = x_c.to(low), weight.to(low), bias.to(low)
     values = x_c.new_empty(n_tokens, k)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
     rows = max(1, min(n_tokens, chunk_rows))
@@ -159,8 +171,10 @@ class _TopKEncode(torch.autograd.Function):
         k: int,
         chunk_rows: int,
     ) -> tuple[Tensor, Tensor]:
-        x_c = x.contiguous() if pre_bias is None else x - pre_bias
+        # In the weight's dtype (an input from an autocast layer may be lower): the backward reads it at full precision.
+        x_c = (x.contiguous() if pre_bias is None else x - pre_bias).to(weight.dtype)
         values, indices = _select_chunked(x_c, weight, bias, k, chunk_rows)
+        values = values.to(weight.dtype)
         ctx.save_for_backward(x_c, weight, indices, values)
         ctx.mark_non_differentiable(indices)
         return values, indices

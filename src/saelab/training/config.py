@@ -13,6 +13,7 @@ from saelab.errors import ConfigError
 DecoderNormAxis = Literal["per_unit", "per_row"]
 LossKind = Literal["fvu", "mse"]
 OptimizerKind = Literal["adam", "masked_adam"]
+AutocastDtype = Literal["bfloat16", "float16"]
 
 
 def default_lr(n_latents: int) -> float:
@@ -51,6 +52,9 @@ class TrainerConfig(Config):
     log_every_steps: int = 10
     seed: int = 0
     device: str = "cpu"
+    # Forward and loss under torch.autocast in this dtype (parameters, gradients and Adam stay float32); the top-k
+    # encoder GEMM, the step's main cost, then runs in it too. None = full precision.
+    autocast_dtype: AutocastDtype | None = None
     progress: bool = True
     wandb_project: str | None = None  # log to Weights & Biases as well (needs `pip install saelab[wandb]`)
     wandb_run_name: str | None = None
@@ -76,9 +80,10 @@ class TrainerConfig(Config):
         for name in ("l1_coefficient", "auxk_coefficient", "activation_decay", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainerConfig.{name} must be >= 0 (got {getattr(self, name)})")
-        for name, kind in (("decoder_norm_axis", DecoderNormAxis), ("loss", LossKind), ("optimizer", OptimizerKind)):
+        for name, kind in (("decoder_norm_axis", DecoderNormAxis), ("loss", LossKind), ("optimizer", OptimizerKind),
+                           ("autocast_dtype", AutocastDtype)):
             allowed = typing.get_args(kind)
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "autocast_dtype" and self.autocast_dtype is None):
                 raise ConfigError(
                     f"TrainerConfig.{name}={getattr(self, name)!r} is unknown; use one of {list(allowed)}"
                 )

@@ -12,6 +12,7 @@ One step: normalise → forward → loss → backward → project decoder gradie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -222,18 +223,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        x_hat, latents = sae(x_n)
-        terms = {"recon": reconstruction_loss(x_n, x_hat, cfg.loss)}
-        loss = terms["recon"]
-        if cfg.l1_coefficient > 0:
-            terms["l1"] = l1_penalty(latents, sae.decoder_norms())
-            loss = loss + cfg.l1_coefficient * terms["l1"]
-        if cfg.activation_decay > 0:
-            terms["activation_decay"] = activation_decay_penalty(latents, sae.n_latents)
-            loss = loss + cfg.activation_decay * terms["activation_decay"]
-        if cfg.auxk_coefficient > 0:
-            terms["auxk"] = auxk_loss(sae, x_n, x_hat, self.tracker.dead_mask(), self.k_aux)
-            loss = loss + cfg.auxk_coefficient * terms["auxk"]
+        with self._autocast():
+            x_hat, latents = sae(x_n)
+            terms = {"recon": reconstruction_loss(x_n, x_hat, cfg.loss)}
+            loss = terms["recon"]
+            if cfg.l1_coefficient > 0:
+                terms["l1"] = l1_penalty(latents, sae.decoder_norms())
+                loss = loss + cfg.l1_coefficient * terms["l1"]
+            if cfg.activation_decay > 0:
+                terms["activation_decay"] = activation_decay_penalty(latents, sae.n_latents)
+                loss = loss + cfg.activation_decay * terms["activation_decay"]
+            if cfg.auxk_coefficient > 0:
+                terms["auxk"] = auxk_loss(sae, x_n, x_hat, self.tracker.dead_mask(), self.k_aux)
+                loss = loss + cfg.auxk_coefficient * terms["auxk"]
         if not torch.isfinite(loss):
             bad = "non-finite values in the input batch" if not torch.isfinite(x).all() else "a diverging loss"
             raise DataError(f"step {self.step}: the loss is {loss.item()} ({bad}); check the activations or lower lr")
@@ -263,6 +265,11 @@ class Trainer:
         if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0:
             self._resampled_since_log += self._resample()
         return stats
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.cfg.device).type, dtype=getattr(torch, self.cfg.autocast_dtype))
 
     def _decoders(self) -> list[Tensor]:
         with torch.no_grad():
