@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saelab.saes import kernels
 from saelab.saes.kernels import (
     default_chunk_rows,
     per_latent_sum,
@@ -151,6 +152,35 @@ def test_under_autocast_the_gemm_runs_in_bfloat16_and_gradients_stay_float32() -
         torch.testing.assert_close(leaves[name].grad, full[name].grad, atol=1e-5, rtol=1e-5)
 
 
+def _sorted_selection(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = indices.argsort(-1)
+    return values.gather(-1, order), indices.gather(-1, order)
+
+
+@pytest.mark.parametrize("n", [4 * 64 * 8, 4 * 64 * 8 + 1], ids=["blocked", "fallback_not_a_multiple"])
+def test_two_stage_topk_selects_what_one_topk_does(n: int) -> None:
+    k = 4
+    pre = torch.randn(6, n)
+    pre[1, 64:68] = 50.0 + torch.arange(4.0)  # all of the winners in one block
+    pre[2, ::64] = 40.0  # one winner in each of many blocks
+    pre[2, 128] = 45.0
+    values, indices = torch.empty(6, k), torch.empty(6, k, dtype=torch.long)
+    kernels._topk_rows(pre, k, values, indices)
+    ref = pre.topk(k, dim=1)
+    assert torch.equal(values.sort(-1).values, ref.values.sort(-1).values)
+    got_i, want_i = _sorted_selection(values, indices)[1], _sorted_selection(ref.values, ref.indices)[1]
+    assert torch.equal(got_i[[0, 1, 3, 4, 5]], want_i[[0, 1, 3, 4, 5]])  # row 2 has ties among the 40s
+    assert torch.equal(pre.gather(1, indices), values)
+
+
+def test_wide_fast_path_equals_dense_reference() -> None:
+    p = _params(d=8, n=3 * 64 * 8, seed=3)
+    x = torch.randn(40, 8, dtype=F64)
+    fast = topk_encode(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"], chunk_rows=16)
+    dense = topk_encode_dense(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"])
+    torch.testing.assert_close(torch.zeros_like(dense).scatter(-1, fast.indices, fast.values), dense)
+
+
 def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
     rows = torch.randn(10, 4, dtype=F64)
     indices = torch.randint(0, 7, (10, 3))  # repeats within a token allowed: each (b, j) counts once
@@ -206,8 +236,8 @@ def test_sparse_decode_of_nothing_is_zero_with_zero_gradient(shape: tuple[int, i
 
 
 def test_default_chunk_rows_bounds_memory_but_not_below_gemm_efficiency() -> None:
-    assert default_chunk_rows(24_576, 4) * 24_576 * 4 <= 64 << 20
-    assert default_chunk_rows(10**7, 4) == 256
+    assert default_chunk_rows(24_576, 4) * 24_576 * 4 <= 256 << 20
+    assert default_chunk_rows(10**7, 4) == 1024
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

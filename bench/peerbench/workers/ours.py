@@ -1,7 +1,8 @@
 """Our trainer: `saelab.training.Trainer.fit` over the shared batches, with our encode-only pass alternating.
 
 `--arch deep|multilayer` measures the same fast path as the sparse layer of a deep SAE (dense widths 2×d_in) or of
-a multi-layer SAE (two equal layer slices); their encode-only pass includes whatever their `encode` does.
+a multi-layer SAE (two equal layer slices); their encode-only pass includes whatever their `encode` does. The top-k
+SAE's worker also times the bare encoder GEMM (`gemm_only`), the floor under any exact top-k trainer's step.
 The trainer runs with the peers' settings: constant lr, no warm-up, decay, clipping, AuxK or checkpoints.
 """
 
@@ -13,7 +14,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
 from torch import Tensor  # noqa: E402
-from train_throughput import encode_only, timed  # noqa: E402
+from train_throughput import encode_only, gemm_only, timed  # noqa: E402
 
 from saelab.saes import SparseAutoencoder, TopKSAE, TopKSAEConfig  # noqa: E402
 from saelab.saes.deep import DeepSAE, DeepSAEConfig  # noqa: E402
@@ -49,9 +50,12 @@ def main() -> None:
     data = Activations(args)
     sae = build_sae(arch, data.d, args.n, args.k).to(data.device)
     encode_s: list[float] = []
+    gemm_s: list[float] = []
 
     def encode(x: Tensor) -> None:
         encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
+        if arch == "topk":
+            gemm_s.append(timed(lambda: gemm_only(sae.W_enc.detach(), x), data.device)[0])
 
     clock = StepClock(data, args, between=encode)
     cfg = TrainerConfig(
@@ -61,9 +65,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out:
         Trainer(sae, cfg, out).fit(clock)
-    encode_tps = args.batch / statistics.median(encode_s[clock.warmup : clock.warmup + clock.steps])
+    timed_steps = slice(clock.warmup, clock.warmup + clock.steps)
+    encode_tps = args.batch / statistics.median(encode_s[timed_steps])
+    gemm = {"gemm_median_tokens_per_s": round(args.batch / statistics.median(gemm_s[timed_steps]), 1)} if gemm_s else {}
     report("ours" if arch == "topk" else f"ours-{arch}", args, data, clock, fvu(sae.reconstruct, data),
-           encode_median_tokens_per_s=round(encode_tps, 1))
+           encode_median_tokens_per_s=round(encode_tps, 1), **gemm)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Pre-activation buffer per chunk of tokens: bounded memory; chunks under ~256 rows make the GEMM slower.
-DEFAULT_CHUNK_BYTES = 64 << 20
-MIN_CHUNK_ROWS = 256
+# Pre-activation buffer per chunk of tokens: bounded memory, but chunks under ~1,024 rows make the GEMM slower
+# (measured at d = 768, 2 cores: 256 rows 93 GFLOP/s, 1,024 rows 111 at n = 98,304).
+DEFAULT_CHUNK_BYTES = 256 << 20
+MIN_CHUNK_ROWS = 1024
+TOPK_BLOCK = 64  # entries per block of the two-stage top-k over wide rows (see `_topk_rows`)
 _EMBEDDING_BAG_SUM = 0  # aten's mode code for mode="sum"
 
 
@@ -98,14 +100,36 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     x_c, weight, bias = x_c.to(low), weight.to(low), bias.to(low)
     values = x_c.new_empty(n_tokens, k)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
-    rows = max(1, min(n_tokens, chunk_rows))
+    n_chunks = -(-n_tokens // max(1, chunk_rows))
+    rows = max(1, -(-n_tokens // max(1, n_chunks)))  # equal chunks: no sliver of a chunk at the end
     buffer = x_c.new_empty(rows, n_latents)
     weight_t = weight.t()
     for start in range(0, n_tokens, rows):
         stop = min(start + rows, n_tokens)
         pre = torch.addmm(bias, x_c[start:stop], weight_t, out=buffer[: stop - start])
-        torch.topk(pre, k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
+        _topk_rows(pre, k, values[start:stop], indices[start:stop])
     return TopKSelection(values.clamp_min_(0), indices)
+
+
+def _topk_rows(pre: Tensor, k: int, values: Tensor, indices: Tensor) -> None:
+    """The k largest entries of each row of `pre` (unsorted) into `values` / `indices`.
+
+    Wide rows on CPU go through blocks of TOPK_BLOCK entries: the k largest entries lie in the k blocks with the
+    largest maxima (a block holding one of them has a maximum at least the k-th largest value, and at most k blocks
+    do), so a top-k over the block maxima, then one over those blocks' entries, selects what a top-k over the whole
+    row does (ties aside) at a fraction of the cost: torch's CPU top-k walks every entry through a heap, while the
+    block maxima are one vectorised pass (measured: 4x faster at n = 98,304). CUDA's top-k is a radix select.
+    """
+    rows, n = pre.shape
+    if pre.device.type != "cpu" or n % TOPK_BLOCK or k * TOPK_BLOCK * 8 > n:
+        torch.topk(pre, k, dim=1, sorted=False, out=(values, indices))
+        return
+    blocked = pre.view(rows, n // TOPK_BLOCK, TOPK_BLOCK)
+    blocks = blocked.amax(-1).topk(k, dim=1, sorted=False).indices
+    candidates = blocked.gather(1, blocks.unsqueeze(-1).expand(-1, -1, TOPK_BLOCK)).view(rows, k * TOPK_BLOCK)
+    best, within = candidates.topk(k, dim=1, sorted=False)
+    values.copy_(best)
+    torch.add(blocks.gather(1, within // TOPK_BLOCK) * TOPK_BLOCK, within % TOPK_BLOCK, out=indices)
 
 
 def gather_sum(indices: Tensor, weight: Tensor, coefficients: Tensor) -> Tensor:
