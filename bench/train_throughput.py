@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
-from saelab.saes.kernels import default_chunk_rows  # noqa: E402
+from saelab.saes.kernels import chunk_spans, default_chunk_rows  # noqa: E402
 
 
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
@@ -83,13 +83,12 @@ def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
 
 
 def gemm_only(weight: Tensor, x: Tensor) -> None:
-    """The bare encoder GEMM, chunked like the fast path: what any exact top-k trainer must spend per batch."""
+    """The bare encoder GEMM in the fast path's chunks: what any exact top-k trainer must spend per batch."""
     with torch.no_grad():
-        rows = min(x.shape[0], default_chunk_rows(weight.shape[0], weight.element_size()))
-        buffer = x.new_empty(rows, weight.shape[0])
-        for start in range(0, x.shape[0], rows):
-            chunk = x[start : start + rows]
-            torch.mm(chunk, weight.t(), out=buffer[: chunk.shape[0]])
+        spans = chunk_spans(x.shape[0], default_chunk_rows(weight.shape[0], weight.element_size()))
+        buffer = x.new_empty(spans[0][1], weight.shape[0])
+        for start, stop in spans:
+            torch.mm(x[start:stop], weight.t(), out=buffer[: stop - start])
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:

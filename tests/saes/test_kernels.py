@@ -235,6 +235,13 @@ def test_sparse_decode_of_nothing_is_zero_with_zero_gradient(shape: tuple[int, i
     assert not weight.grad.any() and values.grad.shape == shape
 
 
+@pytest.mark.parametrize(("n_tokens", "rows", "spans"), [
+    (4096, 2730, [(0, 2048), (2048, 4096)]), (10, 4, [(0, 4), (4, 8), (8, 10)]), (5, 10, [(0, 5)]), (0, 4, []),
+])
+def test_chunks_are_equal_and_cover_every_row(n_tokens: int, rows: int, spans: list[tuple[int, int]]) -> None:
+    assert kernels.chunk_spans(n_tokens, rows) == spans
+
+
 def test_default_chunk_rows_bounds_memory_but_not_below_gemm_efficiency() -> None:
     assert default_chunk_rows(24_576, 4) * 24_576 * 4 <= 256 << 20
     assert default_chunk_rows(10**7, 4) == 1024

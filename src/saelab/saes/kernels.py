@@ -94,18 +94,26 @@ def gemm_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def chunk_spans(n_tokens: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) of the fewest equal chunks of at most `chunk_rows` rows covering `n_tokens` rows: no sliver
+    of a chunk at the end (a GEMM over a few rows wastes most of its cost on packing the weight)."""
+    if n_tokens <= 0:
+        return []
+    n_chunks = -(-n_tokens // max(1, chunk_rows))
+    rows = -(-n_tokens // n_chunks)
+    return [(start, min(start + rows, n_tokens)) for start in range(0, n_tokens, rows)]
+
+
 def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
     n_tokens, n_latents = x_c.shape[0], weight.shape[0]
     low = gemm_dtype(x_c.device, weight.dtype)
     x_c, weight, bias = x_c.to(low), weight.to(low), bias.to(low)
     values = x_c.new_empty(n_tokens, k)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
-    n_chunks = -(-n_tokens // max(1, chunk_rows))
-    rows = max(1, -(-n_tokens // max(1, n_chunks)))  # equal chunks: no sliver of a chunk at the end
-    buffer = x_c.new_empty(rows, n_latents)
+    spans = chunk_spans(n_tokens, chunk_rows)
+    buffer = x_c.new_empty(max((stop - start for start, stop in spans), default=0), n_latents)
     weight_t = weight.t()
-    for start in range(0, n_tokens, rows):
-        stop = min(start + rows, n_tokens)
+    for start, stop in spans:
         pre = torch.addmm(bias, x_c[start:stop], weight_t, out=buffer[: stop - start])
         _topk_rows(pre, k, values[start:stop], indices[start:stop])
     return TopKSelection(values.clamp_min_(0), indices)
