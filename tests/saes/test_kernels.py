@@ -9,6 +9,7 @@ import torch
 from saelab.saes import kernels
 from saelab.saes.kernels import (
     default_chunk_rows,
+    group_by_latent,
     per_latent_sum,
     selected_dots,
     sparse_decode,
@@ -157,13 +158,15 @@ def _sorted_selection(values: torch.Tensor, indices: torch.Tensor) -> tuple[torc
     return values.gather(-1, order), indices.gather(-1, order)
 
 
-@pytest.mark.parametrize("n", [4 * 64 * 8, 4 * 64 * 8 + 1], ids=["blocked", "fallback_not_a_multiple"])
+@pytest.mark.parametrize("n", [4 * 4 * 8 * 3, 4 * 4 * 8 * 3 + 1], ids=["grouped", "fallback_not_a_multiple"])
 def test_two_stage_topk_selects_what_one_topk_does(n: int) -> None:
-    k = 4
+    k, stride = 4, n // kernels.TOPK_GROUP  # group g holds entries g, g + stride, ...
     pre = torch.randn(6, n)
-    pre[1, 64:68] = 50.0 + torch.arange(4.0)  # all of the winners in one block
-    pre[2, ::64] = 40.0  # one winner in each of many blocks
-    pre[2, 128] = 45.0
+    if n % kernels.TOPK_GROUP == 0:
+        pre[1, 5 : 5 + 4 * stride : stride] = 50.0 + torch.arange(4.0)  # all of the winners in one group
+    pre[2, :: n // 12] = 40.0  # one winner in each of many groups
+    pre[2, 7] = 45.0
+    pre[3, 10:14] = 60.0 + torch.arange(4.0)  # winners in four neighbouring groups
     values, indices = torch.empty(6, k), torch.empty(6, k, dtype=torch.long)
     kernels._topk_rows(pre, k, values, indices)
     ref = pre.topk(k, dim=1)
@@ -174,7 +177,7 @@ def test_two_stage_topk_selects_what_one_topk_does(n: int) -> None:
 
 
 def test_wide_fast_path_equals_dense_reference() -> None:
-    p = _params(d=8, n=3 * 64 * 8, seed=3)
+    p = _params(d=8, n=4 * 3 * kernels.TOPK_GROUP * 5, seed=3)
     x = torch.randn(40, 8, dtype=F64)
     fast = topk_encode(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"], chunk_rows=16)
     dense = topk_encode_dense(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"])
@@ -188,9 +191,10 @@ def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
     expected_sum = torch.zeros(7, 4, dtype=F64).index_add_(
         0, indices.reshape(-1), (coefficients[..., None] * rows[:, None, :]).reshape(-1, 4)
     )
-    torch.testing.assert_close(per_latent_sum(rows, indices, coefficients, 7), expected_sum)
+    groups = group_by_latent(indices, 7)
+    torch.testing.assert_close(per_latent_sum(rows, groups, coefficients), expected_sum)
     weight = torch.randn(7, 4, dtype=F64)
-    torch.testing.assert_close(selected_dots(rows, indices, weight), (weight[indices] * rows[:, None, :]).sum(-1))
+    torch.testing.assert_close(selected_dots(rows, groups, weight), (weight[indices] * rows[:, None, :]).sum(-1))
 
 
 def test_selected_dots_ignore_whatever_fresh_buffers_hold(monkeypatch) -> None:
@@ -198,8 +202,9 @@ def test_selected_dots_ignore_whatever_fresh_buffers_hold(monkeypatch) -> None:
     # gradients of random latents (nondeterministically). Poison every fresh buffer to make that visible.
     rows, weight = torch.randn(6, 4), torch.randn(5, 4)
     indices = torch.randint(0, 5, (6, 2))
+    groups = group_by_latent(indices, 5)
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **kw: torch.full(*size, float("nan"), **kw))
-    torch.testing.assert_close(selected_dots(rows, indices, weight), (weight[indices] * rows[:, None, :]).sum(-1))
+    torch.testing.assert_close(selected_dots(rows, groups, weight), (weight[indices] * rows[:, None, :]).sum(-1))
 
 
 def test_sparse_decode_keeps_leading_dims() -> None:
