@@ -5,7 +5,12 @@ on identical activations, with the same d, n, k, batch, fp32, Adam and lr; runs 
 the order rotated each round, so machine drift hits all alike. Quality: FVU on held-out real activations after
 the same token budget. Harvesting and evaluation costs run in the project's own venv (`peerbench.model_costs`).
 
-Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 5] [--quick] [--skip-install]
+Warm-up: `--warmup` steps at the widest size and proportionally more at narrower ones (at most 8x): a trainer's
+first steps page-fault its heap up to its high-water mark, which at n = 4,096 took 4 steps (measured with
+getrusage), so one warm-up step would leave those faults in the timed steps of the fast sizes only.
+
+Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 1] [--rounds 2] [--quick]
+                             [--skip-install]
                              [--peers sparsify,saelens,dictionary_learning] [--store DIR] [--no-costs] [--out FILE]
 (`make bench-peers` runs it with the defaults; `--quick` is a smoke test: n=4,096 only, few steps.)
 """
@@ -71,11 +76,16 @@ def measure(python: Path, trainers: list[str], argv: list[str], rounds: int) -> 
     return [combine(rs) for rs in runs.values() if rs]
 
 
+def warmup_steps(widest: int, n: int, sizes: list[int]) -> int:
+    """`widest` warm-up steps at the widest size, proportionally more at narrower ones, at most 8x (see above)."""
+    return widest * min(8, max(1, max(sizes) // n))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,24576,98304")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps at the widest size (see above)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="n=4,096 only, 3 steps, 1 warm-up")
     parser.add_argument("--skip-install", action="store_true")
@@ -98,23 +108,26 @@ def main() -> None:
         raise SystemExit(f"--peers: no worker for {sorted(unknown)}; choose from {PEERS}")
     python = install.venv_python() if args.skip_install else install.install(peers)
 
-    common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr), "--warmup", str(args.warmup)]
+    common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr)]
     speed: list[dict[str, Any]] = []
+    warmups = {n: warmup_steps(args.warmup, n, sizes) for n in sizes}
     for n in sizes:
-        argv = [*common, "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
+        argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
         speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer"], argv, args.rounds)
     quality: list[dict[str, Any]] = []
     if not Path(args.store).exists():
         print(f"no activation store at {args.store}: quality (FVU) rows skipped; `make demo` writes one",
               file=sys.stderr)
     else:
-        argv = [*common, "--n", str(sizes[0]), "--steps", str(args.quality_steps), "--store", args.store]
+        argv = [*common, "--warmup", str(args.warmup), "--n", str(sizes[0]), "--steps", str(args.quality_steps),
+                "--store", args.store]
         quality = measure(python, ["ours", *peers], argv, 1)
     costs = [] if args.no_costs else run_worker(sys.executable, "peerbench.model_costs", []) or []
 
     pins = ", ".join(install.PEER_PINS[p] for p in peers)
+    warmup_text = " / ".join(f"{warmups[n]} (n={n:,})" for n in sizes)
     settings = (f"{pins}; TopK, d={args.d} (quality: the store's width), k={args.k}, batch {args.batch}, fp32, "
-                f"Adam lr {args.lr}; {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} alternating "
+                f"Adam lr {args.lr}; {args.steps} timed steps after {warmup_text} warm-up, {args.rounds} alternating "
                 f"rounds; quality: {args.quality_steps} steps on {args.store}")
     text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
     Path(args.out).write_text(text)

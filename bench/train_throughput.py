@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
-from saelab.saes.kernels import chunk_spans, default_chunk_rows  # noqa: E402
+from saelab.saes.kernels import chunk_spans, default_chunk_rows, latent_major, pre_activations  # noqa: E402
 
 
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
@@ -82,13 +82,15 @@ def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
         sae.encode(x)
 
 
-def gemm_only(weight: Tensor, x: Tensor) -> None:
-    """The bare encoder GEMM in the fast path's chunks: what any exact top-k trainer must spend per batch."""
+def gemm_only(sae: TopKSAE, x: Tensor) -> None:
+    """The bare encoder GEMM in the fast path's chunks and orientation: what any exact top-k trainer must spend."""
+    weight, n = sae.W_enc.detach(), sae.n_latents
     with torch.no_grad():
-        spans = chunk_spans(x.shape[0], default_chunk_rows(weight.shape[0], weight.element_size()))
-        buffer = x.new_empty(spans[0][1], weight.shape[0])
+        spans = chunk_spans(x.shape[0], default_chunk_rows(n, weight.element_size()))
+        buffer = x.new_empty(spans[0][1] * n)
+        by_latent = latent_major(x.device, n, sae.k)
         for start, stop in spans:
-            torch.mm(x[start:stop], weight.t(), out=buffer[: stop - start])
+            pre_activations(x[start:stop], weight, sae.b_enc.detach(), buffer, by_latent)
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import peers  # noqa: E402
 from peerbench import results  # noqa: E402
 
 
@@ -22,6 +23,12 @@ def test_our_worker_trains_tiny_sae_and_prints_json() -> None:
     assert row["tokens_trained"] == 4 * 32  # warmup + steps + the untimed last step
     assert row["median_tokens_per_s"] > 0 and row["encode_median_tokens_per_s"] > 0 and row["fvu"] >= 0
     assert row["gemm_median_tokens_per_s"] > 0
+
+
+def test_warmup_grows_at_narrower_sizes_up_to_eight_fold() -> None:
+    sizes = [4096, 24576, 98304]
+    assert [peers.warmup_steps(1, n, sizes) for n in sizes] == [8, 4, 1]
+    assert peers.warmup_steps(2, 512, [512]) == 2
 
 
 def _row(trainer: str, tps: float, rss: float, fvu: float, data: str = "synthetic") -> dict:

@@ -158,17 +158,17 @@ def _sorted_selection(values: torch.Tensor, indices: torch.Tensor) -> tuple[torc
     return values.gather(-1, order), indices.gather(-1, order)
 
 
-@pytest.mark.parametrize("n", [4 * 4 * 8 * 3, 4 * 4 * 8 * 3 + 1], ids=["grouped", "fallback_not_a_multiple"])
-def test_two_stage_topk_selects_what_one_topk_does(n: int) -> None:
-    k, stride = 4, n // kernels.TOPK_GROUP  # group g holds entries g, g + stride, ...
+def test_grouped_topk_selects_what_one_topk_does() -> None:
+    n, k = 4 * 4 * kernels.TOPK_GROUP * 3, 4
+    stride = n // kernels.TOPK_GROUP  # group g holds latents g, g + stride, ...
     pre = torch.randn(6, n)
-    if n % kernels.TOPK_GROUP == 0:
-        pre[1, 5 : 5 + 4 * stride : stride] = 50.0 + torch.arange(4.0)  # all of the winners in one group
+    pre[1, 5 : 5 + 4 * stride : stride] = 50.0 + torch.arange(4.0)  # all of the winners in one group
     pre[2, :: n // 12] = 40.0  # one winner in each of many groups
     pre[2, 7] = 45.0
     pre[3, 10:14] = 60.0 + torch.arange(4.0)  # winners in four neighbouring groups
+    assert kernels.latent_major(pre.device, n, k) and not kernels.latent_major(pre.device, n + 1, k)
     values, indices = torch.empty(6, k), torch.empty(6, k, dtype=torch.long)
-    kernels._topk_rows(pre, k, values, indices)
+    kernels._grouped_topk(pre.t().contiguous(), k, values, indices)
     ref = pre.topk(k, dim=1)
     assert torch.equal(values.sort(-1).values, ref.values.sort(-1).values)
     got_i, want_i = _sorted_selection(values, indices)[1], _sorted_selection(ref.values, ref.indices)[1]
@@ -176,10 +176,12 @@ def test_two_stage_topk_selects_what_one_topk_does(n: int) -> None:
     assert torch.equal(pre.gather(1, indices), values)
 
 
-def test_wide_fast_path_equals_dense_reference() -> None:
-    p = _params(d=8, n=4 * 3 * kernels.TOPK_GROUP * 5, seed=3)
+@pytest.mark.parametrize("n", [4 * 3 * kernels.TOPK_GROUP * 5, 4 * 3 * kernels.TOPK_GROUP * 5 + 1],
+                         ids=["latent_major", "token_major"])
+def test_wide_fast_path_equals_dense_reference(n: int) -> None:
+    p = _params(d=8, n=n, seed=3)
     x = torch.randn(40, 8, dtype=F64)
-    fast = topk_encode(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"], chunk_rows=16)
+    fast = topk_encode(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"], chunk_rows=15)  # chunks of 14, 14, 12
     dense = topk_encode_dense(x, p["W_enc"], p["b_enc"], 3, pre_bias=p["b_dec"])
     torch.testing.assert_close(torch.zeros_like(dense).scatter(-1, fast.indices, fast.values), dense)
 

@@ -55,7 +55,7 @@ def main() -> None:
     def encode(x: Tensor) -> None:
         encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
         if arch == "topk":
-            gemm_s.append(timed(lambda: gemm_only(sae.W_enc.detach(), x), data.device)[0])
+            gemm_s.append(timed(lambda: gemm_only(sae, x), data.device)[0])
 
     clock = StepClock(data, args, between=encode)
     cfg = TrainerConfig(
