@@ -45,7 +45,13 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
-from saelab.saes.kernels import chunk_spans, default_chunk_rows, latent_major, pre_activations  # noqa: E402
+from saelab.saes.kernels import (  # noqa: E402
+    chunk_spans,
+    default_chunk_rows,
+    latent_major,
+    pre_activations,
+    workspace,
+)
 
 
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
@@ -87,7 +93,7 @@ def gemm_only(sae: TopKSAE, x: Tensor) -> None:
     weight, n = sae.W_enc.detach(), sae.n_latents
     with torch.no_grad():
         spans = chunk_spans(x.shape[0], default_chunk_rows(n, weight.element_size()))
-        buffer = x.new_empty(spans[0][1] * n)
+        buffer = workspace(spans[0][1] * n, x)  # the kernel's own scratch buffer: no second one in peak memory
         by_latent = latent_major(x.device, n, sae.k)
         for start, stop in spans:
             pre_activations(x[start:stop], weight, sae.b_enc.detach(), buffer, by_latent)

@@ -267,3 +267,24 @@ def test_cuda_matches_cpu() -> None:
         grads.append({k: v.grad.cpu() for k, v in leaves.items()})
     for name in p:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_workspace_is_reused_grown_and_released() -> None:
+    kernels.release_workspace()
+    like = torch.empty(0)
+    first = kernels.workspace(10, like)
+    assert kernels.workspace(6, like).data_ptr() == first.data_ptr()  # same storage, trimmed view
+    assert kernels.workspace(6, like).numel() == 6
+    assert kernels.workspace(20, like).numel() == 20  # grown
+    assert kernels.workspace(4, like.double()).dtype == torch.float64  # one buffer per dtype
+    kernels.release_workspace()
+    assert "buffers" not in kernels._scratch.__dict__
+
+
+def test_encoding_twice_through_the_shared_workspace_gives_the_same_selection() -> None:
+    p = _params(d=8, n=4 * 3 * kernels.TOPK_GROUP * 5, seed=4)
+    x, y = torch.randn(30, 8, dtype=F64), torch.randn(50, 8, dtype=F64)
+    first = topk_encode(x, p["W_enc"], p["b_enc"], 3, chunk_rows=7)
+    topk_encode(y, p["W_enc"], p["b_enc"], 3, chunk_rows=50)  # overwrites the buffer in between
+    again = topk_encode(x, p["W_enc"], p["b_enc"], 3, chunk_rows=7)
+    assert torch.equal(first.indices, again.indices) and torch.equal(first.values, again.values)

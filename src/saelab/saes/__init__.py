@@ -14,7 +14,7 @@ from saelab.saes.base import (
 )
 from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary
-from saelab.saes.kernels import TopKSelection, sparse_decode, topk_encode, topk_encode_dense
+from saelab.saes.kernels import TopKSelection, release_workspace, sparse_decode, topk_encode, topk_encode_dense
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
@@ -46,6 +46,7 @@ __all__ = [
     "load_sae",
     "load_saelens",
     "register",
+    "release_workspace",
     "sparse_decode",
     "to_dense",
     "topk_encode",

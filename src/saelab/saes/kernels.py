@@ -3,7 +3,8 @@
 A top-k training step cannot cost less than one dense encoder GEMM (2·d·n flops per token); everything else here is
 arranged so that nothing else costs nearly as much:
 
-- the forward never materialises the [B, n] pre-activations: one reused [rows, n] buffer per chunk of tokens;
+- the forward never materialises the [B, n] pre-activations: one [rows, n] buffer serves every chunk of tokens, and
+  is kept between calls (`workspace`);
 - top-k runs on the raw pre-activations and the k winners are clamped at 0, which selects the same latents with the
   same values as ReLU-then-top-k but skips a dense ReLU pass;
 - top-k over many latents on CPU goes in two exact stages, over group maxima and then the winning groups, on
@@ -28,6 +29,7 @@ their sparse layer.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -40,6 +42,28 @@ from torch import Tensor
 DEFAULT_CHUNK_BYTES = 256 << 20
 MIN_CHUNK_ROWS = 1024
 TOPK_GROUP = 8  # latents per group of the two-stage top-k (see `_grouped_topk`)
+
+
+_scratch = threading.local()
+
+
+def workspace(numel: int, like: Tensor) -> Tensor:
+    """A flat scratch buffer of `numel` elements for pre-activations, kept per thread, device and dtype and grown on
+    demand. Every training step asks for the same [rows, n] buffer; keeping one saves its allocation (and, on CPU,
+    re-faulting its pages) each step, and peak memory holds one buffer however many passes share it (training,
+    evaluation, AuxK). Its contents are garbage between calls; `release_workspace()` frees it."""
+    buffers: dict[tuple[torch.device, torch.dtype], Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffers.pop(key, None)  # drop the smaller one before allocating the larger
+        buffer = buffers[key] = like.new_empty(numel)
+    return buffer[:numel]
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (e.g. after training, before other memory-hungry work)."""
+    _scratch.__dict__.pop("buffers", None)
 
 
 class TopKSelection(NamedTuple):
@@ -121,7 +145,7 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     values = x_c.new_empty(n_tokens, k)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
     spans = chunk_spans(n_tokens, chunk_rows)
-    buffer = x_c.new_empty(max((stop - start for start, stop in spans), default=0) * n_latents)
+    buffer = workspace(max((stop - start for start, stop in spans), default=0) * n_latents, x_c)
     by_latent = latent_major(x_c.device, n_latents, k)
     for start, stop in spans:
         pre = pre_activations(x_c[start:stop], weight, bias, buffer, by_latent)
