@@ -158,8 +158,10 @@ def _sorted_selection(values: torch.Tensor, indices: torch.Tensor) -> tuple[torc
     return values.gather(-1, order), indices.gather(-1, order)
 
 
-def test_grouped_topk_selects_what_one_topk_does() -> None:
-    n, k = 4 * 4 * kernels.TOPK_GROUP * 3, 4
+@pytest.mark.parametrize("levels", [1, 2], ids=["one_level", "recursive"])
+def test_grouped_topk_selects_what_one_topk_does(levels: int) -> None:
+    k = 4
+    n = 4 * k * kernels.TOPK_GROUP ** levels * 3
     stride = n // kernels.TOPK_GROUP  # group g holds latents g, g + stride, ...
     pre = torch.randn(6, n)
     pre[1, 5 : 5 + 4 * stride : stride] = 50.0 + torch.arange(4.0)  # all of the winners in one group
@@ -167,8 +169,7 @@ def test_grouped_topk_selects_what_one_topk_does() -> None:
     pre[2, 7] = 45.0
     pre[3, 10:14] = 60.0 + torch.arange(4.0)  # winners in four neighbouring groups
     assert kernels.latent_major(pre.device, n, k) and not kernels.latent_major(pre.device, n + 1, k)
-    values, indices = torch.empty(6, k), torch.empty(6, k, dtype=torch.long)
-    kernels._grouped_topk(pre.t().contiguous(), k, values, indices)
+    values, indices = kernels._grouped_topk(pre.t().contiguous(), k)
     ref = pre.topk(k, dim=1)
     assert torch.equal(values.sort(-1).values, ref.values.sort(-1).values)
     got_i, want_i = _sorted_selection(values, indices)[1], _sorted_selection(ref.values, ref.indices)[1]
