@@ -9,7 +9,7 @@ Warm-up: `--warmup` steps at the widest size and proportionally more at narrower
 first steps page-fault its heap up to its high-water mark, which at n = 4,096 took 4 steps (measured with
 getrusage), so one warm-up step would leave those faults in the timed steps of the fast sizes only.
 
-Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 1] [--rounds 2] [--quick]
+Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 1] [--rounds 3] [--quick]
                              [--skip-install]
                              [--peers sparsify,saelens,dictionary_learning] [--store DIR] [--no-costs] [--out FILE]
 (`make bench-peers` runs it with the defaults; `--quick` is a smoke test: n=4,096 only, few steps.)
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,24576,98304")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps at the widest size (see above)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="n=4,096 only, 3 steps, 1 warm-up")
     parser.add_argument("--skip-install", action="store_true")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated, from " + ", ".join(PEERS))
