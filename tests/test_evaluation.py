@@ -132,3 +132,16 @@ def test_masked_positions_pass_through_and_match_a_manual_splice(gpt2, contexts)
 def test_downstream_rejects_bad_contexts(gpt2) -> None:
     with pytest.raises(DataError, match=r"token ids \[N, T\]"):
         evaluate_downstream(gpt2, scale_sae(32, 1.0), "resid_post.0", torch.zeros(4, dtype=torch.long))
+
+
+def test_replaced_passes_run_only_the_layers_from_the_hookpoint_on(gpt2, contexts) -> None:
+    calls = {0: 0, 1: 0}
+    handles = [gpt2.transformer.h[i].attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i in calls]
+    try:
+        evaluate_downstream(gpt2, scale_sae(32, 0.5), "resid_pre.1", contexts, batch_size=2, mean_ablation=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_batches = 3
+    assert calls == {0: n_batches, 1: 3 * n_batches}  # block 0 only in the clean pass; block 1 clean, spliced, zeroed

@@ -1,8 +1,9 @@
 """Harvesting and evaluation cost on SmolLM2, relative to a clean full forward measured alternately in this run.
 
 Harvesting: `capture(..., stop_early=True)` at resid_post.{0,7,15,29}; the early stop should make its cost
-proportional to the deepest hooked layer. Evaluation: `evaluate_downstream` with no ablations (one clean and one
-spliced pass per batch), so its cost should be about two forwards. Random token ids: cost does not depend on them.
+proportional to the deepest hooked layer. Evaluation: `evaluate_downstream` at resid_post.15 with no ablations: one
+clean pass per batch, then a spliced pass that replays the clean pass's first 16 blocks and runs the last 14 (the
+target is at most two forwards; about 1.5 is expected). Random token ids: cost does not depend on them.
 Prints one JSON line: a list of {name, tokens_per_s, relative, load_average_1min}.
 """
 

@@ -4,6 +4,7 @@ model. All numbers come from `saelab.metrics`, pooled over every evaluated token
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from saelab.metrics import (
     token_kl_divergence,
 )
 from saelab.models.hooks import forward_with
+from saelab.models.prefix import SharedPrefix
 from saelab.saes.base import SparseAutoencoder
 
 
@@ -100,7 +102,9 @@ def splice_losses(
     function of its input). Positions
     masked out by `position_mask(contexts, drop_first, exclude_token_ids)` (e.g. BOS) keep their clean activation
     in every pass and are left out of every average; a prediction counts at the position it is made. Cost per
-    batch: one clean forward (with `clean`) plus one per replacement.
+    batch: one clean forward (with `clean`) plus one per replacement; with `clean`, the replaced passes replay the
+    clean pass's output of the blocks before the earliest replaced site (`SharedPrefix`), so each costs only the
+    layers from there on.
     """
     if contexts.ndim != 2 or contexts.shape[1] < 2:
         raise DataError(f"contexts must be token ids [N, T] with T >= 2, got shape {tuple(contexts.shape)}")
@@ -110,6 +114,8 @@ def splice_losses(
     act_sum: Tensor | None = None
     act_count = 0
     device = next(model.parameters()).device
+    replaced = {site for r in replacements.values() for site in (r if isinstance(r, Mapping) else [hookpoint])}
+    prefix = SharedPrefix(model, replaced)
     n_batches = -(-contexts.shape[0] // batch_size)
     for start in tqdm(range(0, contexts.shape[0], batch_size), total=n_batches, desc=desc, disable=not progress):
         ids = contexts[start : start + batch_size].to(device)
@@ -117,13 +123,15 @@ def splice_losses(
         act_count += int(mask.sum().item())
         clean_logits = None
         if clean:
-            clean_logits, captured = forward_with(model, ids, capture=(hookpoint,))
+            with prefix.recording():
+                clean_logits, captured = forward_with(model, ids, capture=(hookpoint,))
             batch_sum = captured[hookpoint][mask].double().sum(0)
             act_sum = batch_sum if act_sum is None else act_sum + batch_sum
             ce["clean"].update(token_cross_entropy(clean_logits, ids)[mask[:, :-1]])
         for name, replace in replacements.items():
-            sites = replace if isinstance(replace, Mapping) else {hookpoint: replace}
-            logits, _ = forward_with(model, ids, {site: _splice(mask, fn) for site, fn in sites.items()})
+            edits = replace if isinstance(replace, Mapping) else {hookpoint: replace}
+            with prefix.replaying() if clean else contextlib.nullcontext():
+                logits, _ = forward_with(model, ids, {site: _splice(mask, fn) for site, fn in edits.items()})
             ce[name].update(token_cross_entropy(logits, ids)[mask[:, :-1]])
             if clean_logits is not None:
                 kl[name].update(token_kl_divergence(clean_logits, logits)[mask])
@@ -149,9 +157,10 @@ def evaluate_downstream(
     zero- or mean-ablated; KL(clean || spliced) and KL(clean || zero-ablated). Positions are masked and counted as
     in `splice_losses`.
 
-    Cost per batch: one clean forward (which also captures the site's activation), one spliced forward, and one
-    more per ablation asked for. Mean ablation uses the mean of the clean activation over all evaluated positions,
-    so its passes run after all the others (a second sweep over `contexts`).
+    Cost per batch: one clean forward (which also captures the site's activation), then the spliced pass and one
+    more per ablation asked for, each running only the layers from `hookpoint` on (see `splice_losses`). Mean
+    ablation uses the mean of the clean activation over all evaluated positions, so its passes run after all the
+    others (a second sweep over `contexts`, of full forwards).
     """
     replacements: dict[str, Callable[[Tensor], Tensor]] = {"spliced": sae.reconstruct}
     if zero_ablation:

@@ -164,8 +164,13 @@ def _layout_and_blocks(model: nn.Module) -> tuple[_Layout, nn.ModuleList]:
     )
 
 
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in forward order."""
+    return _layout_and_blocks(model)[1]
+
+
 def num_layers(model: nn.Module) -> int:
-    return len(_layout_and_blocks(model)[1])
+    return len(blocks(model))
 
 
 def d_model(model: nn.Module) -> int:
