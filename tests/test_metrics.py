@@ -39,6 +39,31 @@ def test_fvu_treats_leading_dims_as_tokens_and_is_differentiable() -> None:
     assert torch.allclose(x_hat.grad, 2 * (X_HAT - X) / 10)
 
 
+def _fvu_definition(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def test_fvu_value_and_gradients_match_the_composed_definition() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(40, 6, dtype=torch.float64) * 3 + 5).requires_grad_()
+    x_hat = (x.detach() + torch.randn(40, 6, dtype=torch.float64)).requires_grad_()
+    fast = fraction_of_variance_unexplained(x, x_hat)
+    fast_grads = torch.autograd.grad(fast, (x, x_hat))
+    plain = _fvu_definition(x, x_hat)
+    plain_grads = torch.autograd.grad(plain, (x, x_hat))
+    torch.testing.assert_close(fast, plain)
+    for got, want in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(fraction_of_variance_unexplained, (x[:7], x_hat[:7]))
+
+
+def test_fvu_gradient_keeps_each_input_dtype() -> None:
+    x = torch.randn(8, 4)
+    x_hat = x.to(torch.bfloat16).requires_grad_()
+    fraction_of_variance_unexplained(x, x_hat).backward()
+    assert x_hat.grad.dtype == torch.bfloat16
+
+
 def test_mse_is_per_element() -> None:
     assert mse(X, X_HAT).item() == pytest.approx(2 / 6)
 

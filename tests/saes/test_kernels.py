@@ -12,6 +12,7 @@ from saelab.saes.kernels import (
     group_by_latent,
     per_latent_sum,
     selected_dots,
+    shared_grouping,
     sparse_decode,
     topk_encode,
     topk_encode_dense,
@@ -289,3 +290,20 @@ def test_encoding_twice_through_the_shared_workspace_gives_the_same_selection() 
     topk_encode(y, p["W_enc"], p["b_enc"], 3, chunk_rows=50)  # overwrites the buffer in between
     again = topk_encode(x, p["W_enc"], p["b_enc"], 3, chunk_rows=7)
     assert torch.equal(first.indices, again.indices) and torch.equal(first.values, again.values)
+
+
+def test_shared_grouping_reuses_only_the_same_unchanged_selection() -> None:
+    kernels.release_workspace()
+    indices = torch.tensor([[2, 0], [1, 2], [0, 3]])
+    first = shared_grouping(indices, 4)
+    for got, want in zip(first, group_by_latent(indices, 4), strict=True):
+        assert torch.equal(got, want) if isinstance(got, torch.Tensor) else got == want
+    assert shared_grouping(indices.view(3, 2), 4) is first  # a view of the same memory
+    assert shared_grouping(indices, 5) is not first  # another dictionary width
+    assert shared_grouping(indices.clone(), 4) is not first  # other memory
+    again = shared_grouping(indices, 4)
+    indices[0, 0] = 3  # an in-place write changes the version
+    changed = shared_grouping(indices, 4)
+    assert changed is not again and torch.equal(changed.starts, group_by_latent(indices, 4).starts)
+    kernels.release_workspace()
+    assert "grouping" not in kernels._scratch.__dict__

@@ -10,11 +10,11 @@ arranged so that nothing else costs nearly as much:
 - top-k over many latents on CPU goes in two exact stages, over group maxima and then the winning groups, on
   latent-major pre-activations (`latent_major`, `_grouped_topk`);
 - the backward is sparse. With g the gradient of the k selected pre-activations of each token, the selection is
-  grouped by latent once (one sort, `group_by_latent`) and: the encoder weight gradient is a per-latent sum of g·x
-  over the tokens that selected the latent, an `embedding_bag` forward with one bag per latent over the token rows
-  (no [B·k, d] temporary); the input gradient is an `embedding_bag` gather-sum of encoder rows; the bias gradient
-  is a per-latent sum of g; the pre-bias (b_dec) gradient is -(that sum) @ W_enc, one vector-matrix product instead
-  of a per-token input gradient;
+  grouped by latent once (one sort, `group_by_latent`, shared with the decoder's backward: `shared_grouping`) and:
+  the encoder weight gradient is a per-latent sum of g·x over the tokens that selected the latent, an
+  `embedding_bag` forward with one bag per latent over the token rows (no [B·k, d] temporary); the input gradient
+  is an `embedding_bag` gather-sum of encoder rows; the bias gradient is a per-latent sum of g; the pre-bias
+  (b_dec) gradient is -(that sum) @ W_enc, one vector-matrix product instead of a per-token input gradient;
 - the decoder is an `embedding_bag` gather-sum of W_dec rows; its weight gradient is the same per-latent sum, and
   its value gradient (one dot per selected latent) a CSR-sampled dense product that reads W_dec latent by latent,
   both over one grouping of the selection (on CPU 1.4-2.5x faster than `embedding_bag`'s per-sample-weight
@@ -62,8 +62,10 @@ def workspace(numel: int, like: Tensor) -> Tensor:
 
 
 def release_workspace() -> None:
-    """Free this thread's scratch buffers (e.g. after training, before other memory-hungry work)."""
+    """Free this thread's scratch buffers and remembered grouping (e.g. after training, before other memory-hungry
+    work)."""
     _scratch.__dict__.pop("buffers", None)
+    _scratch.__dict__.pop("grouping", None)
 
 
 class TopKSelection(NamedTuple):
@@ -223,6 +225,19 @@ def group_by_latent(indices: Tensor, n_latents: int) -> LatentGroups:
     return LatentGroups(order, order // max(k, 1), starts, k)
 
 
+def shared_grouping(indices: Tensor, n_latents: int) -> LatentGroups:
+    """`group_by_latent`, remembering this thread's last result: the decoder's backward and then the encoder's group
+    the same selection, so the second sort is skipped. The entry holds `indices` itself, so its memory cannot pass
+    to another tensor while the entry lives, and an in-place write to it changes its version and misses."""
+    key = (indices.device, indices.data_ptr(), indices.shape, indices.stride(), indices._version, n_latents)
+    entry = getattr(_scratch, "grouping", None)
+    if entry is not None and entry[0] == key:
+        return entry[2]
+    groups = group_by_latent(indices, n_latents)
+    _scratch.grouping = (key, indices, groups)
+    return groups
+
+
 def per_latent_sum(rows: Tensor, groups: LatentGroups, coefficients: Tensor) -> Tensor:
     """[n_latents, d]: row i = Σ over the pairs (b, j) selecting latent i of coefficients[b, j] · rows[b].
 
@@ -285,7 +300,7 @@ class _TopKEncode(torch.autograd.Function):
         if need_x:
             grad_x = gather_sum(indices, weight, grad_pre)
         if need_weight:
-            grad_weight = per_latent_sum(x_c, group_by_latent(indices, n_latents), grad_pre)
+            grad_weight = per_latent_sum(x_c, shared_grouping(indices, n_latents), grad_pre)
         if need_bias or need_pre_bias:
             per_latent = grad_pre.new_zeros(n_latents).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
             grad_bias = per_latent if need_bias else None
@@ -304,7 +319,7 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, weight = ctx.saved_tensors
         need_values, _, need_weight = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
-        groups = group_by_latent(indices, weight.shape[0])
+        groups = shared_grouping(indices, weight.shape[0])
         grad_values = selected_dots(grad_out, groups, weight) if need_values else None
         grad_weight = per_latent_sum(grad_out, groups, values) if need_weight else None
         return grad_values, None, grad_weight

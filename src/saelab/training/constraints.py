@@ -34,13 +34,13 @@ def grad_of(matrix: Tensor) -> Tensor | None:
 def project_out_parallel_grad(matrices: list[Tensor], axis: DecoderNormAxis) -> None:
     """g ← g − (⟨g, w⟩ / ⟨w, w⟩) w for every constrained vector w and its gradient g, in place."""
     dim = norm_dim(axis)
-    # Row-wise dot products as an einsum (a batched GEMV): no [units, d_out] temporaries, ~3x faster at SAE sizes.
-    dots = "ij,ij->i" if dim == 1 else "ij,ij->j"
     for w in matrices:
         g = grad_of(w)
         if g is None:
             continue
-        coef = torch.einsum(dots, g, w) / torch.einsum(dots, w, w).clamp_min(1e-30)
+        # vecdot and norm are fused reductions without [units, d_out] temporaries. An einsum was 1.4x slower per
+        # row and 20x slower per column (it becomes a batched GEMV over 1-column matrices), at 24,576 x 768.
+        coef = torch.linalg.vecdot(g, w, dim=dim) / w.norm(dim=dim).square_().clamp_min_(1e-30)
         g.addcmul_(coef.unsqueeze(dim), w, value=-1.0)
 
 
