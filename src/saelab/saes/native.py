@@ -1,0 +1,104 @@
+"""The compiled part of the CPU fast path: an exact one-pass top-k over latent-major pre-activations
+(`topk_native.c`), built once per machine with the system C compiler and loaded with ctypes.
+
+It reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself can skip
+the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). Measured against the pure-torch
+grouped top-k (`kernels._grouped_topk`) on this 2-core machine, k = 32: 23-28 vs 40-46 ms for 4,096 x 4,096,
+29-31 vs 42-48 ms for 24,576 x 2,048 and about equal at 98,304 x 1,024.
+
+Everything here is optional: without a C compiler, with `SAELAB_NATIVE=0`, or when a build fails (a warning says
+why), `library()` is None and the kernels use the torch path. The built library lives in the user cache
+(`$SAELAB_CACHE/native`), named by a hash of the source, the compiler and the CPU's feature flags, since it is
+built for the CPU it runs on (-march=native).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from saelab.user_cache import cache_dir
+
+SOURCE = Path(__file__).with_name("topk_native.c")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: a concurrent or interrupted build never leaves a
+    half-written library under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=300)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None where it cannot be had (the torch path runs instead)."""
+    if os.environ.get("SAELAB_NATIVE", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / "native" / f"topk-{platform.machine()}-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        warnings.warn(f"saelab could not build its native top-k kernel ({detail}); using the slower torch path. "
+                      "Install a C compiler (gcc) or set SAELAB_NATIVE=0 to silence this.", stacklevel=2)
+        return None
+    fn = lib.saelab_topk_latent_major
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def supports(pre: Tensor) -> bool:
+    """Whether `topk_latent_major` can take this pre-activation matrix (CPU, float32) on this machine."""
+    return pre.device.type == "cpu" and pre.dtype == torch.float32 and library() is not None
+
+
+def topk_latent_major(pre: Tensor, bias: Tensor, k: int, values: Tensor, indices: Tensor) -> bool:
+    """Write the k largest `pre[:, r] + bias` of every column r of the latent-major `pre` [n, rows] (unsorted) into
+    `values` [rows, k] and their latents into `indices` [rows, k]. Returns False, writing nothing useful, when the
+    library is missing or a column has fewer than k finite candidates (NaN, -inf), so the caller can use torch.topk.
+    """
+    lib = library()
+    n, rows = pre.shape
+    if lib is None or not (pre.is_contiguous() and values.is_contiguous() and indices.is_contiguous()):
+        return False
+    bias = bias.detach().contiguous()
+    status = lib.saelab_topk_latent_major(pre.data_ptr(), n, rows, rows, bias.data_ptr(), k, values.data_ptr(),
+                                          indices.data_ptr(), torch.get_num_threads())
+    return status == 0

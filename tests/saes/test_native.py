@@ -1,0 +1,96 @@
+import warnings
+
+import pytest
+import torch
+
+from saelab.saes import native
+
+
+@pytest.fixture
+def built() -> None:
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native top-k kernel cannot be built")
+
+
+def _select(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    values = torch.full((pre.shape[1], k), float("nan"))
+    indices = torch.full((pre.shape[1], k), -1, dtype=torch.long)
+    return native.topk_latent_major(pre, bias, k, values, indices), values, indices
+
+
+@pytest.mark.parametrize(("n", "rows", "k", "threads"), [(50, 37, 5, 1), (1000, 70, 32, 3), (7, 16, 7, 2),
+                                                           (300, 5, 1, 4)])
+def test_selects_what_torch_topk_does(built, n, rows, k, threads) -> None:
+    pre, bias = torch.randn(n, rows), torch.randn(n)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ok, values, indices = _select(pre, bias, k)
+    finally:
+        torch.set_num_threads(previous)
+    assert ok
+    want = (pre + bias[:, None]).t().topk(k, dim=1)
+    assert torch.equal(values.sort(1).values, want.values.sort(1).values)  # the same float32 sums, bit for bit
+    assert torch.equal(indices.sort(1).values, want.indices.sort(1).values)
+    assert torch.equal((pre + bias[:, None]).t().gather(1, indices), values)
+
+
+def test_ties_keep_the_largest_values(built) -> None:
+    pre = torch.zeros(40, 3)
+    pre[[3, 9, 20, 33], 0] = 1.0  # four equal winners for a top-2
+    pre[:, 1] = torch.arange(40.0) % 5  # many ties at the top
+    ok, values, indices = _select(pre, torch.zeros(40), 2)
+    assert ok
+    assert torch.equal(values[0], torch.ones(2)) and set(indices[0].tolist()) <= {3, 9, 20, 33}
+    assert torch.equal(values[1], torch.full((2,), 4.0))
+    assert len(set(indices[1].tolist())) == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_declines_a_column_with_too_few_finite_candidates(built, bad) -> None:
+    pre = torch.randn(10, 20)
+    pre[:, 7] = bad
+    pre[0, 7] = 1.0  # one finite candidate for a top-3
+    assert not _select(pre, torch.zeros(10), 3)[0]
+
+
+def test_declines_k_above_n_and_does_nothing_for_k_zero(built) -> None:
+    assert not _select(torch.randn(4, 3), torch.zeros(4), 5)[0]
+    assert _select(torch.randn(4, 3), torch.zeros(4), 0)[0]
+
+
+def test_only_float32_on_cpu(built) -> None:
+    assert native.supports(torch.empty(2, 2)) and not native.supports(torch.empty(2, 2, dtype=torch.float64))
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_builds_once_into_the_user_cache(built, fresh_build) -> None:
+    assert native.library() is not None
+    (library,) = (fresh_build / "native").glob("topk-*.so")
+    stamp = library.stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None
+    assert library.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert list((fresh_build / "native").iterdir()) == [library]  # no temporary files left
+
+
+def test_switched_off_or_unbuildable_means_the_torch_path(fresh_build, monkeypatch) -> None:
+    monkeypatch.setenv("SAELAB_NATIVE", "0")
+    assert native.library() is None
+    monkeypatch.delenv("SAELAB_NATIVE")
+    native.library.cache_clear()
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.library() is None
+    assert any("C compiler" in str(w.message) for w in caught)
+    assert list((fresh_build / "native").glob("*")) == []  # nothing half-written
+    assert not native.topk_latent_major(torch.randn(4, 2), torch.zeros(4), 2, torch.empty(2, 2),
+                                        torch.empty(2, 2, dtype=torch.long))
