@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.saes.base import Latents, SparseLatents
+from saelab.saes.latents import Latents, SparseLatents
 
 SliceSpec = slice | tuple[int, int]
 

@@ -10,6 +10,17 @@ it must be applied identically in training and in every later evaluation. So:
 
 Latents are either a dense `[..., n_latents]` tensor or a `SparseLatents` (values and indices of the k active
 latents per token), which the fast top-k path returns to avoid materialising `[B, n]`.
+
+Training. An SAE owns its training behaviour, so the trainer stays generic and a new architecture touches only
+`saelab.saes`:
+
+- `training_loss(x_n, output, ctx, dead_mask) -> {name: LossTerm}`: the named, weighted terms whose sum is the
+  loss (`recon` always; the shared terms below when `ctx` asks for them; an architecture adds its own);
+- `check_training(ctx)`: refuse, before training starts, options the architecture cannot honour;
+- `initialize_from_batch(x_n)`: data-dependent init on the first (normalised) batch of a fresh run;
+- `decoder_matrices()`: the matrices kept at unit norm per unit;
+- optional protocols: `SupportsL1` (`decoder_norms`), `SupportsAuxK` (`auxk_latents`), `SupportsResampling`
+  (`latent_parameters`).
 """
 
 from __future__ import annotations
@@ -17,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,32 +39,52 @@ from torch import Tensor, nn
 from saelab.config import Config
 from saelab.errors import CheckpointError, ConfigError
 from saelab.io import atomic_write_json, atomic_write_with
+from saelab.saes import losses
+from saelab.saes.latents import ForwardOutput, Latents, SparseLatents, to_dense
+
+__all__ = ["ForwardOutput", "Latents", "SparseLatents", "to_dense"]
 
 PREPROCESSING_KINDS = ("none", "scale", "token_l2")
 
 
-class SparseLatents(NamedTuple):
-    """k active latents per token: `values[..., k]` (>= 0 for top-k) at `indices[..., k]` (int64)."""
+class LossTerm(NamedTuple):
+    """One named part of the training loss: the trainer adds `weight * value` and logs `value`."""
 
-    values: Tensor
-    indices: Tensor
-    n_latents: int
+    value: Tensor
+    weight: float = 1.0
 
-    def to_dense(self) -> Tensor:
-        dense = self.values.new_zeros(*self.values.shape[:-1], self.n_latents)
-        return dense.scatter_(-1, self.indices, self.values)
+    def weighted(self) -> Tensor:
+        return self.value if self.weight == 1.0 else self.weight * self.value
 
 
-Latents = Tensor | SparseLatents
+@dataclasses.dataclass(frozen=True)
+class TrainingContext:
+    """The trainer's settings that loss terms and checks read (from `TrainerConfig`)."""
+
+    loss: str = "fvu"  # "fvu": pooled batch FVU; "mse": mean over elements
+    l1_coefficient: float = 0.0
+    activation_decay: float = 0.0
+    auxk_coefficient: float = 0.0
+    k_aux: int = 1
+    resample: bool = False  # dead latents are resampled
 
 
-def to_dense(latents: Latents) -> Tensor:
-    return latents.to_dense() if isinstance(latents, SparseLatents) else latents
+@runtime_checkable
+class SupportsL1(Protocol):
+    def decoder_norms(self) -> Tensor:
+        """Differentiable norm of each latent's decoder direction, [n_latents] (norm-weighted L1)."""
 
 
-class ForwardOutput(NamedTuple):
-    x_hat: Tensor  # reconstruction in the normalised space
-    latents: Latents
+@runtime_checkable
+class SupportsAuxK(Protocol):
+    def auxk_latents(self, x: Tensor, dead_mask: Tensor, k_aux: int) -> SparseLatents:
+        """The top `k_aux` latents among the dead ones by pre-activation, differentiable w.r.t. the encoder."""
+
+
+@runtime_checkable
+class SupportsResampling(Protocol):
+    def latent_parameters(self) -> dict[str, int]:
+        """Parameter name -> the dimension indexed by latent (what resampling re-initialises)."""
 
 
 @dataclasses.dataclass
@@ -171,6 +203,44 @@ class SparseAutoencoder(nn.Module, ABC):
         """Decoder weights kept at unit norm per input unit, stored [units_in, d_out] (row = one unit's
         direction). The shallow SAE returns [W_dec]; the deep SAE returns every decoder matrix."""
         return []
+
+    # ---- training hooks (see the module docstring) --------------------------------------------------------
+    def training_loss(
+        self, x_n: Tensor, output: ForwardOutput, ctx: TrainingContext, dead_mask: Callable[[], Tensor]
+    ) -> dict[str, LossTerm]:
+        """Named loss terms of one batch. `dead_mask()` gives the latents currently counted dead (boolean
+        [n_latents]). Subclasses extend the dict (call super) or replace it."""
+        x_hat, latents = output
+        terms = {"recon": LossTerm(losses.reconstruction_loss(x_n, x_hat, ctx.loss))}
+        if ctx.l1_coefficient > 0:
+            assert isinstance(self, SupportsL1)
+            terms["l1"] = LossTerm(losses.l1_penalty(latents, self.decoder_norms()), ctx.l1_coefficient)
+        if ctx.activation_decay > 0:
+            terms["activation_decay"] = LossTerm(losses.activation_decay_penalty(latents, self.n_latents),
+                                                 ctx.activation_decay)
+        if ctx.auxk_coefficient > 0:
+            assert isinstance(self, SupportsAuxK)
+            terms["auxk"] = LossTerm(losses.auxk_loss(self, x_n, x_hat, dead_mask(), ctx.k_aux), ctx.auxk_coefficient)
+        return terms
+
+    def check_training(self, ctx: TrainingContext) -> None:
+        """Raise ConfigError for a training option this SAE cannot honour (before any step runs)."""
+        if not self.trainable:
+            raise ConfigError(f"{type(self).__name__} ({self.architecture!r}) can be loaded but not trained here")
+        for option, enabled, protocol, method in (
+            ("l1_coefficient", ctx.l1_coefficient > 0, SupportsL1, "decoder_norms"),
+            ("auxk_coefficient", ctx.auxk_coefficient > 0, SupportsAuxK, "auxk_latents"),
+            ("resample_every_steps", ctx.resample, SupportsResampling, "latent_parameters"),
+        ):
+            if enabled and not isinstance(self, protocol):
+                raise ConfigError(
+                    f"{option} needs the SAE method {method}(), which {type(self).__name__} lacks; "
+                    f"unset {option} or use an SAE that implements it"
+                )
+
+    def initialize_from_batch(self, x_n: Tensor) -> None:  # noqa: B027 (a hook: most SAEs need no data init)
+        """Data-dependent init from the first normalised batch of a fresh run (after the decoder constraint is
+        applied, so an init that measures the output sees the decoder it will train). Default: nothing."""
 
     # ---- sizes for reports -----------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -131,9 +131,13 @@ class DeepSAE(SparseAutoencoder):
         return {f"W_enc.{last}": 0, f"b_enc.{last}": 0, "W_dec.0": 0}
 
     @torch.no_grad()
+    def initialize_from_batch(self, x_n: Tensor) -> None:
+        self.init_b_dec_geometric_median(x_n)
+
+    @torch.no_grad()
     def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:
-        """Called by the trainer on a fresh run's first batch. Only the shallow convention (`pre_encoder_bias`)
-        starts the output bias at the data's geometric median; the deep recipe keeps every bias at zero."""
+        """Only the shallow convention (`pre_encoder_bias`) starts the output bias at the data's geometric median;
+        the deep recipe keeps every bias at zero."""
         if self.cfg.pre_encoder_bias:
             self.output_bias.copy_(geometric_median(x.reshape(-1, self.d_in), iters=iters))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -39,3 +41,13 @@ def geometric_median(points: Tensor, iters: int = 100, rtol: float = 1e-7) -> Te
         if shift <= rtol * scale:
             break
     return median.to(points.dtype)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's global generator as seeded by `seed` inside the block, leaving the caller's stream as it
+    was. SAE constructors draw their initial weights from the global generator, so building one under `seeded`
+    makes the weights a function of the seed alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

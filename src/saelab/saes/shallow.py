@@ -50,6 +50,11 @@ class ShallowSAE(SparseAutoencoder):
         return latents @ self.decoder_weight + self.b_dec
 
     @torch.no_grad()
+    def initialize_from_batch(self, x_n: Tensor) -> None:
+        """b_dec starts at the geometric median of the first (normalised) batch."""
+        self.init_b_dec_geometric_median(x_n)
+
+    @torch.no_grad()
     def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:
-        """Set b_dec to the geometric median of a (normalised) batch; the trainer calls this on its first batch."""
+        """Set b_dec to the geometric median of a (normalised) batch."""
         self.b_dec.copy_(geometric_median(x.reshape(-1, self.d_in), iters=iters))

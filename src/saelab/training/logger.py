@@ -10,6 +10,15 @@ from saelab.errors import ConfigError
 from saelab.io import atomic_write_text
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` (one per log step: step, tokens, loss, fvu, l0, dead_fraction, ...); the one
+    place that file is parsed."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class MetricsLogger:
     def __init__(self, path: Path, wandb_project: str | None = None, wandb_run_name: str | None = None,
                  wandb_config: dict[str, Any] | None = None) -> None:
@@ -25,9 +34,7 @@ class MetricsLogger:
                 ) from None
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
 
     def keep_until(self, step: int) -> list[dict[str, Any]]:
         """Drop records after `step` (a resumed run re-logs them); returns the kept ones."""

@@ -1,13 +1,14 @@
-"""The one training loop for every SAE. It knows only the SAE interface: `normalize`, `forward`,
-`decoder_matrices`, and optional methods that a loss term or option needs (checked up front):
+"""The one training loop for every SAE. It knows only the SAE interface (`saelab.saes.base`): the SAE
+normalises its input, runs its forward pass and names its own loss terms (`training_loss`), initialises itself from
+the first batch (`initialize_from_batch`), says which matrices are unit-norm decoders (`decoder_matrices`) and, to
+be resampled, which parameters hold per-latent slices (`latent_parameters`). So a new architecture changes nothing
+here.
 
-- `initialize_from_batch(x_n)`, or else `init_b_dec_geometric_median(x_n)`: called once with the first
-  (normalised) batch of a fresh run;
-- `decoder_norms()`, `auxk_latents(x_n, dead_mask, k_aux)`: see `losses`;
-- `latent_parameters()`: see `dead` (resampling).
-
-One step: normalise → forward → loss → backward → project decoder gradients → clip → Adam → renormalise decoders
-→ count fired latents. Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`).
+The trainer keeps what is the same for every SAE: the lr schedule, the decoder constraint, gradient clipping, the
+optimiser, dead-latent tracking and resampling, checkpoints and logging. One step: normalise → forward → loss terms
+→ backward → project decoder gradients → clip → optimiser step → renormalise decoders → count fired latents.
+Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`); `saelab.training.entry.train`
+is the entry point that wraps a run folder around this loop.
 """
 
 from __future__ import annotations
@@ -26,20 +27,18 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.errors import CheckpointError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
-from saelab.saes.base import SparseAutoencoder
+from saelab.saes.base import SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import TrainerConfig, default_lr
 from saelab.training.constraints import normalize_decoder, project_out_parallel_grad
 from saelab.training.dead import DeadLatentTracker, resample_latents
 from saelab.training.logger import MetricsLogger
-from saelab.training.losses import activation_decay_penalty, auxk_loss, l1_penalty, reconstruction_loss
 from saelab.training.optim import build_optimizer
 from saelab.training.schedule import lr_factor
 
 METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "trainer_config.json"
 FINAL_SAE_DIR = "sae"
 # Settings that may differ between a checkpoint and the run resuming it without changing the numbers.
 RESUMABLE_CHANGES = frozenset(
@@ -51,12 +50,21 @@ RESUMABLE_CHANGES = frozenset(
 @dataclasses.dataclass
 class TrainResult:
     final: dict[str, float]  # the last log record
-    curves: dict[str, list[float]]  # every logged key -> its values at the logged steps (this run and resumed)
+    records: list[dict[str, Any]]  # every log record of the run (this process and the ones it resumed)
     steps: int
     tokens_seen: int
     completed: bool  # False when the batches ran out before cfg.total_tokens
     sae_dir: Path
     metrics_path: Path
+
+    @property
+    def curves(self) -> dict[str, list[float]]:
+        """Every logged key -> its values at the logged steps."""
+        curves: dict[str, list[float]] = {}
+        for record in self.records:
+            for key, value in record.items():
+                curves.setdefault(key, []).append(value)
+        return curves
 
 
 class Trainer:
@@ -67,9 +75,13 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.sae = sae.to(cfg.device)
-        self._require_sae_methods()
+        self.context = TrainingContext(
+            loss=cfg.loss, l1_coefficient=cfg.l1_coefficient, activation_decay=cfg.activation_decay,
+            auxk_coefficient=cfg.auxk_coefficient, k_aux=cfg.k_aux if cfg.k_aux is not None else max(sae.d_in // 2, 1),
+            resample=cfg.resample_every_steps is not None,
+        )
+        self.sae.check_training(self.context)
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
-        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(sae.d_in // 2, 1)
         self.optimizer = build_optimizer(list(sae.parameters()), cfg, self.base_lr)
         self.tracker = DeadLatentTracker(sae.n_latents, cfg.dead_window_tokens, device=cfg.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -81,19 +93,6 @@ class Trainer:
         self._records: list[dict[str, Any]] = []
         self._short_batch_seen = False
         self._resampled_since_log = 0
-
-    def _require_sae_methods(self) -> None:
-        cfg = self.cfg
-        for option, enabled, method in (
-            ("l1_coefficient", cfg.l1_coefficient > 0, "decoder_norms"),
-            ("auxk_coefficient", cfg.auxk_coefficient > 0, "auxk_latents"),
-            ("resample_every_steps", cfg.resample_every_steps is not None, "latent_parameters"),
-        ):
-            if enabled and not callable(getattr(self.sae, method, None)):
-                raise ConfigError(
-                    f"{option} needs the SAE method {method}(), which {type(self.sae).__name__} lacks; "
-                    f"unset {option} or use an SAE that implements it"
-                )
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -159,7 +158,6 @@ class Trainer:
                     "or train into a new folder"
                 )
             self._records = self.logger.keep_until(0)
-        cfg.save(self.out_dir / CONFIG_FILE)
         stream: Iterator[Tensor] = iter(batches)
         if skip_consumed and self.step > 0:
             stream = itertools.islice(stream, self.step, None)
@@ -189,12 +187,8 @@ class Trainer:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
         self.sae.save(sae_dir)
-        curves: dict[str, list[float]] = {}
-        for record in self._records:
-            for key, value in record.items():
-                curves.setdefault(key, []).append(value)
         return TrainResult(
-            final=self._records[-1] if self._records else {}, curves=curves, steps=self.step,
+            final=self._records[-1] if self._records else {}, records=list(self._records), steps=self.step,
             tokens_seen=self.tokens_seen, completed=completed, sae_dir=sae_dir, metrics_path=self.logger.path,
         )
 
@@ -224,18 +218,13 @@ class Trainer:
             group["lr"] = lr
 
         with self._autocast():
-            x_hat, latents = sae(x_n)
-            terms = {"recon": reconstruction_loss(x_n, x_hat, cfg.loss)}
-            loss = terms["recon"]
-            if cfg.l1_coefficient > 0:
-                terms["l1"] = l1_penalty(latents, sae.decoder_norms())
-                loss = loss + cfg.l1_coefficient * terms["l1"]
-            if cfg.activation_decay > 0:
-                terms["activation_decay"] = activation_decay_penalty(latents, sae.n_latents)
-                loss = loss + cfg.activation_decay * terms["activation_decay"]
-            if cfg.auxk_coefficient > 0:
-                terms["auxk"] = auxk_loss(sae, x_n, x_hat, self.tracker.dead_mask(), self.k_aux)
-                loss = loss + cfg.auxk_coefficient * terms["auxk"]
+            output = sae(x_n)
+            x_hat, latents = output
+            terms = sae.training_loss(x_n, output, self.context, self.tracker.dead_mask)
+            loss = terms["recon"].weighted()
+            for name, term in terms.items():
+                if name != "recon":
+                    loss = loss + term.weighted()
         if not torch.isfinite(loss):
             bad = "non-finite values in the input batch" if not torch.isfinite(x).all() else "a diverging loss"
             raise DataError(f"step {self.step}: the loss is {loss.item()} ({bad}); check the activations or lower lr")
@@ -253,11 +242,9 @@ class Trainer:
 
         with torch.no_grad():
             self.tracker.update(fire_counts(latents), x.shape[0])
-            stats = {name: value.detach() for name, value in terms.items()}
+            stats = {name: term.value.detach() for name, term in terms.items()}
             stats["loss"] = loss.detach()
-            stats["fvu"] = terms["recon"].detach() if cfg.loss == "fvu" else fraction_of_variance_unexplained(
-                x_n, x_hat
-            )
+            stats["fvu"] = stats["recon"] if cfg.loss == "fvu" else fraction_of_variance_unexplained(x_n, x_hat)
             stats["l0"] = l0(latents)
             stats["lr"] = torch.tensor(lr)
         self.step += 1
@@ -280,12 +267,8 @@ class Trainer:
         (after the constraint, so an init that measures the SAE's output sees the decoder it will train)."""
         if self.cfg.unit_norm_decoder:
             normalize_decoder(self._decoders(), self.cfg.decoder_norm_axis)
-        init = getattr(self.sae, "initialize_from_batch", None)
-        if not callable(init):
-            init = getattr(self.sae, "init_b_dec_geometric_median", None)
-        if callable(init):
-            with torch.no_grad():
-                init(x_n)
+        with torch.no_grad():
+            self.sae.initialize_from_batch(x_n)
 
     def _resample(self) -> int:
         dead = self.tracker.dead_mask()

@@ -1,0 +1,67 @@
+"""Fresh SAEs from an architecture-independent spec: what `saelab train --sae.*` and every experiment build."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from saelab.config import Config
+from saelab.errors import ConfigError
+from saelab.saes.base import SparseAutoencoder, architecture_class, architectures, create_sae
+from saelab.saes.initialization import seeded
+
+
+@dataclasses.dataclass
+class SAESpec(Config):
+    """Architecture-independent description of a fresh SAE; fields an architecture lacks must stay at default
+    (None = the architecture's own default)."""
+
+    architecture: str = dataclasses.field(default="topk", metadata={"help": "SAE architecture (see saelab.saes)"})
+    n_latents: int = dataclasses.field(default=4096, metadata={"help": "dictionary size"})
+    k: int = dataclasses.field(default=32, metadata={"help": "active latents per token (top-k SAEs)"})
+    preprocessing: str = dataclasses.field(
+        default="scale",
+        metadata={"help": "none | scale (the store's E||x||=sqrt(d) factor, built into the SAE) | token_l2"},
+    )
+    encoder_multiples: list[float] | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: dense encoder widths as multiples of d_in, e.g. 2,4 (mirrored)"}
+    )
+    tied_init: bool | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: start each decoder matrix as its mirror encoder's transpose"}
+    )
+    pre_encoder_bias: bool | None = dataclasses.field(
+        default=None, metadata={"help": "deep SAEs: subtract the output bias before encoding (top-k convention)"}
+    )
+
+    def validate(self) -> None:
+        if self.architecture not in architectures():
+            raise ConfigError(f"unknown SAE architecture {self.architecture!r}; choose one of {architectures()}")
+        if not architecture_class(self.architecture).trainable:
+            trainable = [a for a in architectures() if architecture_class(a).trainable]
+            raise ConfigError(
+                f"architecture {self.architecture!r} can be loaded but not trained; train one of {trainable}"
+            )
+
+
+def sae_from_spec(
+    spec: SAESpec,
+    d_in: int,
+    input_scale: float,
+    hookpoint: str | None = None,
+    model_name: str | None = None,
+    seed: int = 0,
+) -> SparseAutoencoder:
+    """A fresh SAE of width `d_in`, its initial weights drawn from `seed` alone; `input_scale` (E||scale·x|| =
+    sqrt(d_in)) is built in when the spec asks for preprocessing="scale"."""
+    fields = {name: value for name, value in spec.to_dict().items() if value is not None}
+    architecture = fields.pop("architecture")
+    config_fields = {f.name for f in dataclasses.fields(architecture_class(architecture).config_class)}
+    defaults = SAESpec().to_dict()
+    for name in list(fields):
+        if name not in config_fields:
+            if fields[name] != defaults[name]:
+                raise ConfigError(f"sae.{name} does not apply to architecture {architecture!r}; leave it unset")
+            del fields[name]
+    if spec.preprocessing == "scale":
+        fields["input_scale"] = input_scale
+    with seeded(seed):
+        return create_sae(architecture, d_in=d_in, hookpoint=hookpoint, model_name=model_name, **fields)

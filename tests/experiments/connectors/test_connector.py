@@ -1,0 +1,237 @@
+import pytest
+import torch
+from torch import nn
+
+from saelab.errors import ConfigError, DataError
+from saelab.experiments.connectors.connector import (
+    ConnectorConfig,
+    FeatureConnector,
+    alive_features,
+    connector_mse,
+    count_large_weights,
+    encode_features,
+    evaluate_spans,
+    heldout_feature_mse,
+    linear_features,
+    network_feature_weights,
+    per_feature_mse,
+    simulate,
+    smart_init_,
+    top_connections,
+    train_connector,
+    weight_l1,
+)
+from saelab.models.mnist_mlp import MnistMLP, MnistMLPConfig
+from saelab.saes.base import SparseLatents
+from saelab.saes.relu import ReluSAE, ReluSAEConfig
+
+
+def identity_connector(n: int) -> FeatureConnector:
+    connector = FeatureConnector(n, n, form="linear")
+    with torch.no_grad():
+        connector.linears[0].weight.copy_(torch.eye(n))
+        connector.linears[0].bias.zero_()
+    return connector
+
+
+@pytest.mark.parametrize(("tied", "preprocessing"), [(False, "none"), (True, "none"), (False, "scale")])
+@torch.no_grad()
+def test_smart_init_is_exact_for_a_linear_layer_with_perfect_saes(tied: bool, preprocessing: str, perfect_sae) -> None:
+    sae_in = perfect_sae(5, tied, preprocessing, scale=0.5)
+    sae_out = perfect_sae(7, tied, preprocessing, scale=2.0)
+    layer = nn.Linear(5, 7)
+    h_in = torch.randn(64, 5) * 2
+    f_in, f_out = encode_features(sae_in, h_in), encode_features(sae_out, layer(h_in))
+    assert (f_out == 0).any() and (f_out > 0).any()  # the output ReLU is really exercised
+
+    connector = FeatureConnector(10, 14, form="relu")
+    smart_init_(connector, layer, sae_in, sae_out)
+    torch.testing.assert_close(connector(f_in), f_out, atol=1e-5, rtol=1e-5)
+    W2, b2 = network_feature_weights(layer, sae_in, sae_out)
+    assert torch.equal(connector.linears[0].weight, W2) and torch.equal(connector.linears[0].bias, b2)
+
+
+@torch.no_grad()
+def test_smart_mlp_init_reproduces_a_relu_layer_exactly(perfect_sae) -> None:
+    sae_in, sae_out = perfect_sae(5), perfect_sae(6)
+    layer = nn.Linear(5, 6)
+    h_in = torch.randn(64, 5)
+    f_out = encode_features(sae_out, torch.relu(layer(h_in)))
+    connector = FeatureConnector(10, 12, form="mlp", mlp_hidden=6)
+    smart_init_(connector, layer, sae_in, sae_out)
+    torch.testing.assert_close(connector(encode_features(sae_in, h_in)), f_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="mlp_hidden must be 6"):
+        smart_init_(FeatureConnector(10, 12, form="mlp", mlp_hidden=8), layer, sae_in, sae_out)
+
+
+def _small_mlp() -> MnistMLP:
+    return MnistMLP(MnistMLPConfig(d_in=10, hidden=6, n_layers=4, n_classes=3))
+
+
+@torch.no_grad()
+def test_identity_connectors_on_perfect_saes_reproduce_the_network(perfect_sae) -> None:
+    model = _small_mlp()
+    for layer in model.layers[1:3]:  # hidden-to-hidden layers are the identity on non-negative states
+        layer.weight.copy_(torch.eye(6))
+        layer.bias.zero_()
+    sae = perfect_sae(6)
+    saes = {k: sae for k in (1, 2, 3)}
+    connectors = {k: identity_connector(12) for k in (1, 2)}
+    x = torch.rand(40, 10)
+    for start in (1, 2, 3):
+        for end in range(start, 4):
+            torch.testing.assert_close(simulate(model, saes, connectors, x, start, end), model(x))
+    labels = model(x).argmax(-1)
+    spans = evaluate_spans(model, saes, connectors, x, labels)
+    assert [(s.start, s.end, s.layers_replaced) for s in spans] == [
+        (1, 1, 0), (1, 2, 1), (1, 3, 2), (2, 2, 0), (2, 3, 1), (3, 3, 0)
+    ]
+    assert all(s.accuracy == 1.0 for s in spans)
+
+
+@torch.no_grad()
+def test_smart_connectors_reproduce_a_network_whose_hidden_layers_never_clip(perfect_sae) -> None:
+    model = _small_mlp()
+    for layer in model.layers[1:3]:  # non-negative weights and bias on non-negative inputs: ReLU is the identity
+        layer.weight.abs_()
+        layer.bias.abs_()
+    saes = {k: perfect_sae(6, tied=k == 2) for k in (1, 2, 3)}
+    connectors = {}
+    for k in (1, 2):
+        connectors[k] = FeatureConnector(12, 12, form="relu")
+        smart_init_(connectors[k], model.layers[k], saes[k], saes[k + 1])
+    x = torch.rand(40, 10)
+    torch.testing.assert_close(simulate(model, saes, connectors, x, 1, 3), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_simulation_needs_its_parts_and_a_foldable_preprocessing(perfect_sae) -> None:
+    model, sae = _small_mlp(), perfect_sae(6)
+    x = torch.rand(4, 10)
+    with pytest.raises(ConfigError, match=r"connector 2"):
+        simulate(model, {1: sae, 3: sae}, {1: identity_connector(12)}, x, 1, 3)
+    with pytest.raises(ConfigError, match=r"span \(2, 4\)"):
+        simulate(model, {2: sae}, {}, x, 2, 4)
+    l2 = ReluSAE(ReluSAEConfig(d_in=6, n_latents=12, preprocessing="token_l2"))
+    with pytest.raises(ConfigError, match="token_l2"):
+        simulate(model, {1: l2}, {}, x, 1, 1)
+    with pytest.raises(ConfigError, match="per-token"):
+        smart_init_(FeatureConnector(12, 12), model.layers[1], l2, sae)
+
+
+def test_connector_forms(perfect_sae) -> None:
+    f = torch.rand(8, 4)
+    linear, relu = FeatureConnector(4, 3, "linear"), FeatureConnector(4, 3, "relu")
+    relu.load_state_dict(linear.state_dict())
+    assert torch.equal(relu(f), torch.relu(linear(f))) and (linear(f) < 0).any()
+    mlp = FeatureConnector(4, 3, "mlp", bias=False, mlp_hidden=5)
+    assert [tuple(w.shape) for w in mlp.weight_matrices()] == [(5, 4), (3, 5)]
+    assert all(linear.bias is None for linear in mlp.linears) and (mlp(f) >= 0).all()
+    with pytest.raises(ConfigError, match="form 'conv'"):
+        FeatureConnector(4, 3, "conv")
+    with pytest.raises(ConfigError, match="sets a bias"):
+        smart_init_(FeatureConnector(12, 12, bias=False), nn.Linear(6, 6), perfect_sae(6), perfect_sae(6))
+
+
+def test_weight_l1_is_the_mean_row_l1_norm_summed_over_matrices() -> None:
+    a = torch.tensor([[1.0, -2.0], [0.0, 3.0], [0.0, 0.0]])  # row norms 3, 3, 0
+    b = torch.tensor([[0.5, -0.5, 1.0]])  # one row, norm 2
+    assert weight_l1([a]).item() == pytest.approx(2.0)
+    assert weight_l1([a, b]).item() == pytest.approx(4.0)
+
+
+def test_mse_over_alive_features_only() -> None:
+    target = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 4.0]])
+    prediction = torch.tensor([[2.0, 5.0, 2.0], [0.0, 1.0, 2.0]])
+    alive = alive_features(target)
+    assert alive.tolist() == [True, False, True]
+    assert connector_mse(prediction, target).item() == pytest.approx((1 + 25 + 0 + 0 + 1 + 4) / 6)
+    assert connector_mse(prediction, target, alive).item() == pytest.approx((1 + 0 + 0 + 4) / 4)
+    assert per_feature_mse(prediction, target).tolist() == pytest.approx([0.5, 13.0, 2.0])
+
+
+def test_top_connections_are_ranked_by_magnitude_and_keep_their_sign() -> None:
+    weight = torch.tensor([[0.0, 0.5, -0.9, 0.1], [1.0, 0.0, 0.0, 0.0]])
+    assert top_connections(weight, 0, k=2) == [(2, pytest.approx(-0.9)), (1, pytest.approx(0.5))]
+    assert top_connections(weight, 1, k=1) == [(0, 1.0)]
+
+
+def test_count_large_weights_is_strict_and_sums_matrices() -> None:
+    assert count_large_weights([torch.tensor([0.1, -0.1000001, 0.5, 0.0]), torch.tensor([[-3.0]])]) == 3
+    assert count_large_weights([torch.tensor([0.3, 0.6])], threshold=0.5) == 1
+
+
+def test_training_recovers_a_sparse_map_and_l1_prunes_the_rest() -> None:
+    n, noise = 12, 0.5
+    true_w = torch.zeros(n, n)
+    true_w[torch.arange(n), torch.randperm(n)] = 1.5  # each output copies one input
+    f_in = torch.relu(torch.randn(1500, n))
+    f_out = f_in @ true_w.T + noise * torch.randn(1500, n)  # the noise gives an unpenalised fit small dense weights
+    snapshots = []
+    cfg = ConnectorConfig(form="linear", epochs=15, batch_size=64, lr=1e-2, l1_coefficient=0.0)
+    plain = FeatureConnector.from_config(n, n, cfg)
+    history = train_connector(plain, f_in, f_out, cfg,
+                              on_epoch=lambda epoch, c: snapshots.append((epoch, c.linears[0].weight.clone())))
+    assert [e for e, _ in snapshots] == list(range(15)) and not torch.equal(snapshots[0][1], snapshots[-1][1])
+    assert history[0].mse > 2 * noise**2 and history[-1].mse < 1.1 * noise**2  # down to the noise floor
+    sparse = FeatureConnector.from_config(n, n, cfg)
+    history = train_connector(sparse, f_in, f_out, cfg.replace(l1_coefficient=0.05))
+    assert history[-1].loss == pytest.approx(history[-1].mse + 0.05 * history[-1].l1)
+    assert count_large_weights(sparse.weight_matrices(), 0.02) < count_large_weights(plain.weight_matrices(), 0.02) / 2
+    assert torch.equal(sparse.linears[0].weight.abs() > 0.5, true_w > 0)  # the true connections survive
+
+
+def test_training_rejects_unusable_feature_pairs() -> None:
+    connector, cfg = FeatureConnector(3, 2), ConnectorConfig(epochs=1)
+    with pytest.raises(DataError, match="paired"):
+        train_connector(connector, torch.rand(5, 3), torch.rand(4, 2), cfg)
+    with pytest.raises(DataError, match="no output feature fires"):
+        train_connector(connector, torch.rand(5, 3), torch.zeros(5, 2), cfg)
+
+
+def random_sparse(n_rows: int, n_latents: int, k: int) -> SparseLatents:
+    indices = torch.stack([torch.randperm(n_latents)[:k] for _ in range(n_rows)])
+    values = torch.rand(n_rows, k) * (torch.rand(n_rows, k) > 0.2)  # some selected values are exactly zero
+    return SparseLatents(values, indices, n_latents)
+
+
+@pytest.mark.parametrize("form", ["linear", "relu", "mlp"])
+def test_sparse_features_give_the_dense_output_and_gradients(form: str) -> None:
+    connector = FeatureConnector(40, 24, form=form, mlp_hidden=16)
+    sparse = random_sparse(12, 40, 5)
+    outputs, grads = [], []
+    for features in (sparse, sparse.to_dense()):
+        out = connector(features)
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(24.0)).sum(), list(connector.parameters())))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for sparse_grad, dense_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(sparse_grad, dense_grad)
+
+
+def test_alive_features_and_heldout_mse_agree_between_sparse_and_dense() -> None:
+    f_in, f_out = random_sparse(50, 30, 4), random_sparse(50, 20, 3)
+    assert torch.equal(alive_features(f_out), alive_features(f_out.to_dense()))
+    assert not alive_features(SparseLatents(torch.zeros(3, 2), torch.tensor([[0, 1]] * 3), 5)).any()
+    connector = FeatureConnector(30, 20, form="relu")
+    expected = ((connector(f_in.to_dense()) - f_out.to_dense()) ** 2).mean(dim=0)
+    torch.testing.assert_close(heldout_feature_mse(connector, f_in, f_out, chunk=7), expected.detach())
+    torch.testing.assert_close(heldout_feature_mse(connector, f_in.to_dense(), f_out.to_dense()), expected.detach())
+
+
+def test_train_connector_learns_from_sparse_features() -> None:
+    f_in = random_sparse(400, 30, 3)
+    target_map = torch.randn(30, 10).relu()
+    f_out = f_in.to_dense() @ target_map
+    cfg = ConnectorConfig(form="linear", epochs=40, batch_size=50, lr=1e-2, l1_coefficient=0.0)
+    connector = FeatureConnector.from_config(30, 10, cfg)
+    history = train_connector(connector, f_in, f_out, cfg)
+    assert history[-1].mse < 0.05 * history[0].mse
+
+
+def test_linear_features_by_absolute_and_relative_tolerance() -> None:
+    mse_linear = torch.tensor([0.10, 0.20, 0.5, 0.0])
+    mse_mlp = torch.tensor([0.0995, 0.10, 0.5, 0.1])
+    assert linear_features(mse_linear, mse_mlp, 1e-3).tolist() == [True, False, True, True]
+    variance = torch.tensor([1.0, 10.0, 1.0, 1.0])  # gaps 0.0005, 0.1, 0, -0.1 -> relative 0.0005, 0.01, 0, -0.1
+    assert linear_features(mse_linear, mse_mlp, 0.005, scale=variance).tolist() == [True, False, True, True]
+    assert linear_features(mse_linear, mse_mlp, 0.02, scale=variance).tolist() == [True, True, True, True]

@@ -1,0 +1,74 @@
+"""The language-model connector recipe end to end on a tiny random Llama and a word-level tokenizer (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from saelab.data.tokenize import DataConfig
+from saelab.errors import ConfigError
+from saelab.experiments.connectors.connector import ConnectorConfig
+from saelab.experiments.connectors.run_lm import LMConnectorsConfig, run
+from saelab.training.config import TrainerConfig
+from saelab.training.entry import SAESpec
+
+
+def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> LMConnectorsConfig:
+    cfg = LMConnectorsConfig(
+        out_dir=str(out), model=str(model), layer=1,
+        data=DataConfig(source=str(corpus), context_length=16, drop_first_positions=2, n_tokens=2_400),
+        analysis_tokens=500, downstream_contexts=4,
+        sae=SAESpec(architecture="topk", n_latents=64, k=4, preprocessing="scale"),
+        trainer=TrainerConfig(total_tokens=1_024, batch_size=128, warmup_steps=2, log_every_steps=2,
+                              checkpoint_every_steps=None, progress=False),
+        connector=ConnectorConfig(epochs=2, batch_size=128, lr=1e-3, l1_coefficient=1e-4, mlp_hidden=32),
+        n_shown=3, n_connections=2, min_frequency=0.0, record_tokens=600, n_examples=2, harvest_batch_size=32,
+    )
+    return cfg.replace(**changes)
+
+
+def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Path) -> None:
+    model, corpus = saved_tiny_llama(hidden_size=32, num_hidden_layers=3, n_documents=90)
+    out = tmp_path / "run"
+    results = run(tiny_config(model, corpus, out))
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["setup"]["sites"] == ["mlp_in.1", "mlp_out.1"]
+    assert set(saved["connectors"]) == {"linear", "relu", "mlp"}
+    assert set(saved["cross_entropy"]["ce"]) == {"clean", "sae_on_mlp_input", "sae_on_mlp_output", "both_saes",
+                                                 "connector_linear", "connector_relu", "connector_mlp",
+                                                 "mlp_zero_ablated"}
+    assert set(saved["cross_entropy"]["kl"]) == set(saved["cross_entropy"]["ce"]) - {"clean"}
+    linearity = saved["linearity"]
+    assert 0.0 <= linearity["fraction_linear_absolute"] <= 1.0 and 0.0 <= linearity["fraction_linear_relative"] <= 1
+    assert 0 < linearity["alive_output_features"] <= 64
+    assert 1 <= len(saved["relations"]) <= 3
+    relation = saved["relations"][0]
+    assert relation["formula"].startswith(f"OF{relation['output']['feature']} ≈ ")
+    assert len(relation["inputs"]) == 2 and relation["output"]["top_contexts"]
+    assert all("<<" in line for line in relation["output"]["top_contexts"])
+    for name in ("linearity", "cross_entropy", "connections"):
+        assert Path(saved["figures"][name]).exists()
+    assert (out / "connectors" / "linear.safetensors").exists()
+    html = (out / "report.html").read_text()
+    assert "Readable connections" in html and "mlp_zero_ablated" in html
+    assert results["cross_entropy"] == saved["cross_entropy"]
+
+    # A rerun reuses the store, the trained SAEs and connectors, and reaches the same figures.
+    trained = {path: path.stat().st_mtime_ns for path in (out / "connectors").glob("*.safetensors")}
+    again = run(tiny_config(model, corpus, out))
+    assert {path: path.stat().st_mtime_ns for path in (out / "connectors").glob("*.safetensors")} == trained
+    explained = saved["linearity"]["median_variance_explained"]
+    assert again["linearity"]["median_variance_explained"] == pytest.approx(explained)
+    assert again["cross_entropy"]["ce"]["both_saes"] == pytest.approx(saved["cross_entropy"]["ce"]["both_saes"])
+
+
+def test_config_refuses_what_the_recipe_cannot_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="include linear and mlp"):
+        LMConnectorsConfig().replace(forms=["linear", "relu"])
+    with pytest.raises(ConfigError, match="token_l2"):
+        LMConnectorsConfig().replace(sae=SAESpec(preprocessing="token_l2"))
+    with pytest.raises(ConfigError, match="n_shown"):
+        LMConnectorsConfig().replace(n_shown=0)

@@ -1,0 +1,111 @@
+"""The multi-layer recipe end to end on a tiny random Llama and a word-level tokenizer (seconds, offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.activations.writer import StoreWriter
+from saelab.cli import main
+from saelab.data.tokenize import DataConfig
+from saelab.errors import ConfigError, StoreError
+from saelab.experiments.multilayer.run import MultiLayerConfig, check_training_store, layer_scales
+from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
+from saelab.saes.multilayer import layer_hookpoints
+
+
+@pytest.fixture
+def tiny_setup(saved_tiny_llama) -> tuple[Path, Path]:
+    return saved_tiny_llama(hidden_size=16, num_hidden_layers=4, n_documents=40)
+
+
+def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["multilayer", "--out-dir", str(out), "--model", str(model), "--layers", "0,1,3",
+            "--data.source", str(corpus), "--data.context-length", "16", "--data.n-tokens", "900",
+            "--eval-tokens", "300", "--sae.n-latents", "48", "--sae.k", "4", "--cosine-top-n", "10",
+            "--trainer.total-tokens", "1024", "--trainer.batch-size", "128", "--trainer.warmup-steps", "2",
+            "--trainer.log-every-steps", "2", "--trainer.progress", "false", "--flow.contexts", "4",
+            "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2", *extra]
+
+
+def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path) -> None:
+    model, corpus = tiny_setup
+    out = tmp_path / "run"
+    assert main(_args(model, corpus, out)) == 0
+
+    saved = json.loads((out / "multilayer.json").read_text())
+    assert list(saved["per_layer_fvu"]) == ["0", "1", "3"] and 0 < saved["fvu"] < 1
+    assert saved["sae"]["layers"] == [0, 1, 3] and saved["sae"]["d_in"] == 48
+    triggers = saved["triggers"]
+    assert sum(triggers["bucket_counts_by_encoder"]) == triggers["n_active"] == saved["activation"]["n_active"]
+    assert len(saved["decoder_cosines"]["all"]["adjacent"]) == 2
+    flow = saved["information_flow"]["all"]
+    assert saved["flow_rows"] > 0 and len(flow["cosine"]["adjacent"]) == 2
+    assert all(-1 <= c <= 1 for c in flow["cosine"]["adjacent"] if c is not None)
+    html = (out / "report.html").read_text()
+    for section in ("Reconstruction", "Trigger layers", "Banding", "Decoder cosines", "Information flow",
+                    "Compared with the write-up"):
+        assert f"<h2>{section}" in html
+    assert html.count("<img") == 11  # training, rates, buckets, 4 banding, 2 cosine, 2 flow
+
+    sae = load_sae(out / "train" / "sae", normalization="per_layer")
+    assert isinstance(sae, MultiLayerSAE) and sae.hookpoints == ["resid_post.0", "resid_post.1", "resid_post.3"]
+
+
+def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tiny_setup, tmp_path, capsys) -> None:
+    model, corpus = tiny_setup
+    sae = MultiLayerSAE(MultiLayerSAEConfig(
+        d_in=48, n_latents=48, k=4, layers=[0, 1, 3], hookpoints=layer_hookpoints([0, 1, 3]), slice_widths=[16] * 3,
+        layer_scales=[1.0, 2.0, 3.0]))
+    sae.save(tmp_path / "sae")
+    reuse = ("--sae-dir", str(tmp_path / "sae"))
+    assert main(_args(model, corpus, tmp_path / "a", *reuse, "--normalization", "global")) == 2
+    assert "trained with normalization='per_layer' but 'global' was asked for" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "b", *reuse, "--layers", "0,1")) == 2
+    assert "reads ['resid_post.0', 'resid_post.1', 'resid_post.3'] but activations of" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "c", *reuse)) == 0
+    saved = json.loads((tmp_path / "c" / "multilayer.json").read_text())
+    assert saved["train"] is None and saved["sae"]["layer_scales"] == [1.0, 2.0, 3.0]
+
+
+def test_bad_layer_lists_are_refused(tiny_setup, tmp_path: Path, capsys) -> None:
+    model, corpus = tiny_setup
+    assert main(_args(model, corpus, tmp_path / "a", "--layers", "0,4")) == 2
+    assert "out of range (this model has layers 0..3)" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "b", "--layers", "3,1")) == 2
+    assert "sorted" in capsys.readouterr().err
+
+
+def _synthetic_store(path: Path):
+    writer = StoreWriter(path, model="synthetic", hookpoints=["resid_post.0", "resid_post.2"], dtype="float32",
+                         context_length=4, shard_tokens=64, config={"data": DataConfig().to_dict()})
+    n = 32
+    writer.append({"resid_post.0": torch.randn(n, 3), "resid_post.2": torch.randn(n, 3) * 10 + 5},
+                  torch.arange(n) % 50, torch.arange(n) % 4, torch.arange(n) // 4, n_contexts=8)
+    return writer.finish()
+
+
+def test_layer_scales_per_layer_global_or_none(tmp_path: Path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    hookpoints = ["resid_post.0", "resid_post.2"]
+    per_layer = layer_scales(store, hookpoints, "per_layer")
+    assert per_layer == [store.norm_stats(hp).scale for hp in hookpoints] and per_layer[0] > 5 * per_layer[1]
+    concatenated = store.load(hookpoints)
+    (scale,) = set(layer_scales(store, hookpoints, "global"))
+    assert scale == pytest.approx(6**0.5 / concatenated.norm(dim=1).mean().item(), rel=1e-5)
+    assert layer_scales(store, hookpoints, "none") == [1.0, 1.0]
+
+
+def test_a_reused_store_must_hold_the_layers_of_the_model_and_data(tmp_path: Path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    cfg = MultiLayerConfig(model="synthetic", data=DataConfig())
+    check_training_store(cfg, store, ["resid_post.0", "resid_post.2"])
+    with pytest.raises(StoreError, match=r"hookpoint\(s\) \['resid_post.1'\] are not in store"):
+        check_training_store(cfg, store, ["resid_post.0", "resid_post.1"])
+    with pytest.raises(ConfigError, match="holds activations of 'synthetic', not of 'smollm2-135m'"):
+        check_training_store(cfg.replace(model="smollm2-135m"), store, ["resid_post.0"])
+    with pytest.raises(ConfigError, match="harvested with data settings"):
+        check_training_store(cfg.replace(data=DataConfig(n_tokens=5)), store, ["resid_post.0"])
