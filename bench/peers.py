@@ -81,7 +81,8 @@ def warmup_steps(widest: int, n: int, sizes: list[int]) -> int:
     return widest * min(8, max(1, max(sizes) // n))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with paths made absolute: the workers run in the bench folder, not the caller's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,24576,98304")
     parser.add_argument("--steps", type=int, default=3)
@@ -98,7 +99,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--no-costs", action="store_true", help="skip the SmolLM2 harvesting/evaluation costs")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="where the table is written")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.store, args.out = str(Path(args.store).resolve()), str(Path(args.out).resolve())
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.quick:
         args.sizes, args.steps, args.warmup, args.quality_steps = "4096", 3, 1, 4
     sizes = [int(s) for s in args.sizes.split(",")]

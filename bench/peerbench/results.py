@@ -1,4 +1,4 @@
-"""Render the measured figures and the issue-7 targets as `bench/RESULTS.md` (pure formatting, no measuring)."""
+"""Render the measured figures and the speed and quality targets as `bench/RESULTS.md` (formatting only)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def render(machine: Mapping[str, str], settings: str, speed: Sequence[Row], qual
         f"write time {machine['load_average']}",
         f"- torch {machine['torch']}; {machine['date']}",
         f"- Settings: {settings}", "",
-        "## Targets (issue 7)", "", *target_table([*speed_targets(speed, sizes), quality_target(quality)]), "",
+        "## Targets", "", *target_table([*speed_targets(speed, sizes), quality_target(quality)]), "",
         "## Training throughput (synthetic activations; ours' deep and multi-layer SAE rows included)", "",
         *trainer_table(speed), "",
         "## Quality at an equal token budget (real activations)", "", *trainer_table(quality), "",

@@ -1,5 +1,6 @@
-"""The `saelab` command: one subcommand per experiment or library entry point, each driven by a typed config whose
-every field is a flag.
+"""The `saelab` command: train and dissect sparse autoencoders; one subcommand per experiment or entry point.
+
+Each subcommand is driven by a typed config whose every field is a flag.
 
 Thin by design: parse the config, call the entry point, turn saelab errors into one clear line and a non-zero exit.
 Only the chosen command's module is imported (`saelab --help` imports none), so help is instant and a command

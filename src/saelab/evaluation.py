@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.data.tokenize import DataConfig, build_contexts, position_mask
 from saelab.errors import ConfigError, DataError
-from saelab.io import atomic_write_json
 from saelab.metrics import (
     FVUAccumulator,
     LatentAccumulator,
@@ -35,7 +33,7 @@ from saelab.metrics import (
 )
 from saelab.models.hooks import forward_with
 from saelab.models.prefix import SharedPrefix
-from saelab.provenance import provenance
+from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
 
 
@@ -220,7 +218,7 @@ def _splice(mask: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable[[Tens
 class EvaluateConfig(Config):
     sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": "folder written by SAE.save"})
     store: str = dataclasses.field(default="runs/activations-eval", metadata={"help": "held-out activation store"})
-    out_dir: str = dataclasses.field(default="runs/evaluate", metadata={"help": "where metrics.json goes"})
+    out_dir: str = dataclasses.field(default="runs/evaluate", metadata={"help": "run folder (summary.json)"})
     max_tokens: int | None = dataclasses.field(default=None, metadata={"help": "cap on stored tokens evaluated"})
     batch_size: int = dataclasses.field(default=4096, metadata={"help": "activations per reconstruction batch"})
     downstream: bool = dataclasses.field(default=True, metadata={"help": "also measure CE/KL with the SAE spliced"})
@@ -274,20 +272,20 @@ def downstream_metrics(model: nn.Module, tokenizer, sae: SparseAutoencoder, hook
 
 
 def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
-    """`saelab evaluate`: both kinds of metrics of a saved SAE, written with its config to `<out_dir>/metrics.json`."""
+    """`saelab evaluate`: both kinds of metrics of a saved SAE, written to the run folder's `summary.json`."""
     from saelab.models.loading import load_model
 
+    folder = RunFolder(cfg.out_dir)
+    folder.save_config(cfg)
     sae = load_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)
     metrics = reconstruction_metrics(sae, store, hookpoint, cfg.batch_size, cfg.max_tokens)
     if cfg.downstream:
         model, tokenizer = load_model(cfg.model or store.model_name, cfg.device, torch.float32)
-        wanted = dataclasses.replace(cfg.data, n_tokens=cfg.data.n_tokens + cfg.skip_contexts * cfg.data.context_length)
-        contexts = build_contexts(wanted, tokenizer)[cfg.skip_contexts:]
+        contexts = build_contexts(cfg.data, tokenizer, skip_contexts=cfg.skip_contexts)
         metrics.update(downstream_metrics(model, tokenizer, sae, hookpoint, contexts, cfg.data,
                                           cfg.context_batch_size, cfg.mean_ablation))
-    out = Path(cfg.out_dir)
-    cfg.save(out / "evaluate_config.json")
-    atomic_write_json(out / "metrics.json", {**metrics, "config": cfg.to_dict(), "provenance": provenance()})
+    folder.lap("evaluate")
+    folder.write_summary({**metrics, "sae_dir": cfg.sae_dir, "hookpoint": hookpoint}, cfg)
     return metrics

@@ -204,3 +204,15 @@ def test_harvest_from_config_end_to_end(tmp_path) -> None:
 def test_config_rejects_no_hookpoints() -> None:
     with pytest.raises(ConfigError, match="hookpoints is empty"):
         HarvestConfig.from_dict({"hookpoints": []})
+
+
+def test_a_bad_hookpoint_writes_nothing_so_the_corrected_rerun_starts_clean(tmp_path) -> None:
+    from saelab.errors import HookpointError
+
+    model, contexts = _model(), _contexts()
+    with pytest.raises(HookpointError, match="resid_post.7"):
+        harvest(model, _tokenizer(), contexts, _cfg(tmp_path, hookpoints=["resid_post.0", "resid_post.7"]),
+                show_progress=False)
+    assert not (tmp_path / "store").exists()
+    store = harvest(model, _tokenizer(), contexts, _cfg(tmp_path, hookpoints=["resid_post.0"]), show_progress=False)
+    assert store.hookpoints == ["resid_post.0"]

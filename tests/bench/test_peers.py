@@ -55,3 +55,9 @@ def test_results_render_targets_and_tables_from_fixed_figures() -> None:
     assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | 27,000 | – | 0.5000 | 1.00 |" in text
     assert "| sparsify | 4,096 | 768 | synthetic | 9,000 | 4,500 | 1,200 | – | – | 2.00 |" in text
     assert "n = 4,096: the bare encoder GEMM alone runs at 27,000 tokens/s, 3.00× sparsify's whole step" in text
+
+
+def test_paths_are_resolved_before_the_workers_change_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = peers.parse_args(["--store", "runs/acts", "--out", "RESULTS.md"])
+    assert args.store == str(tmp_path / "runs" / "acts") and args.out == str(tmp_path / "RESULTS.md")

@@ -64,3 +64,30 @@ def test_train_command_with_the_preset(store, tmp_path) -> None:
     assert saved["preset"] == "deep_sae" and saved["trainer"]["optimizer"] == "masked_adam"
     for weight in sae.decoder_matrices():
         torch.testing.assert_close(weight.norm(dim=1), torch.ones(weight.shape[0]))
+
+
+def _small_run(store, out, **trainer) -> list[str]:
+    args = ["train", "--store", str(store.path), "--out-dir", str(out), "--sae.n-latents", "16", "--sae.k", "2",
+            "--trainer.total-tokens", "96", "--trainer.batch-size", "32", "--trainer.progress", "false"]
+    return args + [item for key, value in trainer.items() for item in (f"--trainer.{key}", str(value))]
+
+
+def test_a_finished_run_is_reused_only_when_asked_and_only_for_the_same_request(store, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert main(_small_run(store, out)) == 0
+    assert json.loads((out / "done" / "train.json").read_text())["completed"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens_seen"] == 96 and "provenance" in summary and summary["timings_s"]["train"] >= 0
+    weights = (out / "sae" / "sae_weights.safetensors").read_bytes()
+    assert main(_small_run(store, out)) == 2  # no --resume: an earlier run is never overwritten silently
+    assert main(_small_run(store, out) + ["--resume", "true"]) == 0
+    assert (out / "sae" / "sae_weights.safetensors").read_bytes() == weights
+    assert main(_small_run(store, out, lr=0.5) + ["--resume", "true"]) == 2  # another request
+
+
+def test_two_identical_runs_write_identical_weights(store, tmp_path) -> None:
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1000 + ord(name))  # the global generator must not matter
+        assert main(_small_run(store, tmp_path / name)) == 0
+    a, b = ((tmp_path / name / "sae" / "sae_weights.safetensors").read_bytes() for name in ("a", "b"))
+    assert a == b

@@ -38,7 +38,7 @@ def test_learns_a_planted_sparse_dictionary(tiny_topk, planted, tmp_path) -> Non
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [20, 40, 60, 80, 100]
     assert {"loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s", "tokens"} <= set(records[0])
-    assert (tmp_path / "sae" / "cfg.json").exists() and (tmp_path / "trainer_config.json").exists()
+    assert (tmp_path / "sae" / "cfg.json").exists()
 
 
 def test_decoder_stays_unit_norm_and_b_dec_starts_at_the_median(tiny_topk, planted, tmp_path) -> None:
@@ -247,3 +247,32 @@ def test_bfloat16_autocast_trains_with_float32_parameters_and_state(planted, tmp
     assert moments and all(t.dtype == torch.float32 for t in moments)
     with pytest.raises(ConfigError, match="autocast_dtype"):
         TrainerConfig(autocast_dtype="float8").validate()
+
+
+def test_an_sae_adds_its_own_loss_term_without_trainer_changes(tiny_topk, planted, tmp_path) -> None:
+    """A new architecture's term (here: a penalty on b_dec) reaches the loss and the log through `training_loss`."""
+    from saelab.saes.base import LossTerm
+
+    class Penalised(type(tiny_topk())):
+        architecture = "tiny_penalised_test"
+
+        def training_loss(self, x_n, output, ctx, dead_mask):
+            terms = super().training_loss(x_n, output, ctx, dead_mask)
+            terms["bias_norm"] = LossTerm(self.b_dec.pow(2).sum(), 0.5)
+            return terms
+
+    base, penalised = tiny_topk(d_in=16, n_latents=32, k=3), None
+    penalised = Penalised(base.cfg)
+    penalised.load_state_dict(base.state_dict())
+    result = Trainer(penalised, _cfg(4, 64, log_every_steps=1), tmp_path).fit(planted(4, 64))
+    first = result.records[0]
+    assert first["loss"] == pytest.approx(first["recon"] + 0.5 * first["bias_norm"], rel=1e-5)
+    assert first["bias_norm"] > 0
+
+
+def test_a_loaded_only_architecture_is_refused_before_training(tmp_path) -> None:
+    from saelab.saes import create_sae
+
+    sae = create_sae("jumprelu", d_in=8, n_latents=16)
+    with pytest.raises(ConfigError, match="can be loaded but not trained"):
+        Trainer(sae, _cfg(2, 8), tmp_path)

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.store import ActivationStore
 from saelab.activations.writer import StoreWriter
 from saelab.config import Config
 from saelab.data.tokenize import DataConfig, build_contexts, context_mask
 from saelab.errors import ConfigError, DataError
+from saelab.models.hookpoints import resolve_hookpoint
 from saelab.models.hooks import capture
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Settings that change how fast a harvest runs, not what it stores: they may differ when resuming.
 _EXECUTION_FIELDS = ("out_dir", "batch_size", "shard_tokens", "device", "resume")
@@ -78,6 +81,8 @@ def harvest(
         )
     contexts = contexts.detach().to("cpu", torch.long)
     n_contexts, length = contexts.shape
+    for hookpoint in cfg.hookpoints:  # a bad name fails here, before any store folder is written
+        resolve_hookpoint(model, hookpoint)
     writer = StoreWriter(
         cfg.out_dir,
         model=cfg.model,

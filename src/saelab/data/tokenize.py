@@ -11,16 +11,19 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from saelab.config import Config
 from saelab.data.corpora import iter_documents
 from saelab.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _TOKENIZE_BATCH = 64  # documents per fast-tokenizer call
 
@@ -143,13 +146,17 @@ def position_mask(input_ids: Tensor, drop_first: int = 0, exclude_token_ids: Seq
     return mask
 
 
-def build_contexts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, show_progress: bool = False) -> Tensor:
-    """The `[cfg.n_contexts(), cfg.context_length]` token ids the config asks for."""
+def build_contexts(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, show_progress: bool = False, skip_contexts: int = 0
+) -> Tensor:
+    """The `[cfg.n_contexts(), cfg.context_length]` token ids the config asks for, after the first `skip_contexts`
+    contexts of the corpus (e.g. the ones a training store already holds)."""
     documents = iter_documents(cfg.source, text_field=cfg.text_field)
     try:
         return pack_contexts(
-            documents, tokenizer, cfg.context_length, cfg.n_contexts(), cfg.prepend_bos, show_progress=show_progress
-        )
+            documents, tokenizer, cfg.context_length, skip_contexts + cfg.n_contexts(), cfg.prepend_bos,
+            show_progress=show_progress,
+        )[skip_contexts:]
     except DataError as exc:
         raise DataError(f"corpus {cfg.source!r}: {exc}") from None
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saelab.errors import ConfigError
 from saelab.interp.llm import ChatClient, ChatReply, ChatRequest, OnReply, merge_logprobs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class LocalChatClient(ChatClient):

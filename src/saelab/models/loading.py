@@ -15,12 +15,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from saelab.errors import ModelNotFoundError
 from saelab.user_cache import cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ def _build_offline_cache(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already dequantised; without this save_pretrained would refuse (or re-quantise).
@@ -112,6 +117,8 @@ def load_model(
     """(model in eval mode with frozen parameters, tokenizer) for a hub name, a local folder or "smollm2-135m"."""
     source = _resolve_source(name_or_path)
     with _not_found(name_or_path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device)
@@ -124,6 +131,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer alone, by the same names as `load_model` (e.g. to decode a store's token ids as text)."""
     source = _resolve_source(name_or_path)
     with _not_found(name_or_path):
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(source)
 
 

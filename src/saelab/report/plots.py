@@ -1,25 +1,41 @@
-"""Plots shared by every recipe (matplotlib, Agg backend: no display needed)."""
+"""Plots shared by every experiment (matplotlib, Agg backend: no display needed).
+
+matplotlib is imported on the first plot, not with this module, so commands that never draw (and `saelab --help`)
+do not pay for it.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from saelab.io import atomic_path
 
-from saelab.io import atomic_path  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+@functools.cache
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a figure as PNG atomically and free it (every saelab plot goes through here)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -27,7 +43,7 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], path: str | Pat
                          keys: Sequence[str] = ("loss", "fvu", "l0", "dead_fraction")) -> Path:
     """One small panel per logged quantity against tokens seen (records from a trainer's metrics.jsonl)."""
     present = [k for k in keys if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.6 * max(len(present), 1), 3.0), squeeze=False)
+    fig, axes = pyplot().subplots(1, max(len(present), 1), figsize=(3.6 * max(len(present), 1), 3.0), squeeze=False)
     for ax, key in zip(axes[0], present, strict=False):
         pts = [(r[x_key], r[key]) for r in records if key in r and x_key in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
@@ -46,7 +62,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
     """Several named (x, y) series on one axis: frontier plots, sweeps. Series named in `dashed` are drawn as
     dashed lines without markers (fits, reference levels) so they read apart from the measurements. `xticks`
     labels exactly those x values (e.g. the k of a sweep on a log axis) instead of matplotlib's choice."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     for name, (xs, ys) in series.items():
         style = dict(ls="--", marker=None) if name in dashed else dict(marker="o" if markers else None)
         ax.plot(list(xs), list(ys), lw=1.4, label=name, **style)
@@ -60,7 +76,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         ax.set_yscale("log")
     if xticks:
         ax.set_xticks(list(xticks), [f"{tick:g}" for tick in xticks])
-        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.xaxis.set_minor_locator(pyplot().NullLocator())
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
@@ -70,7 +86,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
 
 def plot_histogram(values: Sequence[float], path: str | Path, *, xlabel: str, title: str = "", bins: int = 60,
                    logy: bool = True) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.4))
     ax.hist(list(values), bins=bins, color="#4477aa")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
@@ -88,7 +104,7 @@ def plot_heatmap(matrix, path: str | Path, *, xlabel: str, ylabel: str, title: s
                  yticklabels: Sequence[str] | None = None, annotate: bool = False) -> Path:
     """Banding heatmaps, weight matrices, connector images; small labelled tables of numbers (one tick label per
     column / row, and with `annotate` each cell's value written in it)."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.0, 4.2))
     image = ax.imshow(matrix, aspect=aspect, cmap=cmap, interpolation="nearest")
     if xticklabels is not None:
         ax.set_xticks(range(len(xticklabels)), list(xticklabels), rotation=30, ha="right")
@@ -113,7 +129,7 @@ def plot_groups(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str |
                 title: str = "") -> Path:
     """Distributions side by side: one panel per outer key, one box (with its points) per inner key; e.g. per-latent
     autointerp scores of two SAEs per scorer."""
-    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(3.4 * max(len(groups), 1), 3.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, max(len(groups), 1), figsize=(3.4 * max(len(groups), 1), 3.4), squeeze=False)
     for ax, (panel, series) in zip(axes[0], groups.items(), strict=False):
         names = list(series)
         ax.boxplot([list(series[name]) for name in names], showmeans=True)

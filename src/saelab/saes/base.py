@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from saelab.config import Config
 from saelab.errors import CheckpointError, ConfigError
 from saelab.io import atomic_write_json, atomic_write_with
-from saelab.saes import losses
 from saelab.saes.latents import ForwardOutput, Latents, SparseLatents, to_dense
 
 __all__ = ["ForwardOutput", "Latents", "SparseLatents", "to_dense"]
@@ -210,6 +209,8 @@ class SparseAutoencoder(nn.Module, ABC):
     ) -> dict[str, LossTerm]:
         """Named loss terms of one batch. `dead_mask()` gives the latents currently counted dead (boolean
         [n_latents]). Subclasses extend the dict (call super) or replace it."""
+        from saelab.saes import losses  # imports saelab.metrics, which imports this package
+
         x_hat, latents = output
         terms = {"recon": LossTerm(losses.reconstruction_loss(x_n, x_hat, ctx.loss))}
         if ctx.l1_coefficient > 0:

@@ -1,9 +1,9 @@
 """The multi-layer SAE: one top-k dictionary over the concatenated residual outputs of several layers of one token.
 
-Every latent reads from and writes to all chosen layers at once (seed 002). The input is the concatenation, in
-layer order, of `resid_post.L` for the layers in `cfg.layers`; `cfg.slice_widths` says which features belong to
-which layer, so every later step (per-layer FVU, banding, decoder cosines, information flow) can split a vector
-back into its layers.
+Every latent reads from and writes to all chosen layers at once (the write-up "Multi-layer SAEs"). The input is the
+concatenation, in layer order, of `resid_post.L` for the layers in `cfg.layers`; `cfg.slice_widths` says which
+features belong to which layer, so every later step (per-layer FVU, banding, decoder cosines, information flow) can
+split a vector back into its layers.
 
 Normalisation is part of the SAE (applied by `normalize`, undone by `denormalize`, so `reconstruct` is raw -> raw)
 and recorded in its config as one scale per layer:

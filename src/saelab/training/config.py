@@ -102,7 +102,7 @@ class TrainerConfig(Config):
         return math.ceil(self.total_tokens / self.batch_size)
 
 
-# The deep-SAE write-up's training recipe (REFERENCE §1) as TrainerConfig fields: loss = MSE + 1e-3 × mean(z²);
+# The training recipe of the deep-SAE write-up ("Deep SAEs") as TrainerConfig fields: loss = MSE + 1e-3 × mean(z²);
 # Adam (0.9, 0.999) at a constant 2e-4 with the masked moment updates; gradients clipped at norm 1.0; every decoder
 # matrix unit-norm per unit with gradient projection; dead = silent for 1.5M tokens, and dead latents resampled
 # (checked every 100 steps). Presets (e.g. `saelab train --preset deep_sae`) apply it under any explicit field.
