@@ -93,6 +93,9 @@ class Trainer:
         self._records: list[dict[str, Any]] = []
         self._short_batch_seen = False
         self._resampled_since_log = 0
+        self._bar: tqdm | None = None
+        self._window: _Window | None = None
+        self._last_checkpoint = 0
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -150,7 +153,28 @@ class Trainer:
         go on). After `restore()`, `batches` must yield the same sequence as the original run; the batches the
         checkpoint already consumed are skipped unless `skip_consumed=False` (the iterable is already positioned).
         """
-        cfg = self.cfg
+        stream: Iterator[Tensor] = iter(batches)
+        if skip_consumed and self.step > 0:
+            stream = itertools.islice(stream, self.step, None)
+        self.begin()
+        try:
+            for batch in stream if not self.done else ():
+                self.train_on(batch)
+                if self.done:
+                    break  # before pulling another batch from the (possibly disk-backed) iterator
+        except BaseException:
+            self._close(flush=False)
+            raise
+        return self.finish()
+
+    # The same loop one batch at a time, for callers that feed several trainers from one pass over the data:
+    # begin(), then train_on(batch) until `done` (or the data ends), then finish().
+    @property
+    def done(self) -> bool:
+        return self.tokens_seen >= self.cfg.total_tokens
+
+    def begin(self) -> None:
+        """Start (or, after `restore()`, continue) a run in this trainer's folder."""
         if self.step == 0:
             if ckpt.latest_checkpoint(self.out_dir) is not None:
                 raise CheckpointError(
@@ -158,39 +182,43 @@ class Trainer:
                     "or train into a new folder"
                 )
             self._records = self.logger.keep_until(0)
-        stream: Iterator[Tensor] = iter(batches)
-        if skip_consumed and self.step > 0:
-            stream = itertools.islice(stream, self.step, None)
-        bar = tqdm(total=cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
-                   disable=not cfg.progress, desc="train")
-        window = _Window()
-        last_checkpoint = self.step
-        try:
-            for batch in stream if self.tokens_seen < cfg.total_tokens else ():
-                x = self._prepare(batch)
-                window.add(self._train_step(x), x.shape[0])
-                bar.update(x.shape[0])
-                if self.step % cfg.log_every_steps == 0:
-                    self._log(window, bar)
-                if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
-                    self.save_checkpoint()
-                    last_checkpoint = self.step
-                if self.tokens_seen >= cfg.total_tokens:
-                    break  # before pulling another batch from the (possibly disk-backed) iterator
-            if window.steps:
-                self._log(window, bar)
-        finally:
-            bar.close()
-            self.logger.close()
-        completed = self.tokens_seen >= cfg.total_tokens
-        if not completed and last_checkpoint != self.step:
+        self._bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
+                         disable=not self.cfg.progress, desc="train")
+        self._window = _Window()
+        self._last_checkpoint = self.step
+
+    def train_on(self, batch: Tensor) -> None:
+        """One optimiser step on `batch`, with the logging and checkpoints that fall due after it."""
+        cfg = self.cfg
+        x = self._prepare(batch)
+        self._window.add(self._train_step(x), x.shape[0])
+        self._bar.update(x.shape[0])
+        if self.step % cfg.log_every_steps == 0:
+            self._log(self._window, self._bar)
+        if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+            self.save_checkpoint()
+            self._last_checkpoint = self.step
+
+    def finish(self) -> TrainResult:
+        """Log the last partial window, checkpoint an unfinished run, save the final SAE."""
+        self._close(flush=True)
+        if not self.done and self._last_checkpoint != self.step:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
         self.sae.save(sae_dir)
         return TrainResult(
             final=self._records[-1] if self._records else {}, records=list(self._records), steps=self.step,
-            tokens_seen=self.tokens_seen, completed=completed, sae_dir=sae_dir, metrics_path=self.logger.path,
+            tokens_seen=self.tokens_seen, completed=self.done, sae_dir=sae_dir, metrics_path=self.logger.path,
         )
+
+    def _close(self, flush: bool) -> None:
+        """Close the progress bar and logger, logging the last partial window first when `flush` (idempotent)."""
+        if flush and self._window is not None and self._window.steps:
+            self._log(self._window, self._bar)
+        if self._bar is not None:
+            self._bar.close()
+        self._window = self._bar = None
+        self.logger.close()
 
     def _prepare(self, batch: Tensor) -> Tensor:
         if batch.ndim != 2 or batch.shape[1] != self.sae.d_in:
