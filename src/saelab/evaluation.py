@@ -275,8 +275,7 @@ def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
     """`saelab evaluate`: both kinds of metrics of a saved SAE, written to the run folder's `summary.json`."""
     from saelab.models.loading import load_model
 
-    folder = RunFolder(cfg.out_dir)
-    folder.save_config(cfg)
+    folder = RunFolder.start(cfg)
     sae = load_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)

@@ -43,6 +43,13 @@ class RunFolder:
         self.timings: dict[str, float] = {}
         self._last = time.perf_counter()
 
+    @classmethod
+    def start(cls, cfg: Config) -> RunFolder:
+        """The run folder `cfg.out_dir`, with `cfg` saved as its `config.json` (how every command opens its folder)."""
+        folder = cls(cfg.out_dir)
+        folder.save_config(cfg)
+        return folder
+
     # ---- files ---------------------------------------------------------------------------------------------
     def file(self, name: str) -> Path:
         return self.path / name

@@ -14,16 +14,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.activations.store import ActivationStore
 from saelab.data.corpora import iter_documents
 from saelab.data.tokenize import DataConfig, pack_contexts
 from saelab.errors import ConfigError, DataError, StoreError
+from saelab.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TRAIN_STORE = "train"
 EVAL_STORE = "eval"
@@ -100,3 +104,23 @@ def harvest_with_heldout(
         train_store = harvest_into(TRAIN_STORE, contexts[:n_train])
     held = contexts[n_train:]
     return HeldOutSplit(train_store, harvest_into(EVAL_STORE, held[:n_eval]), held, data)
+
+
+def load_model_with_heldout(
+    folder: RunFolder,
+    cfg: HarvestConfig,
+    *,
+    eval_tokens: int,
+    heldout_contexts: int = 0,
+    store: str | Path | None = None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase, HeldOutSplit]:
+    """The start every single-site experiment shares: load `cfg.model` (float32), then `harvest_with_heldout` into
+    `<folder>/activations` (whatever `cfg.out_dir` says), timed as the run folder's `load_model` and `harvest`."""
+    from saelab.models.loading import load_model
+
+    model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
+    folder.lap("load_model")
+    split = harvest_with_heldout(model, tokenizer, cfg.replace(out_dir=str(folder.path / "activations")),
+                                 eval_tokens=eval_tokens, heldout_contexts=heldout_contexts, store=store)
+    folder.lap("harvest")
+    return model, tokenizer, split

@@ -36,7 +36,7 @@ def compare_results(
     per_latent_metric: str = "accuracy",
 ) -> dict[str, dict[str, Any]]:
     """Per scorer, tests over per-example correctness and over per-latent `per_latent_metric` of `explainer`'s
-    explanations. `a` and `b` are per-latent results as written by the autointerp recipe."""
+    explanations. `a` and `b` are per-latent results as written by the autointerp experiment."""
     out = {}
     for scorer in scorers:
         out[scorer] = {

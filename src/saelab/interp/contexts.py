@@ -112,7 +112,7 @@ def write_contexts(cfg: ContextsConfig) -> str:
     the examples in `contexts.json`). One pass of the SAE over the store is recorded in `record_dir` and reused by
     later calls for the same SAE and store."""
     out = Path(cfg.out_dir)
-    RunFolder(out).save_config(cfg)
+    RunFolder.start(cfg)
     sae = load_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)

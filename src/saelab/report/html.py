@@ -1,6 +1,6 @@
 """A self-contained one-page HTML report: headings, text, tables and figures (PNG embedded as data URIs).
 
-Every recipe writes its results through this one builder so reports look alike and every piece of text is
+Every experiment writes its results through this one builder so reports look alike and every piece of text is
 escaped (tokens such as `<script>` come straight from corpora).
 """
 

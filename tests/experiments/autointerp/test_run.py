@@ -1,4 +1,5 @@
-"""The autointerp recipe end to end on a tiny model, with the loopback OpenAI-protocol server as explainer/scorer."""
+"""The autointerp experiment end to end on a tiny model, with the loopback OpenAI-protocol server as explainer and
+scorer."""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_serv
     page = (out / "shallow" / "pages" / "latent_{:06d}.html".format(summary["saes"][0]["latents"][0])).read_text()
     assert "Logit effects" in page and "final norm skipped" in page
     assert (out / "report.html").exists() and (out / "comparison.png").exists()
-    assert json.loads((out / "autointerp.json").read_text())["comparison"] == summary["comparison"]
+    assert json.loads((out / "summary.json").read_text())["comparison"] == summary["comparison"]
+    assert (out / "config.json").exists()
 
     sent = fake_server.count
     again = run(_config(setup, out, fake_server.url))

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from saelab.errors import ConfigError, DataError
+from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.experiments.connectors.connector import (
     ConnectorConfig,
     FeatureConnector,
@@ -13,15 +15,19 @@ from saelab.experiments.connectors.connector import (
     evaluate_spans,
     heldout_feature_mse,
     linear_features,
+    load_connector,
     network_feature_weights,
     per_feature_mse,
+    save_connector,
     simulate,
     smart_init_,
     top_connections,
     train_connector,
+    trained_connector,
     weight_l1,
 )
 from saelab.models.mnist_mlp import MnistMLP, MnistMLPConfig
+from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseLatents
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 
@@ -235,3 +241,33 @@ def test_linear_features_by_absolute_and_relative_tolerance() -> None:
     variance = torch.tensor([1.0, 10.0, 1.0, 1.0])  # gaps 0.0005, 0.1, 0, -0.1 -> relative 0.0005, 0.01, 0, -0.1
     assert linear_features(mse_linear, mse_mlp, 0.005, scale=variance).tolist() == [True, False, True, True]
     assert linear_features(mse_linear, mse_mlp, 0.02, scale=variance).tolist() == [True, True, True, True]
+
+
+@pytest.mark.parametrize(("form", "bias"), [("linear", True), ("relu", False), ("mlp", True)])
+def test_a_saved_connector_loads_with_its_form_widths_and_weights(form: str, bias: bool, tmp_path: Path) -> None:
+    connector = FeatureConnector(6, 4, form=form, bias=bias, mlp_hidden=5)
+    loaded = load_connector(save_connector(connector, tmp_path / "c.safetensors"))
+    assert loaded.form == form and [w.shape for w in loaded.weight_matrices()] == [
+        w.shape for w in connector.weight_matrices()]
+    f = torch.rand(3, 6)
+    assert torch.equal(loaded(f), connector(f))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_connector(tmp_path / "absent.safetensors")
+
+
+def test_trained_connector_trains_once_per_request(tmp_path: Path) -> None:
+    folder, calls = RunFolder(tmp_path), []
+
+    def fit(connector: FeatureConnector) -> list[dict[str, float]]:
+        calls.append(connector)
+        with torch.no_grad():
+            connector.linears[0].weight.fill_(len(calls))
+        return [{"loss": float(len(calls))}]
+
+    first, curve = trained_connector(folder, "connectors/a", FeatureConnector(3, 2), {"l1": 1e-3}, fit)
+    assert curve == [{"loss": 1.0}] and (tmp_path / "connectors" / "a.safetensors").exists()
+    again, curve = trained_connector(folder, "connectors/a", FeatureConnector(3, 2), {"l1": 1e-3}, fit)
+    assert len(calls) == 1 and curve == [{"loss": 1.0}]
+    assert torch.equal(again.linears[0].weight, first.linears[0].weight)
+    other, curve = trained_connector(folder, "connectors/a", FeatureConnector(3, 2), {"l1": 1e-2}, fit)
+    assert len(calls) == 2 and curve == [{"loss": 2.0}] and (other.linears[0].weight == 2).all()

@@ -34,7 +34,7 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     out = tmp_path / "run"
     results = run(tiny_config(model, corpus, out))
 
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "summary.json").read_text())
     assert saved["setup"]["sites"] == ["mlp_in.1", "mlp_out.1"]
     assert set(saved["connectors"]) == {"linear", "relu", "mlp"}
     assert set(saved["cross_entropy"]["ce"]) == {"clean", "sae_on_mlp_input", "sae_on_mlp_output", "both_saes",

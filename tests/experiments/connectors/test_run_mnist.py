@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from saelab.errors import ConfigError
+from saelab.errors import CheckpointError, ConfigError
 from saelab.experiments.connectors.connector import ConnectorConfig
-from saelab.experiments.connectors.run_mnist import MnistConnectorsConfig, MnistSAEConfig, run_mnist_connectors
+from saelab.experiments.connectors.run_mnist import MnistConnectorsConfig, MnistSAEConfig, run
 from saelab.models.mnist_mlp import MnistMLPConfig, MnistTrainConfig
 
 
@@ -21,9 +21,9 @@ def tiny_config() -> MnistConnectorsConfig:
 
 def test_tiny_run_writes_every_result(tmp_path) -> None:
     cfg = tiny_config()
-    results = run_mnist_connectors(cfg, tmp_path)
+    results = run(cfg.replace(out_dir=str(tmp_path)))
 
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["spans"] == results["spans"] and MnistConnectorsConfig.load(tmp_path / "config.json") == cfg.replace(
         out_dir=str(tmp_path)
     )
@@ -53,6 +53,16 @@ def test_tiny_run_writes_every_result(tmp_path) -> None:
         assert paths and all(path.endswith(".png") and (tmp_path / path.split("/")[-1]).exists() for path in paths)
     assert (tmp_path / "report.html").read_text().count("<img") == 4
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+    # A rerun reuses the network, the SAEs and the connectors, and reaches the same results.
+    trained = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.safetensors") if "epochs" not in path.name}
+    assert len([path for path in trained if path.parent.name == "sae"]) == 2 * 3
+    again = run(cfg.replace(out_dir=str(tmp_path)))
+    assert {path: path.stat().st_mtime_ns for path in trained} == trained
+    for key in ("base", "mlp_train_losses", "saes", "connectors", "spans", "headline", "weight_counts"):
+        assert again[key] == results[key]
+    with pytest.raises(CheckpointError, match=r"network trained with other settings \(train differ"):
+        run(cfg.replace(out_dir=str(tmp_path), train=MnistTrainConfig(epochs=5, batch_size=64)))
 
 
 def test_connect_variant_must_be_trained() -> None:

@@ -71,7 +71,8 @@ def _bernoulli_features(n_tokens: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def test_norm_of_a_sparse_sum_of_orthogonal_bernoulli_features_is_linear_in_x() -> None:
-    # The write-up's claim B.1: ||Σ_{i∈U} v_i f_i||² = Σ_{i∈U} s_i <x, f_i> exactly, so the probe's R² is 1.
+    # A claim of "Decomposing The Dark Matter of Sparse Autoencoders" (its appendix B.1):
+    # ||Σ_{i∈U} v_i f_i||² = Σ_{i∈U} s_i <x, f_i> exactly, so the probe's R² is 1.
     x, v = _bernoulli_features(5_000, seed=1)
     features = _orthonormal_rows(10, 20, 1)
     unlearned = v[:, 6:] @ features[6:]

@@ -1,4 +1,4 @@
-"""The dark-matter recipe end to end on a tiny random Llama and a word-level tokenizer (seconds, offline)."""
+"""`saelab dark-matter` end to end on a tiny random Llama and a word-level tokenizer (seconds, offline)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from saelab.activations.harvest import HarvestConfig, harvest
 from saelab.data.tokenize import DataConfig, build_contexts
 from saelab.errors import ConfigError
+from saelab.experiments.dark_matter import run as dark_matter_run
 from saelab.experiments.dark_matter.regression import RegressionConfig
 from saelab.experiments.dark_matter.run import DarkMatterConfig, run
 from saelab.models.loading import load_model
@@ -43,12 +44,12 @@ def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> DarkMatterCo
     return cfg.replace(**changes)
 
 
-def test_recipe_writes_every_experiment_to_the_json_and_the_report(tiny_setup, tmp_path: Path) -> None:
+def test_run_writes_every_experiment_to_the_summary_and_the_report(tiny_setup, tmp_path: Path) -> None:
     model, corpus = tiny_setup
     out = tmp_path / "run"
     summary = run(tiny_config(model, corpus, out))
 
-    saved = json.loads((out / "dark_matter.json").read_text())
+    saved = json.loads((out / "summary.json").read_text())
     assert set(saved["experiments"]) == EXPERIMENTS
     exp = saved["experiments"]
     labels = ["16", "32", "64"]
@@ -107,7 +108,7 @@ def _write_gemma_scope_style(folder: Path, d_in: int, width: int, seed: int) -> 
     return str(folder)
 
 
-def test_recipe_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path) -> None:
+def test_run_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path) -> None:
     model, corpus = tiny_setup
     cfg = tiny_config(model, corpus, tmp_path / "run")
     llama, tokenizer = load_model(str(model))
@@ -129,3 +130,27 @@ def test_recipe_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Pa
     assert check["ce"]["sae+linear+nonlinear"] == pytest.approx(check["ce_clean"], abs=1e-5)
     with pytest.raises(ConfigError, match="do not read resid_post.1"):
         run(cfg.replace(store=str(store.path), hookpoint="resid_post.1", earlier_hookpoints=[], pretrained_sae=folders))
+
+
+MARKED = ("5_synthetic", "7_component_saes", "8_downstream_ce", "9_gradient_pursuit", "10_earlier_components")
+
+
+def test_rerun_reads_finished_experiments_from_their_done_markers(tiny_setup, tmp_path: Path, monkeypatch) -> None:
+    model, corpus = tiny_setup
+    out = tmp_path / "run"
+    cfg = tiny_config(model, corpus, out, widths=[16, 32])
+    run(cfg)
+    assert DarkMatterConfig.load(out / "config.json") == cfg
+    first = json.loads((out / "summary.json").read_text())["experiments"]
+
+    def redone(*args, **kwargs) -> None:
+        raise AssertionError("a finished experiment was run again")
+
+    for stage in ("_synthetic", "_component_saes", "_earlier_components", "_pursuit", "_downstream"):
+        monkeypatch.setattr(dark_matter_run, stage, redone)
+    again = run(cfg)
+    assert {key: again["experiments"][key] for key in MARKED} == {key: first[key] for key in MARKED}
+    # Other settings answer another question: the experiments are redone (the SAEs, trained on the same tokens,
+    # are still reused).
+    with pytest.raises(AssertionError, match="run again"):
+        run(cfg.replace(regression=RegressionConfig(seed=2)))

@@ -1,4 +1,4 @@
-"""The frontier recipe end to end on a tiny random Llama: harvest, train every variant, evaluate, report, resume."""
+"""The frontier experiment end to end on a tiny random Llama: harvest, train every variant, evaluate, report, resume."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import random
 
 import pytest
 import torch
-from saelab.recipes import frontier
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
+from saelab.experiments.frontier import run as frontier
 from saelab.experiments.frontier.run import FrontierConfig, matched_width, plan_variants
 from saelab.saes import create_sae
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
@@ -62,7 +62,7 @@ def test_frontier_runs_reports_resumes_and_reuses_a_store(tiny_setup, monkeypatc
     assert rows[("deep-1", 4)]["parameters"] > shallow["parameters"]
     assert set(summary["verdict"]) == {"deep-1", "deep-1-matched", "deep-2"}
     assert set(summary["baseline"]) == {"ce_clean", "ce_zero_ablated"}
-    saved = json.loads((out / "frontier.json").read_text())
+    saved = json.loads((out / "summary.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
     html = (out / "report.html").read_text()
     assert "Frontier" in html and "deep-1-matched" in html and html.count("<img") == 3
@@ -72,7 +72,7 @@ def test_frontier_runs_reports_resumes_and_reuses_a_store(tiny_setup, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("a complete SAE was trained again")
 
-    monkeypatch.setattr(frontier, "train_sae", no_training)
+    monkeypatch.setattr(frontier, "train_from_config", no_training)
     monkeypatch.setattr(frontier, "downstream_metrics", no_training)
     again = frontier.run(cfg)
     assert again["rows"] == summary["rows"]

@@ -1,20 +1,21 @@
-"""The autointerp recipe's feature pages: each scored latent's record, examples, logits and scores as a page."""
+"""The autointerp feature pages: each scored latent's record, examples, logits and scores as a page.
+
+Takes plain values (the token text, the unembedding, the page layout) rather than the run's config, so it does not
+depend on run.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from saelab.interp.examples import Example, ExampleSampler, TokenText
 from saelab.interp.logits import decoder_directions, logit_effects, reads_residual_stream
 from saelab.interp.record import LatentRecord
 from saelab.report.feature_pages import ContextView, LatentPage, write_feature_site
 from saelab.saes import SparseAutoencoder
-
-if TYPE_CHECKING:
-    from saelab.experiments.autointerp.run import AutointerpConfig, Subject
 
 LOGITS_NOTE = (
     "Logit effects: the unembedding W_U applied to the unit-norm decoder direction of the latent (for a deep SAE: "
@@ -25,25 +26,28 @@ HISTOGRAM_BINS = 40
 
 
 def write_pages(
-    cfg: AutointerpConfig, sae: SparseAutoencoder, record: LatentRecord, sampler: ExampleSampler,
-    results: list[dict[str, Any]], subject: Subject, folder: Path, label: str,
+    sae: SparseAutoencoder, record: LatentRecord, sampler: ExampleSampler, results: list[dict[str, Any]],
+    folder: Path, label: str, *, text: TokenText, unembedding: Tensor, top: int, quantiles: int, per_quantile: int,
+    seed: int, logit_tokens: int,
 ) -> Path:
-    """The site of SAE `label` for `results` (per-latent autointerp results) in `folder`; returns the index path."""
+    """The site of SAE `label` for `results` (per-latent autointerp results) in `folder`; returns the index path.
+
+    Each page shows the `top` strongest windows, then `per_quantile` windows (drawn with `seed`) from each of
+    `quantiles` activation quantiles, and the `logit_tokens` most promoted and suppressed tokens."""
     latents = [r["latent"] for r in results]
-    logits = _logits(cfg, sae, record, results, subject)
+    logits = _logits(sae, record, results, text, unembedding, logit_tokens)
     pages = []
     for result in results:
         latent = result["latent"]
         _, values = record.activations(latent)
         counts, edges = np.histogram(values, bins=HISTOGRAM_BINS)
-        top = sampler.top(latent, cfg.page_top)
-        quantiles = sampler.quantile_examples(latent, cfg.page_quantiles, cfg.page_per_quantile, cfg.examples.seed,
-                                              exclude=top)
-        sections = [("Top activations", _views(top, result["max_activation"], subject.text))]
-        for quantile in reversed(range(cfg.page_quantiles)):
-            chosen = [e for e in quantiles if e.quantile == quantile]
-            sections.append((f"Quantile {quantile + 1} of {cfg.page_quantiles} (1 = weakest)",
-                             _views(chosen, result["max_activation"], subject.text)))
+        strongest = sampler.top(latent, top)
+        drawn = sampler.quantile_examples(latent, quantiles, per_quantile, seed, exclude=strongest)
+        sections = [("Top activations", _views(strongest, result["max_activation"], text))]
+        for quantile in reversed(range(quantiles)):
+            chosen = [e for e in drawn if e.quantile == quantile]
+            sections.append((f"Quantile {quantile + 1} of {quantiles} (1 = weakest)",
+                             _views(chosen, result["max_activation"], text)))
         top_logits, bottom_logits = logits.get(latent, (None, None))
         pages.append(LatentPage(
             latent=latent, count=result["count"], frequency=result["frequency"],
@@ -77,18 +81,18 @@ def _page_scores(result: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _logits(
-    cfg: AutointerpConfig, sae: SparseAutoencoder, record: LatentRecord, results: list[dict[str, Any]],
-    subject: Subject,
+    sae: SparseAutoencoder, record: LatentRecord, results: list[dict[str, Any]], text: TokenText,
+    unembedding: Tensor, logit_tokens: int,
 ) -> dict[int, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
     """Promoted and suppressed tokens per latent, or nothing when the SAE does not read the residual stream."""
-    if not results or not reads_residual_stream(record.hookpoint) or sae.d_in != subject.unembedding.shape[1]:
+    if not results or not reads_residual_stream(record.hookpoint) or sae.d_in != unembedding.shape[1]:
         return {}
     latents = [r["latent"] for r in results]
     directions = decoder_directions(sae, latents, [max(r["max_activation"], 1e-6) for r in results])
-    top_v, top_i, bottom_v, bottom_i = logit_effects(directions, subject.unembedding, cfg.logit_tokens)
+    top_v, top_i, bottom_v, bottom_i = logit_effects(directions, unembedding, logit_tokens)
 
-    def named(values, ids) -> list[tuple[str, float]]:
-        return [(subject.text.piece(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    def named(values: Tensor, ids: Tensor) -> list[tuple[str, float]]:
+        return [(text.piece(i), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
 
     return {latent: (named(top_v[row], top_i[row]), named(bottom_v[row], bottom_i[row]))
             for row, latent in enumerate(latents)}

@@ -4,11 +4,12 @@ Per SAE: one pass over the store into a latent record; `n_latents` alive latents
 explanation from its training examples and the baseline explanation (its most frequent activating tokens), both
 scored by detection and fuzzing; then the feature pages. With `--compare-sae-dir`, the second SAE gets the same
 treatment and the two are compared by Mann-Whitney U tests (per-example correctness and per-latent accuracy).
-Writes `autointerp.json`, `report.html` and per SAE `<label>/latents/*.json` and `<label>/pages/index.html`.
+Writes `config.json`, `summary.json`, `report.html` and per SAE `<label>/latents/*.json` and
+`<label>/pages/index.html`.
 
 Resumable at every level: the record resumes after its last shard, each latent's result is written once it is
 scored (a rerun skips it), and every LLM reply is cached on disk, so a rerun after a failure costs only what is
-missing.
+missing. The summary and the feature pages are rebuilt from those files on every run.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from saelab.interp.compare import compare_results, latent_scores
 from saelab.interp.examples import ExampleConfig, ExampleSampler, LatentExamples, TokenText
 from saelab.interp.explainers import Explanation, baseline_explanation, explain_latents
 from saelab.interp.llm import ChatClient
-from saelab.interp.local_client import LocalChatClient
-from saelab.interp.openai_client import OpenAIChatClient
 from saelab.interp.record import LatentRecord, record_latents
 from saelab.interp.scorers import (
     SCORERS,
@@ -50,7 +49,7 @@ from saelab.interp.scorers import (
 )
 from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
-from saelab.provenance import provenance
+from saelab.run_folder import RunFolder
 from saelab.saes import load_sae
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,8 @@ class LLMConfig(Config):
 
 @dataclasses.dataclass
 class AutointerpConfig(Config):
+    """What to explain and score (one SAE, or two to compare) on which store, with which examples and chat model."""
+
     sae_dir: str = dataclasses.field(default="runs/frontier/saes/shallow-k32/sae", metadata={"help": "SAE folder"})
     compare_sae_dir: str | None = dataclasses.field(default=None, metadata={"help": "second SAE to compare with"})
     store: str = dataclasses.field(default="runs/frontier/activations/train", metadata={"help": "activation store"})
@@ -114,9 +115,6 @@ class AutointerpConfig(Config):
             raise ConfigError("n_latents and latents_per_step must be at least 1")
 
 
-CONFIG = AutointerpConfig
-
-
 @dataclasses.dataclass
 class Subject:
     """What both SAEs share: the store, the subject model's tokenizer text and unembedding, and the chat client."""
@@ -135,6 +133,9 @@ def sae_label(sae_dir: str | Path) -> str:
 
 def build_client(cfg: LLMConfig, cache_path: Path, loaded: dict[str, Any]) -> CachedClient:
     """The configured client behind the reply cache; `loaded` maps model names to already loaded (model, tokenizer)."""
+    from saelab.interp.local_client import LocalChatClient  # the clients only load what their kind needs
+    from saelab.interp.openai_client import OpenAIChatClient
+
     client: ChatClient
     if cfg.kind == "openai":
         client = OpenAIChatClient(cfg.base_url, cfg.model, cfg.api_key_env, cfg.timeout_s, cfg.max_retries,
@@ -231,7 +232,8 @@ def _queries(cfg: AutointerpConfig, explanation: str, examples: LatentExamples, 
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per explainer and scorer: metrics pooled over every answer, per-latent means, invalid explanation count."""
+    """Per explainer and scorer: metrics pooled over every answer, per-latent means (and the per-latent accuracies
+    the report plots), invalid explanation count."""
     summary: dict[str, Any] = {}
     for explainer in EXPLAINERS:
         explained = [r for r in results if explainer in r["explanations"]]
@@ -249,6 +251,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             entry[scorer] = {
                 "pooled": binary_metrics(answers),
                 "per_latent_mean": {m: (float(np.mean(v)) if v else None) for m, v in per_latent.items()},
+                "per_latent_accuracy": per_latent["accuracy"],
             }
         summary[explainer] = entry
     return summary
@@ -271,60 +274,66 @@ def check_settings(cfg: AutointerpConfig, folder: Path, model_id: str) -> None:
         )
 
 
-def autointerp_sae(cfg: AutointerpConfig, sae_dir: str, label: str, subject: Subject) -> dict[str, Any]:
-    """Record, explain, score and page one SAE; returns its summary (with the per-latent results)."""
-    folder = Path(cfg.out_dir) / label
+def autointerp_sae(
+    cfg: AutointerpConfig, run_folder: RunFolder, sae_dir: str, label: str, subject: Subject
+) -> dict[str, Any]:
+    """Record, explain, score and page one SAE in `<out_dir>/<label>`; returns its summary (with the per-latent
+    results). Times its stages as `<label>/record`, `<label>/latents` and `<label>/pages`."""
+    folder = run_folder.path / label
     check_settings(cfg, folder, subject.client.model_id)
     sae = load_sae(sae_dir, device=cfg.device)
     hookpoint = check_compatible(sae, subject.store)
-    started = time.perf_counter()
     record = record_latents(sae, subject.store, folder / "record", hookpoint, cfg.max_tokens, cfg.record_chunk_tokens,
                             cfg.batch_size)
-    seconds = {"record": time.perf_counter() - started}
+    run_folder.lap(f"{label}/record")
     sampler = ExampleSampler(record, subject.store, cfg.examples.window_before, cfg.examples.window_after)
     latents = choose_latents(record.counts, cfg.n_latents, cfg.examples.min_activations, cfg.latent_seed)
-    seconds.update(score_latents(cfg, subject, record, sampler, latents, folder))
+    # Seconds of this run only: explaining and scoring latents done by an earlier run cost nothing here.
+    latent_seconds = score_latents(cfg, subject, record, sampler, latents, folder)
+    run_folder.lap(f"{label}/latents")
     results = [json.loads(latent_file(folder, latent).read_text()) for latent in latents]
     summary = {
         "label": label, "sae_dir": str(sae_dir), "hookpoint": hookpoint, "architecture": sae.architecture,
         "n_latents_total": sae.n_latents, "record_tokens": record.n_tokens,
         "alive_fraction": float((record.counts > 0).mean()), "latents": latents, "scores": summarize(results),
+        "latent_seconds": {key: round(value, 2) for key, value in latent_seconds.items()},
     }
     if cfg.pages:
-        started = time.perf_counter()
-        summary["pages"] = str(write_pages(cfg, sae, record, sampler, results, subject, folder / "pages", label))
-        seconds["pages"] = time.perf_counter() - started
-    # Seconds of this run only: explaining and scoring latents done by an earlier run cost nothing here.
-    summary["seconds"] = {key: round(value, 2) for key, value in seconds.items()}
+        index = write_pages(sae, record, sampler, results, folder / "pages", label, text=subject.text,
+                            unembedding=subject.unembedding, top=cfg.page_top, quantiles=cfg.page_quantiles,
+                            per_quantile=cfg.page_per_quantile, seed=cfg.examples.seed,
+                            logit_tokens=cfg.logit_tokens)
+        summary["pages"] = str(index)
+        run_folder.lap(f"{label}/pages")
     return {**summary, "results": results}
 
 
 def run(cfg: AutointerpConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    cfg.save(out / "autointerp_config.json")
+    """Autointerp of `cfg.sae_dir` (and `cfg.compare_sae_dir`, then the comparison); returns the written summary."""
+    folder = RunFolder.start(cfg)
     store = ActivationStore(cfg.store)
     model, tokenizer = load_model(store.model_name, cfg.device, torch.float32)
     loaded = {store.model_name: (model, tokenizer)}
-    client = build_client(cfg.llm, Path(cfg.llm.cache or out / "llm_cache.sqlite"), loaded)
+    client = build_client(cfg.llm, Path(cfg.llm.cache or folder.file("llm_cache.sqlite")), loaded)
     subject = Subject(store, TokenText(tokenizer), model.get_output_embeddings().weight.detach(), client)
+    folder.lap("load")
     dirs = [cfg.sae_dir] + ([cfg.compare_sae_dir] if cfg.compare_sae_dir else [])
     labels = [sae_label(d) for d in dirs]
     if len(set(labels)) < len(labels):
         labels = [f"{label}-{side}" for label, side in zip(labels, "ab", strict=False)]
-    runs = [autointerp_sae(cfg, sae_dir, label, subject) for sae_dir, label in zip(dirs, labels, strict=True)]
+    runs = [autointerp_sae(cfg, folder, sae_dir, label, subject) for sae_dir, label in zip(dirs, labels, strict=True)]
     summary: dict[str, Any] = {
         "saes": [{k: v for k, v in r.items() if k != "results"} for r in runs],
         "llm": {"model_id": client.model_id, "usage": client.usage.to_dict(), "cache": client.cache.totals()},
-        "config": cfg.to_dict(),
-        "provenance": provenance(),
     }
     if len(runs) == 2:
         summary["comparison"] = {
             explainer: compare_results(runs[0]["results"], runs[1]["results"], explainer, SCORERS)
             for explainer in EXPLAINERS if explainer in runs[0]["scores"]
         }
-    atomic_write_json(out / "autointerp.json", summary)
-    write_report(summary, runs, out)
+        folder.lap("compare")
+    summary = folder.write_summary(summary, cfg)
+    write_report(summary, folder.path)
     log.info("autointerp finished: %s", {r["label"]: {s: r["scores"]["llm"][s]["pooled"]["accuracy"] for s in SCORERS}
                                          for r in runs if "llm" in r["scores"]})
     return summary

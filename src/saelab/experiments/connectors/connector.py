@@ -1,10 +1,11 @@
-"""Feature connectors: sparse maps between the SAE features of consecutive layers, and the network run through them.
+"""Feature connectors: sparse maps between the SAE features of consecutive layers, and the network run through them
+(after the write-up "Learning Interpretable Features with Sparse Auto-Encoders", called "the write-up" below).
 
 A connector C_k predicts the features of hidden state k+1 from those of hidden state k, F_{k+1} ≈ C_k(F_k), so a
 span of network layers can be replaced by encode → connectors → decode. Forms:
 
 - ``linear``: W F + b;
-- ``relu``:   ReLU(W F + b) (the seed's form: features are non-negative);
+- ``relu``:   ReLU(W F + b) (the write-up's form: features are non-negative);
 - ``mlp``:    ReLU(W_b ReLU(W_a F + b_a) + b_b), the reference a linear connector is compared against.
 
 Training loss = MSE (mean over examples and over output features, optionally only the alive ones: those that
@@ -20,21 +21,30 @@ be used for the SAE that decodes: the statistics of a layer the connectors skip 
 Features may be dense `[N, n]` or top-k `SparseLatents`; with sparse inputs the first weight matrix is applied as a
 k-sparse gather-sum (forward and backward), so a connector between 3k-latent SAEs trains at the cost of its k active
 inputs instead of a dense GEMM.
+
+A trained connector is saved as safetensors (its form in the metadata, its shape in its weights), and
+`trained_connector` trains one once per run folder: a rerun with the same request loads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saelab.config import Config
-from saelab.errors import ConfigError, DataError
+from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.io import atomic_write_with
 from saelab.models.mnist_mlp import ClassificationScores, MnistMLP, classification_scores
+from saelab.run_folder import RunFolder
 from saelab.saes.base import Latents, SparseAutoencoder, SparseLatents, to_dense
 from saelab.saes.kernels import sparse_decode
 from saelab.saes.shallow import ShallowSAE
@@ -47,16 +57,23 @@ INITS: tuple[ConnectorInit, ...] = ("random", "smart")
 
 @dataclasses.dataclass
 class ConnectorConfig(Config):
-    form: ConnectorForm = "relu"
-    bias: bool = True
-    mlp_hidden: int = 256  # hidden width of the mlp form; the smart init needs the network layer's width
-    init: ConnectorInit = "random"  # random (nn.Linear's default) | smart (from the network layer and the SAEs)
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    l1_coefficient: float = 1e-3
-    alive_only: bool = True  # MSE over the output features that fire in the training targets
-    seed: int = 0
+    form: ConnectorForm = dataclasses.field(default="relu", metadata={"help": "linear | relu | mlp"})
+    bias: bool = dataclasses.field(default=True, metadata={"help": "learn a bias per output (and hidden) unit"})
+    mlp_hidden: int = dataclasses.field(
+        default=256, metadata={"help": "hidden width of the mlp form; the smart init needs the network layer's width"}
+    )
+    init: ConnectorInit = dataclasses.field(
+        default="random",
+        metadata={"help": "random (nn.Linear's default) | smart (from the network layer and the SAEs)"},
+    )
+    epochs: int = dataclasses.field(default=10, metadata={"help": "passes over the stored feature pairs"})
+    batch_size: int = dataclasses.field(default=256, metadata={"help": "feature pairs per step"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"help": "Adam learning rate"})
+    l1_coefficient: float = dataclasses.field(default=1e-3, metadata={"help": "× the weights' mean row L1 norm"})
+    alive_only: bool = dataclasses.field(
+        default=True, metadata={"help": "MSE over the output features that fire in the training targets only"}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the initial weights and the batch order"})
 
     def validate(self) -> None:
         if self.form not in FORMS:
@@ -102,6 +119,57 @@ class FeatureConnector(nn.Module):
     def weight_matrices(self) -> list[Tensor]:
         """`[out, in]` weights, input side first (what L1 penalises and what the large-weight count counts)."""
         return [linear.weight for linear in self.linears]
+
+
+# ---- saved connectors ----------------------------------------------------------------------------------------
+
+
+def save_connector(connector: FeatureConnector, path: str | Path) -> Path:
+    """Weights as safetensors with the form in the metadata: all `load_connector` needs to rebuild it."""
+    path = Path(path)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in connector.state_dict().items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"form": connector.form}))
+    return path
+
+
+def load_connector(path: str | Path) -> FeatureConnector:
+    """A connector written by `save_connector`, its widths and bias read off its weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; it is written when the connector is trained")
+    with safe_open(str(path), framework="pt") as handle:
+        form = (handle.metadata() or {}).get("form")
+    state = load_file(str(path))
+    weights = [state[f"linears.{i}.weight"] for i in range(sum(name.endswith(".weight") for name in state))]
+    if form not in FORMS or not weights:
+        raise CheckpointError(f"{path} is not a saved feature connector (form {form!r})")
+    connector = FeatureConnector(weights[0].shape[1], weights[-1].shape[0], form, bias="linears.0.bias" in state,
+                                 mlp_hidden=weights[0].shape[0])
+    connector.load_state_dict(state)
+    return connector.eval()
+
+
+def trained_connector(
+    folder: RunFolder,
+    stage: str,
+    connector: FeatureConnector,
+    request: Mapping[str, Any],
+    fit: Callable[[FeatureConnector], list[dict[str, float]]],
+) -> tuple[FeatureConnector, list[dict[str, float]]]:
+    """`fit(connector)` (which trains it and returns its training curve) once per run folder: the weights go to
+    `<stage>.safetensors` in the folder and the curve with `request` (what the connector was trained from: its
+    settings and the SAEs' fingerprints) to the stage's done-marker. A rerun with the same request loads the saved
+    connector and curve instead of training (so it only redoes the cheap analyses); another request retrains."""
+    weights = folder.file(f"{stage}.safetensors")
+    request = json.loads(json.dumps(request))
+    done = folder.result(stage)
+    if done is not None and done["request"] == request and weights.exists():
+        connector.load_state_dict(load_connector(weights).state_dict())
+        return connector.eval(), done["train_curve"]
+    curve = fit(connector)
+    save_connector(connector, weights)
+    folder.mark_done(stage, {"request": request, "train_curve": curve})
+    return connector.eval(), curve
 
 
 # ---- loss ---------------------------------------------------------------------------------------------------
@@ -160,7 +228,7 @@ def heldout_feature_mse(connector: nn.Module, f_in: Latents, f_out: Latents, chu
 
 def linear_features(mse_linear: Tensor, mse_reference: Tensor, tolerance: float, scale: Tensor | None = None) -> Tensor:
     """Boolean `[n_out]`: output features the linear connector predicts within `tolerance` of a more expressive
-    reference (the mlp connector): (mse_linear − mse_reference) / scale <= tolerance. The seed's test is absolute
+    reference (the mlp connector): (mse_linear − mse_reference) / scale <= tolerance. The write-up's test is absolute
     (scale None, tolerance 1e-3); with scale = each feature's variance it reads "loses at most this share of the
     variance by being linear", which does not depend on the features' units."""
     gap = mse_linear - mse_reference
@@ -237,7 +305,7 @@ def raw_affine(sae: SparseAutoencoder) -> RawAffine:
 def network_feature_weights(
     layer: nn.Linear, sae_in: SparseAutoencoder, sae_out: SparseAutoencoder
 ) -> tuple[Tensor, Tensor]:
-    """The seed's "smart" connector (W2, b2) = (E2 W D1, E2 b + e2), with our conventions made exact.
+    """The write-up's "smart" connector (W2, b2) = (E2 W D1, E2 b + e2), with our conventions made exact.
 
     In raw space (see `raw_affine`), h1 ≈ F1 D1 + c1 and F2 = ReLU(h2 E2ᵀ + e2) with h2 = ReLU(h1 Wᵀ + b).
     Dropping the inner ReLU, h2 ≈ F1 D1 Wᵀ + c1 Wᵀ + b, hence
@@ -245,7 +313,7 @@ def network_feature_weights(
     i.e. W2 = E2 W D1ᵀ `[n_out, n_in]` and b2 = E2 (W c1 + b) + e2 (E2, e2, D1, c1 raw-space, so e2 already holds
     −E2 c2 and c1 is b_dec1). Without preprocessing, in the SAEs' own parameters:
         W2 = W_enc2 · W · W_dec1ᵀ,    b2 = W_enc2 · (W · b_dec1 + b − b_dec2) + b_enc2.
-    The seed's D1 is our W_dec1ᵀ (atoms as columns) and its SAEs had no b_dec, hence its shorter b2 = E2 b + e2.
+    The write-up's D1 is our W_dec1ᵀ (atoms as columns) and its SAEs had no b_dec, hence its shorter b2 = E2 b + e2.
     Exact when the layer's pre-activations are non-negative (or the layer is linear) and SAE 1 reconstructs
     perfectly; for a top-k SAE it approximates the pre-activation only (top-k is not a ReLU).
     """
@@ -376,5 +444,5 @@ def top_connections(weight: Tensor, output: int, k: int = 5) -> list[tuple[int, 
 
 
 def count_large_weights(weights: Iterable[Tensor], threshold: float = 0.1) -> int:
-    """How many entries have |w| > threshold (the seed's sparsity measure for neuron vs feature weights)."""
+    """How many entries have |w| > threshold (the write-up's sparsity measure for neuron vs feature weights)."""
     return sum(int((w.detach().abs() > threshold).sum().item()) for w in weights)

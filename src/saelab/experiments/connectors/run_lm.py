@@ -1,4 +1,5 @@
-"""`connectors-lm`: the language-model half of the feature-connector seed, end to end in one run folder.
+"""`connectors-lm`: the language-model half of "Learning Interpretable Features with Sparse Auto-Encoders" (feature
+connectors), end to end in one run folder.
 
 One harvest stores the input and the output of one block's MLP (`mlp_in.L`, `mlp_out.L`); a top-k SAE is trained on
 each; connectors of every form (linear, ReLU, MLP) learn the output features from the input features; then:
@@ -7,24 +8,21 @@ input connections of well-predicted output features with each feature's top-acti
 AND-NOT-like relations), cross-entropy with the MLP replaced by encode → connector → decode next to SAE-only
 splices and MLP zero-ablation, and each shown feature's effect on the next-token logits when it is removed.
 
-Writes `results.json`, `report.html` and figures. Re-running resumes: the store and trained SAEs are reused.
+Writes `summary.json`, `report.html` and the figures (see `report_lm`), and each output feature's held-out MSE per
+connector form in `per_feature.safetensors`. Re-running resumes: the store, the trained SAEs (`train`'s
+done-markers) and the connectors trained from the same SAEs and settings (their done-markers) are reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from saelab.recipes.train_tensor import train_on_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.harvest import HarvestConfig, open_or_harvest
 from saelab.activations.split import StoreSplit, load_half, split_store
@@ -33,6 +31,7 @@ from saelab.config import Config
 from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
 from saelab.evaluation import evaluate_reconstruction, splice_losses
+from saelab.experiments.connectors import report_lm
 from saelab.experiments.connectors.connector import (
     ConnectorConfig,
     FeatureConnector,
@@ -46,23 +45,24 @@ from saelab.experiments.connectors.connector import (
     through_features,
     top_connections,
     train_connector,
+    trained_connector,
 )
 from saelab.experiments.connectors.lm_sites import feature_ablation_effects, mlp_replacement, mlp_sites
 from saelab.interp.contexts import example_text
 from saelab.interp.examples import ExampleSampler, TokenText
 from saelab.interp.record import record_latents, sae_fingerprint
-from saelab.io import atomic_write_json, atomic_write_with
+from saelab.io import atomic_write_with
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
-from saelab.provenance import provenance
-from saelab.report.html import Report
-from saelab.report.plots import save_figure
-from saelab.run_folder import Stopwatch
+from saelab.run_folder import RunFolder
 from saelab.saes import SparseAutoencoder
 from saelab.saes.base import Latents, SparseLatents, to_dense
+from saelab.saes.initialization import seeded
+from saelab.saes.spec import SAESpec
 from saelab.training.config import TrainerConfig
-from saelab.training.entry import SAESpec
+from saelab.training.entry import train_on_tensor
 
-matplotlib.use("Agg")
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMS = ("linear", "relu", "mlp")
 
@@ -75,7 +75,8 @@ class LMConnectorsConfig(Config):
     store: str | None = dataclasses.field(
         default=None, metadata={"help": "reuse this store (holding mlp_in.L and mlp_out.L) instead of harvesting"}
     )
-    # Positions 0-1 are dropped: SmolLM2's first real token carries rare massive activations (see the demo).
+    # Positions 0-1 are dropped: SmolLM2's first real token carries rare massive activations (norms ~20x the
+    # median) that would dominate pooled variances.
     data: DataConfig = dataclasses.field(
         default_factory=lambda: DataConfig(source="kjv", context_length=128, n_tokens=250_000, drop_first_positions=2)
     )
@@ -95,13 +96,14 @@ class LMConnectorsConfig(Config):
         )
     )
     forms: list[str] = dataclasses.field(default_factory=lambda: list(FORMS), metadata={"help": "connector forms"})
-    # The seed found a bias did not help; here it is kept (the SAEs' b_dec offsets need one) and reported.
+    # The write-up found a bias did not help; here it is kept (the SAEs' b_dec offsets need one) and reported.
     connector: ConnectorConfig = dataclasses.field(
         default_factory=lambda: ConnectorConfig(epochs=6, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
                                                 mlp_hidden=1024)
     )
     linear_tolerance: float = dataclasses.field(
-        default=1e-3, metadata={"help": "an output feature is linear if linear MSE - mlp MSE <= this (the seed's)"}
+        default=1e-3,
+        metadata={"help": "an output feature is linear if linear MSE - mlp MSE <= this (the write-up's test)"},
     )
     linear_tolerance_relative: float = dataclasses.field(
         default=0.05, metadata={"help": "the same test relative to each feature's variance"}
@@ -118,7 +120,7 @@ class LMConnectorsConfig(Config):
     n_examples: int = dataclasses.field(default=3, metadata={"help": "top contexts shown per feature"})
     harvest_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per harvest forward"})
     downstream_batch_size: int = dataclasses.field(default=4, metadata={"help": "contexts per CE forward"})
-    device: str = "cpu"
+    device: str = dataclasses.field(default="cpu", metadata={"help": "torch device of the language model"})
 
     def validate(self) -> None:
         unknown = sorted(set(self.forms) - set(FORMS))
@@ -136,37 +138,35 @@ class LMConnectorsConfig(Config):
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
 
 
-CONFIG = LMConnectorsConfig
-
-
 def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    cfg.save(out / "config.json")
-    watch = Stopwatch()
+    """Run every stage into `cfg.out_dir` (reusing the store, SAEs and connectors an earlier run finished) and return
+    what `summary.json` holds."""
+    folder = RunFolder.start(cfg)
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
     site_in, site_out = mlp_sites(model, cfg.layer)
-    store = _open_store(cfg, model, tokenizer, [site_in, site_out], out)
+    store = _open_store(cfg, model, tokenizer, [site_in, site_out], folder.path)
     data = HarvestConfig.from_dict(store.manifest["config"]).data
     split = split_store(store, cfg.analysis_tokens, cfg.downstream_contexts)
-    watch.lap("load_and_harvest")
+    folder.lap("load_and_harvest")
 
     saes, sae_logs = {}, {}
     for role, site in (("in", site_in), ("out", site_out)):
-        saes[role], log = train_on_tensor(cfg.sae, load_half(store, site, split.train), cfg.trainer,
-                                          out / "saes" / f"mlp_{role}", hookpoint=site, model_name=cfg.model)
-        sae_logs[role] = log[-1] if log else {}
-    watch.lap("train_saes")
+        saes[role], trained = train_on_tensor(cfg.sae, load_half(store, site, split.train), cfg.trainer,
+                                              folder.file("saes") / f"mlp_{role}", hookpoint=site,
+                                              model_name=cfg.model)
+        sae_logs[role] = trained.records[-1] if trained.records else {}
+    folder.lap("train_saes")
 
     features = {(role, part): _features(saes[role], store, site, tokens)
                 for role, site in (("in", site_in), ("out", site_out))
                 for part, tokens in (("train", split.train), ("test", split.analysis))}
-    watch.lap("encode_features")
+    folder.lap("encode_features")
 
     connectors, connector_results, feature_mse = {}, {}, {}
     alive = alive_features(features["out", "train"])
     for form in cfg.forms:
         connector_cfg = cfg.connector.replace(form=form)
-        connectors[form], history = _fit_connector(connector_cfg, saes, features, out / "connectors" / form)
+        connectors[form], history = _fit_connector(connector_cfg, saes, features, folder, f"connectors/{form}")
         feature_mse[form] = heldout_feature_mse(connectors[form], features["in", "test"], features["out", "test"])
         connector_results[form] = {
             "train_curve": history,
@@ -174,26 +174,22 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
             "large_weights": count_large_weights(connectors[form].weight_matrices(), cfg.weight_threshold),
             "total_weights": sum(w.numel() for w in connectors[form].weight_matrices()),
         }
-    watch.lap("train_connectors")
+    folder.lap("train_connectors")
 
     variance = _feature_variance(features["out", "test"])
     linearity = _linearity(cfg, feature_mse, variance, alive)
-    watch.lap("linearity")
+    per_feature = _save_per_feature(feature_mse, variance, alive, folder.file("per_feature.safetensors"))
+    folder.lap("linearity")
 
     ce = _cross_entropy(cfg, model, data, tokenizer, split, saes, connectors, site_in, site_out)
-    watch.lap("cross_entropy")
+    folder.lap("cross_entropy")
 
     shown = _shown_features(cfg, features["out", "train"], feature_mse["linear"], variance, alive)
     relations = _relations(cfg, model, store, tokenizer, data, saes, connectors["linear"], shown, site_in, site_out,
-                           out)
-    watch.lap("relations")
+                           folder.path)
+    folder.lap("relations")
 
-    figures = {
-        "linearity": _plot_linearity(feature_mse, variance, alive, cfg, out / "linearity.png"),
-        "cross_entropy": _plot_ce(ce, out / "cross_entropy.png"),
-        "connections": _plot_connections(connectors["linear"], shown, cfg, out / "connections.png"),
-    }
-    results = {
+    summary: dict[str, Any] = {
         "setup": {"model": cfg.model, "layer": cfg.layer, "sites": [site_in, site_out], "store": str(store.path),
                   "corpus": data.source, "context_length": data.context_length,
                   "drop_first_positions": data.drop_first_positions,
@@ -207,16 +203,13 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
         "linearity": linearity,
         "cross_entropy": ce,
         "relations": relations,
-        "figures": {name: str(path) for name, path in figures.items()},
-        "timings_s": watch.seconds,
-        "config": cfg.to_dict(),
-        "provenance": provenance(),
+        "files": {"per_feature": str(per_feature),
+                  "connectors": {form: str(folder.file(f"connectors/{form}.safetensors")) for form in connectors}},
     }
-    _write_report(results, out / "report.html")
-    watch.lap("report")
-    results["timings_s"] = watch.seconds
-    atomic_write_json(out / "results.json", results)
-    return results
+    summary["figures"] = report_lm.draw_figures(summary, folder.path)
+    report_lm.write_report(folder.write_summary(summary, cfg), folder.report_path)
+    folder.lap("report")
+    return folder.write_summary(summary, cfg)
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
@@ -261,7 +254,7 @@ def _feature_variance(features: Latents, chunk: int = 16_384) -> Tensor:
 
 
 def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor, alive: Tensor) -> dict[str, Any]:
-    """Fractions of alive output features that are linear: against the mlp connector (the seed's test), and
+    """Fractions of alive output features that are linear: against the mlp connector (the write-up's test), and
     against the best nonlinear connector per feature (an undertrained mlp connector can be worse than the linear
     one, which would call features linear for the wrong reason)."""
     best = torch.stack([m for form, m in mse.items() if form != "linear"]).min(dim=0).values
@@ -352,117 +345,24 @@ def _relations(cfg: LMConnectorsConfig, model: nn.Module, store: ActivationStore
 
 
 def _fit_connector(cfg: ConnectorConfig, saes: dict[str, SparseAutoencoder], features: dict[tuple[str, str], Latents],
-                   path: Path) -> tuple[FeatureConnector, list[dict[str, float]]]:
-    """Train one connector, or load it when `path` already holds one trained with the same settings and SAEs (a
-    rerun then only redoes the cheap analyses)."""
+                   folder: RunFolder, stage: str) -> tuple[FeatureConnector, list[dict[str, float]]]:
+    """Train one connector, or load it when the folder holds one trained with the same settings and SAEs (a rerun
+    then only redoes the cheap analyses)."""
+    with seeded(cfg.seed):
+        connector = FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg)
+
+    def fit(current: FeatureConnector) -> list[dict[str, float]]:
+        history = train_connector(current, features["in", "train"], features["out", "train"], cfg)
+        return [epoch._asdict() for epoch in history]
+
     request = {"connector": cfg.to_dict(), "saes": {role: sae_fingerprint(sae) for role, sae in saes.items()}}
-    weights, record = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    connector = FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg)
-    if weights.exists() and record.exists():
-        saved = json.loads(record.read_text())
-        if saved["request"] == json.loads(json.dumps(request)):
-            connector.load_state_dict(load_file(str(weights)))
-            return connector.eval(), saved["train_curve"]
-    torch.manual_seed(cfg.seed)
-    history = [epoch._asdict() for epoch in train_connector(connector, features["in", "train"],
-                                                            features["out", "train"], cfg)]
-    tensors = {name: t.detach().contiguous() for name, t in connector.state_dict().items()}
-    atomic_write_with(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"form": connector.form}))
-    atomic_write_json(record, {"request": request, "train_curve": history})
-    return connector.eval(), history
+    return trained_connector(folder, stage, connector, request, fit)
 
 
-# ---- figures and report -------------------------------------------------------------------------------------
-
-
-def _plot_linearity(mse: dict[str, Tensor], variance: Tensor, alive: Tensor, cfg: LMConnectorsConfig,
-                    path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    lin, ref = mse["linear"][alive].numpy(), mse["mlp"][alive].numpy()
-    axes[0].scatter(ref, lin, s=3, alpha=0.4)
-    top = float(max(lin.max(), ref.max(), 1e-6))
-    axes[0].plot([0, top], [0, top], color="black", lw=0.8)
-    axes[0].plot([0, top], [cfg.linear_tolerance, top + cfg.linear_tolerance], color="red", lw=0.8, ls="--",
-                 label=f"tolerance {cfg.linear_tolerance:g}")
-    axes[0].set_xlabel("held-out MSE, mlp connector")
-    axes[0].set_ylabel("held-out MSE, linear connector")
-    axes[0].legend(fontsize=8)
-    gap = ((mse["linear"] - mse["mlp"]) / variance.clamp_min(1e-12))[alive].numpy()
-    axes[1].hist(np.clip(gap, -0.2, 1.0), bins=60)
-    axes[1].axvline(cfg.linear_tolerance_relative, color="red", ls="--", lw=0.8)
-    axes[1].set_xlabel("(linear − mlp MSE) / feature variance (clipped to [−0.2, 1])")
-    axes[1].set_ylabel("output features")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _plot_ce(ce: dict[str, Any], path: Path) -> Path:
-    names = list(ce["ce"])
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names)), 3.8))
-    bars = ax.bar(names, [ce["ce"][n] for n in names], color=["black"] + ["tab:blue"] * (len(names) - 1))
-    ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_ylabel("next-token cross-entropy (held-out)")
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _plot_connections(linear: FeatureConnector, shown: list[int], cfg: LMConnectorsConfig, path: Path) -> Path:
-    """Rows: shown output features; columns: the union of their top inputs (signed weights)."""
-    weight = linear.weight_matrices()[0].detach()
-    inputs = sorted({i for feature in shown for i, _ in top_connections(weight, feature, cfg.n_connections)})
-    block = weight[shown][:, inputs].numpy() if shown and inputs else np.zeros((1, 1))
-    limit = max(float(np.abs(block).max()), 1e-8)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(inputs) + 2), max(2.5, 0.35 * len(shown) + 1.5)))
-    image = ax.imshow(block, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_yticks(range(len(shown)), [f"OF{f}" for f in shown], fontsize=7)
-    ax.set_xticks(range(len(inputs)), [f"IF{i}" for i in inputs], fontsize=6, rotation=90)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_title("linear connector: top input connections of the shown output features", fontsize=9)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _write_report(results: dict[str, Any], path: Path) -> Path:
-    setup = results["setup"]
-    report = Report(f"Feature connectors in {setup['model']}, MLP of block {setup['layer']}")
-    report.paragraph(
-        f"Top-k SAEs on {setup['sites'][0]} (the MLP's input) and {setup['sites'][1]} (its output); connectors learn "
-        "the output features from the input features; an output feature is linear when the linear connector's "
-        "held-out MSE is within the tolerance of the mlp connector's."
-    )
-    report.heading("Linearity")
-    report.key_values({k: v for k, v in results["linearity"].items() if k != "median_variance_explained"})
-    report.table([{"form": form, "median_variance_explained": v}
-                  for form, v in results["linearity"]["median_variance_explained"].items()])
-    report.figure(Path(results["figures"]["linearity"]), "per output feature: linear vs mlp connector MSE")
-    report.heading("Cross-entropy with the MLP (partly) replaced")
-    ce = results["cross_entropy"]
-    report.table([{"pass": name, "ce": value, "kl_from_clean": ce["kl"].get(name)} for name, value in ce["ce"].items()])
-    report.figure(Path(results["figures"]["cross_entropy"]), "held-out next-token cross-entropy")
-    report.heading("Connectors")
-    report.table([{"form": form, "test_mse_alive": r["test_mse_alive"], "large_weights": r["large_weights"],
-                   "total_weights": r["total_weights"], "final_train_loss": r["train_curve"][-1]["loss"]}
-                  for form, r in results["connectors"].items()])
-    report.heading("Readable connections (linear connector)")
-    report.figure(Path(results["figures"]["connections"]), "signed weights of the shown features' top inputs")
-    for relation in results["relations"]:
-        lines = [relation["formula"], _feature_lines("OF", relation["output"])]
-        lines += [f"  weight {item['weight']:+.3f}\n" + _feature_lines("IF", item) for item in relation["inputs"]]
-        report.code("\n".join(lines))
-    report.heading("SAEs")
-    report.table([{"role": role, "n_latents": s["n_latents"], "k": s["k"], "heldout_fvu": s["heldout_fvu"],
-                   "train_fvu": s["training"].get("fvu"), "dead_fraction": s["training"].get("dead_fraction")}
-                  for role, s in results["saes"].items()])
-    report.heading("Setup, timings (s), config and provenance")
-    report.key_values(results["timings_s"])
-    report.code({"setup": setup, "config": results["config"], "provenance": results["provenance"]})
-    return report.write(path)
-
-
-def _feature_lines(prefix: str, feature: dict[str, Any]) -> str:
-    drops = ", ".join(f"{d['next_token']!r} {d['logit_drop']:+.2f}" for d in feature["largest_logit_drops"])
-    mean = feature["mean_logit_drop"]
-    head = f"  {prefix}{feature['feature']}: mean next-token logit drop when removed " + (
-        f"{mean:+.3f}" if mean is not None else "n/a") + f"; largest: {drops}"
-    return "\n".join([head, *[f"      {line}" for line in feature["top_contexts"]]])
+def _save_per_feature(mse: dict[str, Tensor], variance: Tensor, alive: Tensor, path: Path) -> Path:
+    """Each output feature's held-out MSE per connector form, its variance and whether it is alive (what the
+    linearity test and its figure read)."""
+    tensors = {**{f"mse.{form}": m.contiguous() for form, m in mse.items()}, "variance": variance.contiguous(),
+               "alive": alive.contiguous()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp)))
+    return path

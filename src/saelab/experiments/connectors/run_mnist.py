@@ -1,29 +1,32 @@
-"""`connectors-mnist`: the MNIST half of the feature-connector seed, end to end in one run folder.
+"""`connectors-mnist`: the MNIST half of "Learning Interpretable Features with Sparse Auto-Encoders" (feature
+connectors), end to end in one run folder.
 
 Train a small ReLU MLP on MNIST, an L1 ReLU SAE on every hidden layer (tied and untied), connectors between the
 features of consecutive layers (trained from stored feature activations), then run the network with every span of
-layers replaced by encode → connectors → decode. Writes `results.json`, `report.html` and the figures: the neuron
-and feature weight matrices, one connector over its training epochs, and accuracy per span.
+layers replaced by encode → connectors → decode. Writes `summary.json`, `report.html` and the figures (see
+`report_mnist`).
+
+A rerun of the same config reuses what the folder holds: the trained network (reloaded, so the SAEs' training data
+is the same network's hidden states), the SAEs (`train`'s done-markers) and the connectors; only the cheap
+evaluations, figures and report are redone. A folder whose network was trained with other settings is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
-from saelab.recipes.train_tensor import tensor_batches
 from safetensors.torch import save_file
 from torch import Tensor
 
 from saelab.config import Config
-from saelab.data.mnist import load_mnist
-from saelab.errors import ConfigError
+from saelab.data.mnist import MnistSplit, load_mnist
+from saelab.errors import CheckpointError, ConfigError
 from saelab.evaluation import evaluate_reconstruction
+from saelab.experiments.connectors import report_mnist
 from saelab.experiments.connectors.connector import (
     ConnectorConfig,
     FeatureConnector,
@@ -34,42 +37,46 @@ from saelab.experiments.connectors.connector import (
     evaluate_spans,
     smart_init_,
     train_connector,
+    trained_connector,
     weight_l1,
 )
-from saelab.io import atomic_write_json, atomic_write_with
+from saelab.interp.record import sae_fingerprint
+from saelab.io import atomic_write_with, sha256_file
 from saelab.models.mnist_mlp import (
+    WEIGHTS_FILE,
     MnistMLP,
     MnistMLPConfig,
     MnistTrainConfig,
     evaluate_mnist_mlp,
     train_mnist_mlp,
 )
-from saelab.provenance import provenance
-from saelab.report.html import Report
-from saelab.report.plots import save_figure
-from saelab.run_folder import Stopwatch
+from saelab.run_folder import RunFolder
+from saelab.saes.initialization import seeded
 from saelab.saes.losses import l1_penalty
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.training.config import TrainerConfig
-from saelab.training.trainer import Trainer
-
-matplotlib.use("Agg")  # files only, no display; set before the first figure
+from saelab.training.entry import tensor_batches, train
 
 VARIANTS = ("tied", "untied")
 MODEL_NAME = "mnist_mlp"
+NETWORK_STAGE = "train_mlp"
 
 
 @dataclasses.dataclass
 class MnistSAEConfig(Config):
-    expansion: int = 4  # latents per neuron
-    l1_coefficient: float = 1e-2  # × mean over examples of Σ_i z_i·||d_i|| (decoder rows kept at unit norm)
+    expansion: int = dataclasses.field(default=4, metadata={"help": "latents per neuron"})
+    l1_coefficient: float = dataclasses.field(
+        default=1e-2, metadata={"help": "× mean over examples of Σ_i z_i·||d_i|| (decoder rows kept at unit norm)"}
+    )
     # Batch 512 needs half the steps of 256 for a slightly worse layer-1 FVU (tied 0.061 vs 0.056 at 15 epochs).
-    epochs: int = 20
-    batch_size: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))  # trained and evaluated
-    connect_variant: str = "tied"  # whose features the connectors map
+    epochs: int = dataclasses.field(default=20, metadata={"help": "passes over the training images"})
+    batch_size: int = dataclasses.field(default=512, metadata={"help": "hidden states per step"})
+    lr: float = dataclasses.field(default=2e-3, metadata={"help": "learning rate"})
+    warmup_steps: int = dataclasses.field(default=100, metadata={"help": "linear lr warm-up steps"})
+    variants: list[str] = dataclasses.field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": "SAE variants trained and evaluated (tied, untied)"}
+    )
+    connect_variant: str = dataclasses.field(default="tied", metadata={"help": "whose features the connectors map"})
 
     def validate(self) -> None:
         unknown = sorted(set(self.variants) - set(VARIANTS))
@@ -90,16 +97,18 @@ class MnistConnectorsConfig(Config):
     # l1 1e-2: on the default network, 3e-3 / 1e-2 / 3e-2 gave 4317 / 2361 / 1236 large feature weights (3851 between
     # neurons) at 96.3 / 96.2 / 95.7% test accuracy with two layers replaced (base 97.6%).
     connector: ConnectorConfig = dataclasses.field(default_factory=lambda: ConnectorConfig(l1_coefficient=1e-2))
-    # Also train every connector from the other initialisation, to compare final losses (the seed found the smart
-    # init stuck in a worse minimum). Off for the mlp form unless its hidden width equals the network's.
-    compare_inits: bool = True
+    # Off for the mlp form unless its hidden width equals the network's (the smart init needs it).
+    compare_inits: bool = dataclasses.field(
+        default=True, metadata={"help": "also train every connector from the other initialisation and compare final "
+                                        "losses (the smart init can get stuck in a worse minimum)"}
+    )
     weight_threshold: float = dataclasses.field(default=0.1, metadata={"help": "a weight is large if |w| > this"})
     train_limit: int | None = dataclasses.field(default=None, metadata={"help": "first N training images only"})
     test_limit: int | None = dataclasses.field(default=None, metadata={"help": "first N test images only"})
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the network's and the SAEs' initial weights"})
     # The matrices here are too small to gain from intra-op threads; on a busy machine, two threads' spin-waiting cost
-    # 5x the CPU time of one (measured on MLP training). None keeps torch's setting.
-    threads: int | None = 1
+    # 5x the CPU time of one (measured on MLP training).
+    threads: int | None = dataclasses.field(default=1, metadata={"help": "torch threads (None: torch's setting)"})
 
     def validate(self) -> None:
         for name in ("train_limit", "test_limit", "threads"):
@@ -110,79 +119,63 @@ class MnistConnectorsConfig(Config):
             raise ConfigError(f"weight_threshold must be >= 0 (got {self.weight_threshold})")
 
 
-CONFIG = MnistConnectorsConfig
-
-
 def run(cfg: MnistConnectorsConfig) -> dict[str, Any]:
-    return run_mnist_connectors(cfg, cfg.out_dir)
-
-
-def run_mnist_connectors(cfg: MnistConnectorsConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run every stage into `out_dir` and return the results that `results.json` holds. Stages are not resumed: a
-    rerun retrains everything (a few minutes) and overwrites the folder's files."""
+    """Run every stage into `cfg.out_dir` (reusing what an earlier run of the same config finished) and return
+    what `summary.json` holds."""
     previous_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg.replace(out_dir=str(out_dir)), Path(out_dir))
+        return _run(cfg)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(cfg: MnistConnectorsConfig, out: Path) -> dict[str, Any]:
-    cfg.save(out / "config.json")
-    watch = Stopwatch()
-    lap, timings = watch.lap, watch.seconds
+def _run(cfg: MnistConnectorsConfig) -> dict[str, Any]:
+    folder = RunFolder.start(cfg)
 
-    train, test = load_mnist("train", cfg.train_limit), load_mnist("test", cfg.test_limit)
-    torch.manual_seed(cfg.seed)
-    model = MnistMLP(cfg.model)
-    train_losses = train_mnist_mlp(model, train, cfg.train)
-    model.save(out / "model")
+    train_split, test = load_mnist("train", cfg.train_limit), load_mnist("test", cfg.test_limit)
+    model, train_losses = _network(cfg, folder, train_split)
     base = evaluate_mnist_mlp(model, test)
-    lap("train_mlp")
+    folder.lap("train_mlp")
 
     with torch.no_grad():
-        hidden_train, hidden_test = model.hidden_states(train.images), model.hidden_states(test.images)
+        hidden_train, hidden_test = model.hidden_states(train_split.images), model.hidden_states(test.images)
     layers = range(1, model.n_hidden + 1)
+    network = sha256_file(folder.file("model") / WEIGHTS_FILE)
     saes: dict[str, dict[int, ReluSAE]] = {}
     sae_metrics: dict[str, dict[int, dict[str, float]]] = {}
     for variant in cfg.sae.variants:
-        saes[variant] = {k: _train_sae(cfg, hidden_train[k - 1], k, variant, out) for k in layers}
+        saes[variant] = {k: _train_sae(cfg, hidden_train[k - 1], k, variant, network, folder) for k in layers}
         sae_metrics[variant] = {k: _sae_metrics(saes[variant][k], hidden_test[k - 1]) for k in layers}
         for span in evaluate_spans(model, saes[variant], {}, test.images, test.labels):
             sae_metrics[variant][span.start]["spliced_accuracy"] = span.accuracy
             sae_metrics[variant][span.start]["spliced_loss"] = span.loss
-    lap("train_saes")
+    folder.lap("train_saes")
 
     chosen = saes[cfg.sae.connect_variant]
     with torch.no_grad():
-        features_train = {k: encode_features(chosen[k], hidden_train[k - 1]) for k in layers}
-        features_test = {k: encode_features(chosen[k], hidden_test[k - 1]) for k in layers}
+        features = {part: {k: encode_features(chosen[k], hidden[k - 1]) for k in layers}
+                    for part, hidden in (("train", hidden_train), ("test", hidden_test))}
     connectors: dict[int, FeatureConnector] = {}
     connector_results: dict[int, dict[str, Any]] = {}
-    snapshots: list[Tensor] = []
     other_init = "smart" if cfg.connector.init == "random" else "random"
     for k in layers[:-1]:
-        fit = functools.partial(_fit_connector, model, chosen, features_train, features_test, k)
-        connectors[k], connector_results[k] = fit(cfg.connector, snapshots if k == 1 else None)
+        snapshots = _snapshots_path(folder) if k == 1 else None
+        connectors[k], connector_results[k] = _fit_connector(folder, _connector_stage(k), model, chosen, features, k,
+                                                             cfg.connector, snapshots)
         if cfg.compare_inits and _smart_init_applies(cfg.connector, model):
-            _, connector_results[k][f"init_{other_init}"] = fit(cfg.connector.replace(init=other_init), None)
-        _save_connector(connectors[k], out / "connectors" / f"connector_{k}_to_{k + 1}.safetensors")
-    lap("train_connectors")
+            _, connector_results[k][f"init_{other_init}"] = _fit_connector(
+                folder, _connector_stage(k, other_init), model, chosen, features, k,
+                cfg.connector.replace(init=other_init), None,
+            )
+    folder.lap("train_connectors")
 
     spans = [span._asdict() for span in evaluate_spans(model, chosen, connectors, test.images, test.labels)]
     weight_counts = _weight_counts(model, connectors, cfg.weight_threshold)
-    lap("simulate")
+    folder.lap("simulate")
 
-    figures = {
-        "span_accuracy": [_plot_spans(spans, base.accuracy, out / "span_accuracy.png")],
-        "weights": [_plot_weights(model.layers[k].weight, connectors[k], k, cfg.weight_threshold,
-                                  out / f"weights_{k}_to_{k + 1}.png") for k in connectors],
-        "connector_epochs": [_plot_epochs(snapshots, out / "connector_1_to_2_epochs.png")] if snapshots else [],
-    }
-    lap("figures")
-    results = {
+    summary: dict[str, Any] = {
         "base": base._asdict(),
         "mlp_train_losses": train_losses,
         "saes": sae_metrics,
@@ -190,24 +183,52 @@ def _run(cfg: MnistConnectorsConfig, out: Path) -> dict[str, Any]:
         "spans": spans,
         "headline": _headline(base.accuracy, spans, weight_counts),
         "weight_counts": weight_counts,
-        "figures": {name: [str(path) for path in paths] for name, paths in figures.items()},
-        "timings_s": timings,
-        "config": cfg.to_dict(),
-        "provenance": provenance(),
+        "files": {"network": str(folder.file("model")),
+                  "connectors": {k: str(folder.file(f"{_connector_stage(k)}.safetensors")) for k in connectors},
+                  "connector_epochs": str(_snapshots_path(folder))},
     }
-    _write_report(results, figures, out / "report.html")
-    lap("report")
-    atomic_write_json(out / "results.json", {**results, "timings_s": timings})
-    return {**results, "timings_s": timings}
+    summary["figures"] = report_mnist.draw_figures(summary, folder.path)
+    folder.lap("figures")
+    report_mnist.write_report(folder.write_summary(summary, cfg), folder.report_path)
+    folder.lap("report")
+    return folder.write_summary(summary, cfg)
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
 
 
-def _train_sae(cfg: MnistConnectorsConfig, hidden: Tensor, k: int, variant: str, out: Path) -> ReluSAE:
+def _network(cfg: MnistConnectorsConfig, folder: RunFolder, data: MnistSplit) -> tuple[MnistMLP, list[float]]:
+    """The network, trained once per folder: a rerun reloads the saved one, so the SAEs trained on its hidden states
+    are found finished. A folder whose network was trained with other settings is refused (its SAEs and
+    connectors describe that network)."""
+    request = json.loads(json.dumps({"model": cfg.model.to_dict(), "train": cfg.train.to_dict(),
+                                     "train_limit": cfg.train_limit, "seed": cfg.seed}))
+    done = folder.result(NETWORK_STAGE)
+    if done is not None:
+        if done["request"] != request:
+            differ = sorted(key for key in request if request[key] != done["request"].get(key))
+            raise CheckpointError(
+                f"{folder.path} holds a network trained with other settings ({', '.join(differ)} differ, see "
+                f"{folder.marker(NETWORK_STAGE)}); delete that folder to redo it, or choose another out_dir"
+            )
+        return MnistMLP.load(folder.file("model")), done["train_losses"]
+    with seeded(cfg.seed):
+        model = MnistMLP(cfg.model)
+        train_losses = train_mnist_mlp(model, data, cfg.train)
+    model.save(folder.file("model"))
+    folder.mark_done(NETWORK_STAGE, {"request": request, "train_losses": train_losses})
+    return model, train_losses
+
+
+def _train_sae(cfg: MnistConnectorsConfig, hidden: Tensor, k: int, variant: str, network: str,
+               folder: RunFolder) -> ReluSAE:
+    """One SAE on hidden state k, in its own training folder. Its data is described by the network it comes from
+    (the saved weights' hash) rather than by the hidden states' values, so a rerun that recomputes them with
+    last-bit differences (other thread counts or CPUs) still finds the SAE finished."""
     sae_cfg = cfg.sae
-    sae = ReluSAE(ReluSAEConfig(d_in=hidden.shape[1], n_latents=sae_cfg.expansion * hidden.shape[1],
-                                tied=variant == "tied", hookpoint=f"hidden.{k}", model_name=MODEL_NAME))
+    with seeded(cfg.seed + k):
+        sae = ReluSAE(ReluSAEConfig(d_in=hidden.shape[1], n_latents=sae_cfg.expansion * hidden.shape[1],
+                                    tied=variant == "tied", hookpoint=f"hidden.{k}", model_name=MODEL_NAME))
     batch_size = min(sae_cfg.batch_size, len(hidden))
     per_epoch = len(hidden) // batch_size * batch_size
     trainer_cfg = TrainerConfig(
@@ -215,10 +236,9 @@ def _train_sae(cfg: MnistConnectorsConfig, hidden: Tensor, k: int, variant: str,
         l1_coefficient=sae_cfg.l1_coefficient, warmup_steps=sae_cfg.warmup_steps, dead_window_tokens=per_epoch,
         checkpoint_every_steps=None, log_every_steps=50, seed=cfg.seed, progress=False,
     )
-    torch.manual_seed(cfg.seed + k)
-    Trainer(sae, trainer_cfg, out / "saes" / variant / f"layer_{k}").fit(
-        tensor_batches(hidden, batch_size, seed=cfg.seed + k)
-    )
+    data = {"network": network, "hidden_state": k, "shape": list(hidden.shape), "seed": cfg.seed + k}
+    train(sae, tensor_batches(hidden, batch_size, seed=cfg.seed + k), trainer_cfg,
+          folder.file("saes") / variant / f"layer_{k}", data=data)
     return sae
 
 
@@ -234,39 +254,48 @@ def _smart_init_applies(connector_cfg: ConnectorConfig, model: MnistMLP) -> bool
     return connector_cfg.form != "mlp" or connector_cfg.mlp_hidden == model.cfg.hidden
 
 
-def _fit_connector(model: MnistMLP, saes: dict[int, ReluSAE], features_train: dict[int, Tensor],
-                   features_test: dict[int, Tensor], k: int, connector_cfg: ConnectorConfig,
-                   snapshots: list[Tensor] | None) -> tuple[FeatureConnector, dict[str, Any]]:
-    """One connector k → k+1 with its training curve and held-out MSE; appends the weights at init and after every
-    epoch to `snapshots` when given (the first matrix of the connector)."""
-    torch.manual_seed(connector_cfg.seed + k)
-    connector = FeatureConnector.from_config(saes[k].n_latents, saes[k + 1].n_latents, connector_cfg)
+def _connector_stage(k: int, init: str | None = None) -> str:
+    """The done-marker stage of connector k → k+1 (the one configured, or the comparison from `init`); its weights
+    are `<stage>.safetensors` in the run folder."""
+    return f"connectors/connector_{k}_to_{k + 1}" + (f"_init_{init}" if init else "")
+
+
+def _snapshots_path(folder: RunFolder) -> Path:
+    return folder.file(f"{_connector_stage(1)}_epochs.safetensors")
+
+
+def _fit_connector(folder: RunFolder, stage: str, model: MnistMLP, saes: dict[int, ReluSAE],
+                   features: dict[str, dict[int, Tensor]], k: int, connector_cfg: ConnectorConfig,
+                   snapshots: Path | None) -> tuple[FeatureConnector, dict[str, Any]]:
+    """One connector k → k+1, trained once per folder, with its training curve and held-out MSE. With `snapshots`,
+    its first weight matrix at init and after every epoch is saved there, stacked, for the report's figure."""
+    with seeded(connector_cfg.seed + k):
+        connector = FeatureConnector.from_config(saes[k].n_latents, saes[k + 1].n_latents, connector_cfg)
     if connector_cfg.init == "smart":
         smart_init_(connector, model.layers[k], saes[k], saes[k + 1])
 
-    def snapshot(_epoch: int, current: FeatureConnector) -> None:
-        snapshots.append(current.weight_matrices()[0].detach().clone())
+    def fit(current: FeatureConnector) -> list[dict[str, float]]:
+        taken = [current.weight_matrices()[0].detach().clone()]
+        history = train_connector(current, features["train"][k], features["train"][k + 1], connector_cfg,
+                                  on_epoch=lambda _, c: taken.append(c.weight_matrices()[0].detach().clone()))
+        if snapshots is not None:
+            stacked = torch.stack(taken).contiguous()
+            atomic_write_with(snapshots, lambda tmp: save_file({"weights": stacked}, str(tmp)))
+        return [epoch._asdict() for epoch in history]
 
-    if snapshots is not None:
-        snapshot(-1, connector)
-    history = train_connector(connector, features_train[k], features_train[k + 1], connector_cfg,
-                              on_epoch=snapshot if snapshots is not None else None)
-    alive = alive_features(features_train[k + 1]) if connector_cfg.alive_only else None
+    request = {"connector": connector_cfg.to_dict(), "saes": [sae_fingerprint(saes[k]), sae_fingerprint(saes[k + 1])]}
+    connector, curve = trained_connector(folder, stage, connector, request, fit)
+    alive = alive_features(features["train"][k + 1]) if connector_cfg.alive_only else None
     with torch.no_grad():
-        test_mse = connector_mse(connector(features_test[k]), features_test[k + 1], alive).item()
+        test_mse = connector_mse(connector(features["test"][k]), features["test"][k + 1], alive).item()
     return connector, {
         "init": connector_cfg.init,
-        "train_curve": [epoch._asdict() for epoch in history],
-        "final_train": history[-1]._asdict(),
+        "train_curve": curve,
+        "final_train": curve[-1],
         "test_mse": test_mse,
         "weight_l1": weight_l1(connector.weight_matrices()).item(),
         "alive_outputs": int(alive.sum()) if alive is not None else None,
     }
-
-
-def _save_connector(connector: FeatureConnector, path: Path) -> None:
-    tensors = {name: t.detach().contiguous() for name, t in connector.state_dict().items()}
-    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata={"form": connector.form}))
 
 
 def _weight_counts(model: MnistMLP, connectors: dict[int, FeatureConnector], threshold: float) -> dict[str, Any]:
@@ -286,7 +315,8 @@ def _weight_counts(model: MnistMLP, connectors: dict[int, FeatureConnector], thr
 
 
 def _headline(base_accuracy: float, spans: list[dict[str, Any]], weight_counts: dict[str, Any]) -> dict[str, Any]:
-    """The seed's three targets, measured (None where the network has too few layers to measure one)."""
+    """The three targets of the feature-connector write-up, measured (None where the network has too few layers to
+    measure one)."""
     two = [s for s in spans if s["layers_replaced"] == 2]
     best_two = max(two, key=lambda s: s["accuracy"]) if two else None
     totals = weight_counts["total"]
@@ -300,89 +330,3 @@ def _headline(base_accuracy: float, spans: list[dict[str, Any]], weight_counts: 
         "feature_large_weights": totals.get("feature_large"),
         "fewer_large_weights_between_features": totals["feature_large"] < totals["neuron_large"] if totals else None,
     }
-
-
-# ---- figures and report -------------------------------------------------------------------------------------
-
-
-def _show_weights(ax: plt.Axes, weight: Tensor, limit: float, title: str) -> Any:
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("from")
-    ax.set_ylabel("to")
-    return ax.imshow(weight.detach().cpu().numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-
-
-def _plot_weights(neuron_weight: Tensor, connector: FeatureConnector, k: int, threshold: float, path: Path) -> Path:
-    feature_weight = connector.weight_matrices()[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, weight, name in ((axes[0], neuron_weight, "neurons"), (axes[1], feature_weight, "features")):
-        limit = max(weight.detach().abs().max().item(), 1e-8)
-        large = count_large_weights([weight], threshold)
-        image = _show_weights(ax, weight, limit, f"{name} {k}→{k + 1}: {large} weights with |w| > {threshold}")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _plot_epochs(snapshots: list[Tensor], path: Path) -> Path:
-    """One panel per epoch on one colour scale, so growth and pruning of connections are visible."""
-    cols = min(len(snapshots), 6)
-    rows = -(-len(snapshots) // cols)
-    limit = max(max(s.abs().max().item() for s in snapshots), 1e-8)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        if index < len(snapshots):
-            _show_weights(ax, snapshots[index], limit, "init" if index == 0 else f"epoch {index}")
-        ax.set_axis_off()
-    fig.suptitle("connector 1→2 over training", fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _plot_spans(spans: list[dict[str, Any]], base_accuracy: float, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(spans) + 1.5), 3.6))
-    labels = [f"{s['start']}→{s['end']}" for s in spans]
-    colours = [plt.cm.viridis(s["layers_replaced"] / max(1, max(x["layers_replaced"] for x in spans))) for s in spans]
-    bars = ax.bar(labels, [s["accuracy"] for s in spans], color=colours)
-    ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.axhline(base_accuracy, color="black", lw=1, ls="--", label=f"network {base_accuracy:.2%}")
-    lowest = min([s["accuracy"] for s in spans] + [base_accuracy])
-    ax.set_ylim(max(0.0, lowest - 0.05), 1.0)
-    ax.set_xlabel("span encoded → decoded (layers replaced = end − start)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _write_report(results: dict[str, Any], figures: dict[str, Any], path: Path) -> Path:
-    report = Report("Feature connectors on MNIST")
-    report.paragraph(
-        "A ReLU MLP's hidden layers are unwrapped into L1 ReLU SAE features; connectors map the features of one layer "
-        "to the next; the network is then run with a span of layers replaced by encode → connectors → decode."
-    )
-    report.heading("Targets")
-    report.key_values(results["headline"])
-    report.heading("Accuracy with layers replaced (test set)")
-    report.table([{"span": f"{s['start']}→{s['end']}", **s} for s in results["spans"]],
-                 columns=["span", "layers_replaced", "accuracy", "loss"])
-    for png in figures["span_accuracy"]:
-        report.figure(png, "test accuracy per span; dashed: the original network")
-    report.heading("Large weights")
-    report.table(results["weight_counts"]["per_layer"])
-    for png in figures["weights"]:
-        report.figure(png, "network weights between neurons (left) and connector weights between features (right)")
-    for png in figures["connector_epochs"]:
-        report.figure(png, "the first connector at init and after each training epoch")
-    report.heading("SAEs (test set)")
-    report.table([{"variant": variant, "layer": k, **metrics} for variant, per_layer in results["saes"].items()
-                  for k, metrics in per_layer.items()])
-    report.heading("Connectors")
-    report.table([{"connector": f"{k}→{k + 1}", "init": r["init"], "test_mse": r["test_mse"],
-                   "train_mse": r["final_train"]["mse"], "weight_l1": r["weight_l1"],
-                   **{f"{key}_test_mse": v["test_mse"] for key, v in r.items() if key.startswith("init_")}}
-                  for k, r in results["connectors"].items()])
-    report.heading("Timings (s), config and provenance")
-    report.key_values(results["timings_s"])
-    report.code({"config": results["config"], "provenance": results["provenance"]})
-    return report.write(path)

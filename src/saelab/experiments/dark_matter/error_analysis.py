@@ -1,10 +1,10 @@
 """Dark matter: what an SAE fails to reconstruct, split into what a linear map of x predicts and the rest.
 
-Notation of the write-up (seed 003): x the activation, Sae(x) its reconstruction, e = x − Sae(x) the error. A
-linear map b fit from x to e gives the linear error bᵀx and the nonlinear error e − bᵀx. Every regression includes
-a bias column, is fit on a random training split and scored on the held-out rest (`RegressionConfig`); vector
-targets are scored by the mean per-dimension R², variances by the pooled FVU. Squared norms are the norm targets,
-as in the write-up's probes.
+Notation of "Decomposing The Dark Matter of Sparse Autoencoders": x the activation, Sae(x) its reconstruction,
+e = x − Sae(x) the error. A linear map b fit from x to e gives the linear error bᵀx and the nonlinear error e − bᵀx.
+Every regression includes a bias column, is fit on a random training split and scored on the held-out rest
+(`RegressionConfig`); vector targets are scored by the mean per-dimension R², variances by the pooled FVU. Squared
+norms are the norm targets, as in the write-up's probes.
 
 The functions take tensors (activations already position-filtered, BOS dropped) and return the numbers a report
 plots; only the synthetic test runs an SAE itself, because it must re-encode perturbed inputs.

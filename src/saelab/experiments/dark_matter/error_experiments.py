@@ -1,7 +1,8 @@
-"""The dark-matter write-up's experiments (seed 003, REFERENCE §4) on real SAEs, each returning a typed result.
+"""The experiments of "Decomposing The Dark Matter of Sparse Autoencoders" on real SAEs, each returning a typed
+result.
 
-Built on the decompositions of `saelab.experiments.dark_matter.error_analysis` and the pursuit of `saelab.experiments.dark_matter.pursuit`; this
-module runs them the way the write-up does, over a sweep of SAEs, so a recipe only has to gather activations, train
+Built on the decompositions of `error_analysis` and the gradient pursuit of `pursuit` (both in this package); this
+module runs them the way the write-up does, over a sweep of SAEs, so `run` only has to gather activations, train
 SAEs and draw. Every regression is scored on held-out tokens (`RegressionConfig`); activations come in already
 position-filtered with BOS dropped. Results carry JSON-ready `summary()` dicts of their numbers.
 

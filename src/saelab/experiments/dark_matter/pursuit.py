@@ -1,7 +1,7 @@
 """Gradient pursuit on a frozen SAE decoder: a better encoder at the same L0 (dark matter, experiment 9).
 
-Smith (2024)'s non-negative gradient pursuit, exactly as the dark-matter write-up runs it, per token with that
-token's own L0 budget (the number of latents its SAE encoding used):
+Smith (2024)'s non-negative gradient pursuit, exactly as "Decomposing The Dark Matter of Sparse Autoencoders" runs
+it, per token with that token's own L0 budget (the number of latents its SAE encoding used):
 
     s = x − b_dec, w = 0; repeat L0 times:
         r = s − wD; g0 = r Dᵀ; add argmax(g0) to the support; g = g0 on the support, 0 elsewhere;

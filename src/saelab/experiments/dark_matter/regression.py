@@ -8,9 +8,9 @@ the rows are shifted by the first chunk's mean before accumulating, so a large c
 one) costs no precision. The solve is a pseudo-inverse that drops directions the data cannot resolve, because
 activations are often (nearly) rank deficient.
 
-Scores, held out. For a vector target, R² is the mean over target dimensions of the per-dimension R² (what the
-dark-matter write-up reports), while FVU is pooled: Σ||y − ŷ||² / Σ||y − mean(y)||² (`saelab.metrics`). The two
-differ when dimensions have unequal variance. For a scalar target FVU = 1 − R² exactly.
+Scores, held out. For a vector target, R² is the mean over target dimensions of the per-dimension R² (what
+"Decomposing The Dark Matter of Sparse Autoencoders" reports), while FVU is pooled: Σ||y − ŷ||² / Σ||y − mean(y)||²
+(`saelab.metrics`). The two differ when dimensions have unequal variance. For a scalar target FVU = 1 − R² exactly.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ RCOND = 1e-9
 class RegressionConfig(Config):
     """How every dark-matter regression is fit and scored."""
 
-    # Fraction of the tokens used to fit (<= 1) or their count (> 1); the rest are held out for the scores.
-    # The paper fit on 150k of 247k tokens (0.61).
-    train_size: float = 0.6
-    seed: int = 0
-    # Penalty on the weights per token: minimises mean_t ||y_t − W x_t − b||² + ridge·||W||² (bias unpenalised).
-    ridge: float = 0.0
-    # The write-up's regressions include a bias column; bias=False reproduces the paper's code, which has none.
-    bias: bool = True
+    # The write-up fit on 150k of 247k tokens (0.61).
+    train_size: float = dataclasses.field(default=0.6, metadata={
+        "help": "fraction of the tokens used to fit (<= 1) or their count (> 1); the rest are held out for the scores"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random fit / held-out split"})
+    ridge: float = dataclasses.field(default=0.0, metadata={
+        "help": "penalty on the weights: minimises mean_t ||y_t − W x_t − b||² + ridge·||W||² (bias unpenalised)"})
+    # The write-up's regressions include a bias column; its published code has none.
+    bias: bool = dataclasses.field(default=True, metadata={
+        "help": "fit a bias column, as the write-up's regressions do (false: as its published code does)"})
 
     def validate(self) -> None:
         if self.train_size <= 0:

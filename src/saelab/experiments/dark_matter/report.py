@@ -1,6 +1,6 @@
-"""The dark-matter recipe's `report.html`: one section per experiment, each with its figure, its table and the
-write-up's claim to read it against. Built only from the summary that `dark_matter.json` holds, so a report can be
-redrawn from the JSON alone."""
+"""`saelab dark-matter`'s `report.html`: one section per experiment, each with its figure, its table and the claim of
+"Decomposing The Dark Matter of Sparse Autoencoders" to read it against. Built only from the run's summary (what
+`summary.json` holds), so a report can be redrawn from the JSON alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import numpy as np
 
 from saelab.report.html import Report
 from saelab.report.plots import plot_heatmap, plot_lines
+from saelab.run_folder import REPORT_FILE
 
+WRITE_UP = "Decomposing The Dark Matter of Sparse Autoencoders"
+# What the write-up found, per experiment.
 CLAIMS = {
     "1": "Paper: a linear probe on x explains most of the variance of ||e||² for every SAE (R² very high); sparser "
          "and wider SAEs are less predictable.",
@@ -35,9 +38,12 @@ CLAIMS = {
 
 
 def write_report(summary: dict[str, Any], out: Path) -> Path:
+    """`out/report.html`, its figures in `out/figures`, from the summary `run` writes."""
     setup, exp = summary["setup"], summary["experiments"]
     figures = out / "figures"
     report = Report(f"Dark matter of SAEs on {setup['model']} {setup['hookpoint']}")
+    report.paragraph(f'The experiments of "{WRITE_UP}"; each section quotes the write-up\'s finding ("Paper: ...") '
+                     "to read the numbers against.", note=True)
     _setup(report, setup)
     labels = list(setup["saes"])
     widths = [setup["saes"][label]["width"] for label in labels]
@@ -54,7 +60,7 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
     report.key_values(summary["timings_s"])
     report.heading("Config and provenance")
     report.code({"config": summary["config"], "provenance": summary["provenance"]})
-    return report.write(out / "report.html")
+    return report.write(out / REPORT_FILE)
 
 
 def _claim(report: Report, number: str) -> None:

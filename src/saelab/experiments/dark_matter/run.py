@@ -1,25 +1,27 @@
-"""`saelab dark-matter`: the dark-matter write-up (seed 003, REFERENCE §4) end to end in one run folder.
+"""`saelab dark-matter`: "Decomposing The Dark Matter of Sparse Autoencoders" end to end in one run folder.
 
 One harvest pass stores the target hookpoint (default `resid_post.15` of the offline SmolLM2) and the earlier
 components that add up to it (the previous residual, this block's attention and MLP outputs), with the first
 positions of each context and BOS left out. The store's contexts are split three ways: SAE training tokens, analysis
 tokens (every regression is fit on a random part of them and scored on the rest) and a few held-out contexts for
 the downstream loss. A width sweep of top-k SAEs at one L0 is trained (or SAELens SAEs are loaded, e.g. Gemma
-Scope), and experiments (1)-(10) run on it; `dark_matter.json` holds every number and `report.html` every figure
-and table. Re-running resumes: the store and every SAE already trained are reused.
+Scope), and experiments (1)-(10) run on it; `summary.json` holds every number and `report.html` every figure and
+table. Re-running resumes: the store, every SAE already trained and every experiment already finished with the same
+settings (its done-marker) are reused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from saelab.recipes.train_tensor import train_on_tensor
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from saelab.activations.harvest import HarvestConfig, open_or_harvest
 from saelab.activations.split import StoreSplit, load_half, split_store
@@ -45,18 +47,23 @@ from saelab.experiments.dark_matter.error_experiments import (
 )
 from saelab.experiments.dark_matter.regression import RegressionConfig
 from saelab.experiments.dark_matter.report import write_report
-from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
-from saelab.provenance import provenance
-from saelab.run_folder import Stopwatch
+from saelab.run_folder import RunFolder
 from saelab.saes import SparseAutoencoder, load_saelens
 from saelab.saes.shallow import ShallowSAE
+from saelab.saes.spec import SAESpec
 from saelab.training.config import TrainerConfig
-from saelab.training.entry import SAESpec
+from saelab.training.entry import train_on_tensor
+from saelab.training.trainer import TrainResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclasses.dataclass
 class DarkMatterConfig(Config):
+    """`saelab dark-matter`: the defaults are the write-up's setup scaled to a small model on CPU."""
+
     out_dir: str = dataclasses.field(default="runs/dark-matter", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     hookpoint: str = dataclasses.field(default="resid_post.15", metadata={"help": "where the SAEs read"})
@@ -68,9 +75,10 @@ class DarkMatterConfig(Config):
     store: str | None = dataclasses.field(
         default=None, metadata={"help": "reuse this store (all hookpoints, this model) instead of harvesting"}
     )
-    # Early positions are easier to reconstruct, so they are dropped, as in the write-up: it kept positions >= 200
-    # of 1024-token contexts; here 32 of 256, the same idea at the context length that fits 2 CPU cores. The
-    # stored tokens (n_tokens) are split into SAE training, analysis and held-out downstream contexts.
+    # Early positions are easier to reconstruct, so they are dropped, as "Decomposing The Dark Matter of Sparse
+    # Autoencoders" does: it kept positions >= 200 of 1024-token contexts; here 32 of 256, the same idea at the
+    # context length that fits 2 CPU cores. The stored tokens (n_tokens) are split into SAE training, analysis and
+    # held-out downstream contexts.
     data: DataConfig = dataclasses.field(
         default_factory=lambda: DataConfig(source="kjv", context_length=256, drop_first_positions=32,
                                            n_tokens=600_000, exclude_special_tokens=True)
@@ -106,7 +114,7 @@ class DarkMatterConfig(Config):
     synthetic_tokens: int = dataclasses.field(default=16_384, metadata={"help": "analysis tokens for (5)"})
     harvest_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per harvest forward"})
     downstream_batch_size: int = dataclasses.field(default=4, metadata={"help": "contexts per CE forward"})
-    device: str = "cpu"
+    device: str = dataclasses.field(default="cpu", metadata={"help": "device of the model and of pretrained SAEs"})
 
     def validate(self) -> None:
         if not self.pretrained_sae:
@@ -130,9 +138,6 @@ class DarkMatterConfig(Config):
         return [previous, f"attn_out.{layer}", f"mlp_out.{layer}"]
 
 
-CONFIG = DarkMatterConfig
-
-
 def _open_store(cfg: DarkMatterConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, hookpoints: list[str],
                 out: Path) -> ActivationStore:
     harvest_cfg = HarvestConfig(out_dir=str(out / "activations"), model=cfg.model, hookpoints=hookpoints, data=cfg.data,
@@ -144,10 +149,6 @@ def _spec(width: int, k: int) -> SAESpec:
     return SAESpec(architecture="topk", n_latents=width, k=k, preprocessing="scale")
 
 
-def _final(records: list[dict[str, Any]]) -> dict[str, Any]:
-    return records[-1] if records else {}
-
-
 def _pick_reference(widths: dict[str, int], wanted: int | None) -> str:
     matching = [label for label, width in widths.items() if width == wanted]
     if matching:
@@ -156,57 +157,73 @@ def _pick_reference(widths: dict[str, int], wanted: int | None) -> str:
     return ordered[len(ordered) // 2]
 
 
+def _experiment_markers(cfg: DarkMatterConfig) -> str:
+    """The stage prefix of the experiments' done-markers: a digest of every setting but the run folder's path, so a
+    rerun with the same settings skips the experiments already finished and one with other settings redoes them
+    (the store and the SAEs guard themselves: each records the request it answers)."""
+    settings = {key: value for key, value in cfg.to_dict().items() if key != "out_dir"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"experiments/{digest}"
+
+
 def run(cfg: DarkMatterConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    cfg.save(out / "dark_matter_config.json")
-    watch = Stopwatch()
+    """Harvest (or open) the store, train (or load) the SAEs, run experiments (1)-(10), write `summary.json` and
+    `report.html` into `cfg.out_dir`; returns the summary."""
+    folder = RunFolder.start(cfg)
+    markers = _experiment_markers(cfg)
     target, earlier = cfg.hookpoint, cfg.earlier()
 
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
-    store = _open_store(cfg, model, tokenizer, [*earlier, target], out)
+    store = _open_store(cfg, model, tokenizer, [*earlier, target], folder.path)
     data = HarvestConfig.from_dict(store.manifest["config"]).data
     split = split_store(store, cfg.analysis_tokens, cfg.downstream_contexts)
     if split.train[1] < cfg.trainer.batch_size:
         raise ConfigError(f"only {split.train[1]} tokens are left to train SAEs on; harvest more tokens")
-    watch.lap("load_and_harvest")
+    folder.lap("load_and_harvest")
 
     def train(name: str, spec: SAESpec, x: Tensor, trainer: TrainerConfig,
-              hookpoint: str | None) -> tuple[SparseAutoencoder, list[dict]]:
-        return train_on_tensor(spec, x, trainer, out / "saes" / name, hookpoint=hookpoint, model_name=cfg.model)
+              hookpoint: str | None) -> tuple[SparseAutoencoder, TrainResult]:
+        return train_on_tensor(spec, x, trainer, folder.path / "saes" / name, hookpoint=hookpoint,
+                               model_name=cfg.model)
 
     x_train = load_half(store, target, split.train)
-    saes, logs, widths = _sweep(cfg, x_train, train)
+    saes, trained, widths = _sweep(cfg, x_train, train)
     reference = _pick_reference(widths, cfg.reference_width)
     aux_spec = _spec(widths[reference], cfg.k)
     aux_trainer = cfg.trainer.replace(total_tokens=cfg.aux_sae_tokens)
-    watch.lap("sweep_saes")
+    folder.lap("sweep_saes")
 
     x = store.load(target, *split.analysis)
     analyses = {label: analyze_errors(x, reconstruct_rows(sae, x), cfg.regression) for label, sae in saes.items()}
     labels = sorted(analyses, key=widths.get)
     scaling = fvu_scaling([widths[lb] for lb in labels], [analyses[lb].fvu for lb in labels])
     experiments = _sweep_summaries(analyses, labels, scaling, pairwise_scaling(analyses, widths, cfg.regression))
-    watch.lap("experiments_1_2_3_4_6")
+    folder.lap("experiments_1_2_3_4_6")
 
-    experiments["5_synthetic"] = _synthetic(saes[reference], reference, x[: cfg.synthetic_tokens], cfg.regression)
-    watch.lap("experiment_5_synthetic")
+    # Each experiment's result is its done-marker: a rerun with the same settings reads it instead of redoing it.
+    experiments["5_synthetic"] = folder.once(f"{markers}/5_synthetic", partial(
+        _synthetic, saes[reference], reference, x[: cfg.synthetic_tokens], cfg.regression))
+    folder.lap("experiment_5_synthetic")
 
-    experiments["7_component_saes"] = _component_saes(
-        saes[reference], analyses[reference], x, x_train, aux_spec, aux_trainer, reference, train)
+    experiments["7_component_saes"] = folder.once(f"{markers}/7_component_saes", partial(
+        _component_saes, saes[reference], analyses[reference], x, x_train, aux_spec, aux_trainer, reference, train))
     del x_train
-    watch.lap("experiment_7_component_saes")
+    folder.lap("experiment_7_component_saes")
 
-    experiments["10_earlier_components"] = _earlier_components(
-        cfg, store, split, earlier, saes[reference], analyses[reference], x, aux_spec, aux_trainer, reference, train)
-    watch.lap("experiment_10_earlier_components")
+    experiments["10_earlier_components"] = folder.once(f"{markers}/10_earlier_components", partial(
+        _earlier_components, cfg, store, split, earlier, saes[reference], analyses[reference], x, aux_spec,
+        aux_trainer, reference, train))
+    folder.lap("experiment_10_earlier_components")
 
-    experiments["9_gradient_pursuit"] = _pursuit(saes, labels, widths, x[: cfg.pursuit_tokens], cfg.regression)
-    watch.lap("experiment_9_pursuit")
+    experiments["9_gradient_pursuit"] = folder.once(f"{markers}/9_gradient_pursuit", partial(
+        _pursuit, saes, labels, widths, x[: cfg.pursuit_tokens], cfg.regression))
+    folder.lap("experiment_9_pursuit")
 
-    experiments["8_downstream_ce"] = _downstream(cfg, model, tokenizer, data, split, saes, analyses, x, reference)
-    watch.lap("experiment_8_downstream")
+    experiments["8_downstream_ce"] = folder.once(f"{markers}/8_downstream_ce", partial(
+        _downstream, cfg, model, tokenizer, data, split, saes, analyses, x, reference))
+    folder.lap("experiment_8_downstream")
 
-    summary = {
+    results = {
         "setup": {
             "model": cfg.model, "hookpoint": target, "earlier_hookpoints": earlier, "store": str(store.path),
             "context_length": data.context_length, "drop_first_positions": data.drop_first_positions,
@@ -216,18 +233,14 @@ def run(cfg: DarkMatterConfig) -> dict[str, Any]:
                        "downstream_contexts": int(split.downstream.shape[0])},
             "reference": reference,
             "saes": {label: {"width": widths[label], "l0_k": getattr(saes[label].cfg, "k", None),
-                             "training": _final(logs.get(label, []))} for label in labels},
+                             "training": trained[label].final if label in trained else {}} for label in labels},
         },
         "experiments": dict(sorted(experiments.items(), key=lambda item: int(item[0].split("_")[0]))),
-        "timings_s": watch.seconds,
-        "config": cfg.to_dict(),
-        "provenance": provenance(),
     }
-    atomic_write_json(out / "dark_matter.json", summary)
-    write_report(summary, out)
-    watch.lap("report")
-    atomic_write_json(out / "dark_matter.json", {**summary, "timings_s": watch.seconds})
-    return summary
+    summary = folder.write_summary(results, cfg)
+    write_report(summary, folder.path)
+    folder.lap("report")
+    return folder.write_summary(summary, cfg)
 
 
 def _synthetic(sae: SparseAutoencoder, reference: str, x: Tensor, regression: RegressionConfig) -> dict[str, Any]:
@@ -242,12 +255,13 @@ def _synthetic(sae: SparseAutoencoder, reference: str, x: Tensor, regression: Re
     }
 
 
-TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[SparseAutoencoder, list[dict]]]
+TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[SparseAutoencoder, TrainResult]]
 
 
 def _sweep(cfg: DarkMatterConfig, x_train: Tensor,
-           train: TrainFn) -> tuple[dict[str, SparseAutoencoder], dict[str, list[dict]], dict[str, int]]:
-    """(SAEs, training logs, widths), keyed by label: the trained top-k sweep or the given SAELens SAEs."""
+           train: TrainFn) -> tuple[dict[str, SparseAutoencoder], dict[str, TrainResult], dict[str, int]]:
+    """(SAEs, training results, widths), keyed by label: the trained top-k sweep (one `train` per width) or the
+    given SAELens SAEs (which have no training results)."""
     if cfg.pretrained_sae:
         names = [Path(folder).name for folder in cfg.pretrained_sae]
         labels = names if len(set(names)) == len(names) else list(cfg.pretrained_sae)
@@ -259,12 +273,12 @@ def _sweep(cfg: DarkMatterConfig, x_train: Tensor,
             raise ConfigError(f"pretrained SAEs {wrong} (hookpoint, d_in) do not read {cfg.hookpoint} of width "
                               f"{x_train.shape[1]}; pass the --hookpoint and --model they were trained on")
         return saes, {}, {label: sae.n_latents for label, sae in saes.items()}
-    saes, logs = {}, {}
+    saes, trained = {}, {}
     for width in cfg.widths:
         label = str(width)
-        saes[label], logs[label] = train(f"{cfg.hookpoint}-w{width}", _spec(width, cfg.k), x_train, cfg.trainer,
-                                         cfg.hookpoint)
-    return saes, logs, {str(width): width for width in cfg.widths}
+        saes[label], trained[label] = train(f"{cfg.hookpoint}-w{width}", _spec(width, cfg.k), x_train, cfg.trainer,
+                                            cfg.hookpoint)
+    return saes, trained, {str(width): width for width in cfg.widths}
 
 
 def _sweep_summaries(analyses: dict[str, ErrorAnalysis], labels: list[str], scaling: FVUScaling,
@@ -293,16 +307,16 @@ def _component_saes(sae: SparseAutoencoder, analysis: ErrorAnalysis, x: Tensor, 
         nonlinear.append(split.nonlinear.half())
     training = {"linear": torch.cat(linear), "nonlinear": torch.cat(nonlinear)}
     del linear, nonlinear
-    saes, logs = {}, {}
+    saes, trained = {}, {}
     for name, tensor in training.items():
-        saes[name], logs[name] = train(f"{reference}-{name}-error", spec, tensor, trainer, None)
+        saes[name], trained[name] = train(f"{reference}-{name}-error", spec, tensor, trainer, None)
     heldout = error_components(sae, analysis.fit, x[analysis.test_idx])
     scores = evaluate_component_saes(saes, {"linear": heldout.linear, "nonlinear": heldout.nonlinear})
     return {
         "sae": reference, "width": spec.n_latents, "k": spec.k, "training_tokens": trainer.total_tokens,
         "heldout": scores,
-        "curves": {name: {"tokens": [r["tokens"] for r in log], "fvu": [r["fvu"] for r in log]}
-                   for name, log in logs.items()},
+        "curves": {name: {"tokens": result.curves.get("tokens", []), "fvu": result.curves.get("fvu", [])}
+                   for name, result in trained.items()},
     }
 
 
@@ -313,10 +327,10 @@ def _earlier_components(cfg: DarkMatterConfig, store: ActivationStore, split: St
     reference SAE's components."""
     if not earlier:
         return {"skipped": "no earlier hookpoints were given"}
-    saes, logs = {}, {}
+    saes, trained = {}, {}
     for hookpoint in earlier:
-        saes[hookpoint], logs[hookpoint] = train(f"{hookpoint}-w{spec.n_latents}", spec,
-                                                 load_half(store, hookpoint, split.train), trainer, hookpoint)
+        saes[hookpoint], trained[hookpoint] = train(f"{hookpoint}-w{spec.n_latents}", spec,
+                                                    load_half(store, hookpoint, split.train), trainer, hookpoint)
     parts = error_components(sae, analysis.fit, x)
     targets = {"sae(x)": parts.reconstruction, "error": x - parts.reconstruction, "linear error": parts.linear,
                "nonlinear error": parts.nonlinear}
@@ -324,7 +338,7 @@ def _earlier_components(cfg: DarkMatterConfig, store: ActivationStore, split: St
     return {
         "sae": reference, "width": spec.n_latents, "training_tokens": trainer.total_tokens,
         "r2": earlier_component_projections(sources, saes, targets, cfg.regression),
-        "earlier_saes": {hookpoint: _final(log) for hookpoint, log in logs.items()},
+        "earlier_saes": {hookpoint: result.final for hookpoint, result in trained.items()},
     }
 
 

@@ -1,48 +1,47 @@
-"""`saelab frontier`: the deep-SAE write-up's reconstruction-sparsity frontier, shallow vs deep, on one store.
+"""`saelab frontier`: the reconstruction-sparsity frontier of the "Deep SAEs" write-up, shallow vs deep, on one
+store.
 
 On the same stored activations and token budget, with the write-up's recipe (`DEEP_SAE_RECIPE`, token_l2
 preprocessing), train for every k: the shallow SAE (no dense layers), the deep SAEs of each depth (the first `depth`
 of `dense_multiples`, mirrored) at the same sparse width, and a parameter-matched variant of the chosen depths (its
 sparse width lowered until its parameter count matches the shallow SAE's). Each is evaluated on held-out tokens
 (NMSE = pooled FVU in the SAE's space, L0, dead latents) and spliced into the model (CE loss recovered, KL), and
-the run folder gets `frontier.json`, the plots and `report.html`.
+the run folder gets `summary.json`, the plots and `report.html`.
 
-Everything is resumable: the stores resume, each SAE trains in its own folder (checkpoints; skipped once
-`train.json` is written) and is evaluated once (`metrics.json`). `--store` reuses a harvested store; the held-out
-contexts are then the ones following it in the same corpus.
+Everything is resumable: the stores resume, each SAE trains in its own folder `saes/<variant>/` (checkpoints) and
+is trained and evaluated once (done-markers `done/saes/<variant>/train.json` and `.../evaluate.json`). `--store`
+reuses a harvested store; the held-out contexts are then the ones following it in the same corpus.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from saelab.activations.harvest import HarvestConfig, harvest
+from saelab.activations.harvest import HarvestConfig
+from saelab.activations.heldout import HeldOutSplit, load_model_with_heldout
 from saelab.activations.store import ActivationStore
 from saelab.config import PresetConfig
-from saelab.data.corpora import iter_documents
-from saelab.data.tokenize import DataConfig, pack_contexts
-from saelab.errors import ConfigError, StoreError
+from saelab.data.tokenize import DataConfig
+from saelab.errors import ConfigError
 from saelab.evaluation import downstream_metrics, reconstruction_metrics
 from saelab.experiments.frontier.report import write_report
-from saelab.io import atomic_write_json
 from saelab.metrics import ce_loss_recovered
-from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
-from saelab.provenance import provenance
+from saelab.models.loading import OFFLINE_DEFAULT_MODEL
+from saelab.run_folder import RunFolder
 from saelab.saes import SparseAutoencoder, create_sae, load_sae
+from saelab.saes.spec import SAESpec
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
-from saelab.training.entry import SAESpec, TrainConfig, train_sae
+from saelab.training.entry import TrainConfig, train_from_config
+from saelab.training.trainer import FINAL_SAE_DIR
 
 log = logging.getLogger(__name__)
 
-BASELINE_FILE = "downstream_baseline.json"
+BASELINE_STAGE = "downstream_baseline"  # clean and zero-ablated CE, the same for every SAE
 
 
 def _default_trainer() -> TrainerConfig:
@@ -87,7 +86,7 @@ class FrontierConfig(PresetConfig):
         default=16_384, metadata={"help": "held-out tokens for NMSE, L0 and dead latents"}
     )
     downstream_contexts: int = dataclasses.field(default=16, metadata={"help": "held-out contexts for CE and KL"})
-    harvest_batch_size: int = 16
+    harvest_batch_size: int = dataclasses.field(default=16, metadata={"help": "contexts per harvest forward pass"})
     n_latents: int = dataclasses.field(default=4608, metadata={"help": "sparse width shared by every SAE"})
     ks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64], metadata={"help": "k values"})
     dense_multiples: list[float] = dataclasses.field(
@@ -104,8 +103,8 @@ class FrontierConfig(PresetConfig):
     )
     preprocessing: str = dataclasses.field(default="token_l2", metadata={"help": "SAE input preprocessing"})
     trainer: TrainerConfig = dataclasses.field(default_factory=_default_trainer)
-    shuffle_seed: int = 0
-    device: str = "cpu"
+    shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the store's batch order"})
+    device: str = dataclasses.field(default="cpu", metadata={"help": "device the model and the SAEs run on"})
 
     def validate(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -120,9 +119,6 @@ class FrontierConfig(PresetConfig):
                 raise ConfigError(f"{name} has depths {stray} that are not in depths={self.depths}")
         if 0 in self.matched_depths:
             raise ConfigError("matched_depths cannot hold 0: the shallow SAE is what the others are matched to")
-
-
-CONFIG = FrontierConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,134 +174,91 @@ def plan_variants(cfg: FrontierConfig, d_in: int) -> list[Variant]:
     return variants
 
 
-@dataclasses.dataclass
-class FrontierData:
-    """What every SAE of the frontier shares: its training store, the held-out store and contexts, and the data
-    rules (positions kept) they were made with."""
-
-    train_store: ActivationStore
-    eval_store: ActivationStore
-    contexts: Tensor  # held-out contexts for CE/KL
-    data: DataConfig
+def stage(variant: Variant, step: str) -> str:
+    """The done-marker of one step ("train", "evaluate") of one SAE."""
+    return f"saes/{variant.name}/{step}"
 
 
-def prepare_data(cfg: FrontierConfig, model: nn.Module, tokenizer) -> FrontierData:
-    """Harvest (or reuse) the training store and harvest the held-out one.
-
-    The held-out contexts are the ones that follow the training contexts in the same corpus, packed by the same
-    rules; with `--store` they are checked to continue exactly that store's contexts."""
-    store = ActivationStore(cfg.store) if cfg.store else None
-    data = cfg.data
-    if store is not None:
-        if cfg.hookpoint not in store.hookpoints or store.model_name != cfg.model:
-            raise ConfigError(
-                f"store {store.path} holds {store.hookpoints} of model {store.model_name!r}, not {cfg.hookpoint} of "
-                f"{cfg.model!r}; pass --model/--hookpoint to match it or harvest a new store"
-            )
-        if not store.manifest.get("config"):
-            raise StoreError(f"store {store.path} records no harvest config; harvest it with `saelab harvest`")
-        data = HarvestConfig.from_dict(store.manifest["config"]).data
-    n_eval = data.replace(n_tokens=cfg.eval_tokens).n_contexts()
-    n_train = store.contexts().shape[0] if store is not None else data.n_contexts()
-    contexts = pack_contexts(iter_documents(data.source, text_field=data.text_field), tokenizer, data.context_length,
-                             n_train + max(n_eval, cfg.downstream_contexts), data.prepend_bos, show_progress=True)
-    if store is not None and not torch.equal(contexts[:n_train], store.contexts()):
-        raise ConfigError(
-            f"store {store.path}: its contexts are not the first {n_train} of its corpus {data.source!r}, so no "
-            "held-out text can be chosen; harvest the training store with `saelab frontier` or `saelab harvest`"
-        )
-    held = contexts[n_train:]
-
-    def harvest_into(folder: str, ids: Tensor) -> ActivationStore:
-        harvest_cfg = HarvestConfig(out_dir=str(Path(cfg.out_dir) / "activations" / folder), model=cfg.model,
-                                    hookpoints=[cfg.hookpoint], data=data, batch_size=cfg.harvest_batch_size,
-                                    device=cfg.device, resume=True)
-        return harvest(model, tokenizer, ids, harvest_cfg)
-
-    train_store = store if store is not None else harvest_into("train", contexts[:n_train])
-    return FrontierData(train_store, harvest_into("eval", held[:n_eval]), held[: cfg.downstream_contexts], data)
-
-
-def train_variant(cfg: FrontierConfig, variant: Variant, store: ActivationStore) -> SparseAutoencoder:
-    """Train one SAE in `saes/<name>/` (resuming its checkpoints), or load it once `train.json` says it is done."""
-    folder = Path(cfg.out_dir) / "saes" / variant.name
-    if (folder / "train.json").exists():
-        return load_sae(folder / "sae", device=cfg.device, preprocessing=cfg.preprocessing)
+def train_variant(cfg: FrontierConfig, folder: RunFolder, variant: Variant, store: ActivationStore
+                  ) -> SparseAutoencoder:
+    """Train one SAE in `saes/<name>/` (resuming its checkpoints), or load it once its train stage is done."""
+    sae_folder = folder.path / "saes" / variant.name
+    if folder.is_done(stage(variant, "train")):
+        return load_sae(sae_folder / FINAL_SAE_DIR, device=cfg.device, preprocessing=cfg.preprocessing)
     spec = SAESpec(architecture="deep", n_latents=variant.n_latents, k=variant.k, preprocessing=cfg.preprocessing,
                    encoder_multiples=cfg.dense_multiples[: variant.depth])
     trainer = dataclasses.replace(cfg.trainer, device=cfg.device,
                                   resample_every_steps=cfg.trainer.resample_every_steps if variant.resample else None)
-    train_cfg = TrainConfig(store=str(store.path), hookpoint=cfg.hookpoint, out_dir=str(folder), sae=spec,
+    train_cfg = TrainConfig(store=str(store.path), hookpoint=cfg.hookpoint, out_dir=str(sae_folder), sae=spec,
                             trainer=trainer, resume=True, shuffle_seed=cfg.shuffle_seed)
-    started = time.perf_counter()
-    sae, result = train_sae(train_cfg, store)
-    atomic_write_json(folder / "train.json", {
-        "seconds": round(time.perf_counter() - started, 1), "tokens": result.tokens_seen, "steps": result.steps,
+    sae, result = train_from_config(train_cfg, store)
+    folder.mark_done(stage(variant, "train"), {
+        "seconds": folder.lap(f"{variant.name}/train"), "tokens": result.tokens_seen, "steps": result.steps,
         "completed": result.completed, "final": result.final,
     })
     return sae
 
 
-def evaluate_variant(cfg: FrontierConfig, variant: Variant, sae: SparseAutoencoder, shared: FrontierData,
-                     model: nn.Module, tokenizer) -> dict[str, Any]:
-    """Held-out reconstruction and downstream metrics of one SAE, cached in its folder's `metrics.json`.
+def evaluate_variant(cfg: FrontierConfig, folder: RunFolder, variant: Variant, sae: SparseAutoencoder,
+                     shared: HeldOutSplit, model: nn.Module, tokenizer) -> dict[str, Any]:
+    """Held-out reconstruction and downstream metrics of one SAE, computed once (its evaluate stage).
 
-    The clean and zero-ablated CE are the same for every SAE, so they are measured once (`downstream_baseline.json`)
-    and CE loss recovered is formed from them."""
-    folder = Path(cfg.out_dir) / "saes" / variant.name
-    if (folder / "metrics.json").exists():
-        return json.loads((folder / "metrics.json").read_text())
-    sae.eval()
-    metrics = reconstruction_metrics(sae, shared.eval_store, cfg.hookpoint, batch_size=4096)
-    baseline_path = Path(cfg.out_dir) / BASELINE_FILE
-    need_baseline = not baseline_path.exists()
-    downstream = downstream_metrics(model, tokenizer, sae, cfg.hookpoint, shared.contexts, shared.data,
-                                    context_batch_size=8, mean_ablation=False, zero_ablation=need_baseline)
-    if need_baseline:
-        atomic_write_json(baseline_path, {key: downstream[key] for key in ("ce_clean", "ce_zero_ablated")})
-    baseline = json.loads(baseline_path.read_text())
-    downstream["ce_loss_recovered"] = ce_loss_recovered(baseline["ce_clean"], downstream["ce_spliced"],
-                                                        baseline["ce_zero_ablated"])
-    train = json.loads((folder / "train.json").read_text())
-    result = {
-        **{field.name: getattr(variant, field.name) for field in dataclasses.fields(variant)},
-        "dense_widths": [round(m * sae.d_in) for m in cfg.dense_multiples[: variant.depth]],
-        "parameters": sae.num_parameters(),
-        "flops_per_token": sae.flops_per_token(),
-        "nmse": metrics["fvu"],
-        "l0": metrics["l0"],
-        "dead_fraction_eval": metrics["dead_fraction"],
-        "dead_fraction_train": train["final"].get("dead_fraction"),
-        "reconstruction": metrics,
-        "downstream": downstream,
-        "train": train,
-    }
-    atomic_write_json(folder / "metrics.json", result)
+    The clean and zero-ablated CE are the same for every SAE, so they are measured once (the downstream_baseline
+    stage) and CE loss recovered is formed from them."""
+
+    def evaluate() -> dict[str, Any]:
+        sae.eval()
+        metrics = reconstruction_metrics(sae, shared.eval_store, cfg.hookpoint, batch_size=4096)
+        need_baseline = not folder.is_done(BASELINE_STAGE)
+        contexts = shared.contexts[: cfg.downstream_contexts]
+        downstream = downstream_metrics(model, tokenizer, sae, cfg.hookpoint, contexts, shared.data,
+                                        context_batch_size=8, mean_ablation=False, zero_ablation=need_baseline)
+        if need_baseline:
+            folder.mark_done(BASELINE_STAGE, {key: downstream[key] for key in ("ce_clean", "ce_zero_ablated")})
+        baseline = folder.result(BASELINE_STAGE)
+        downstream["ce_loss_recovered"] = ce_loss_recovered(baseline["ce_clean"], downstream["ce_spliced"],
+                                                            baseline["ce_zero_ablated"])
+        train = folder.result(stage(variant, "train"))
+        return {
+            **{field.name: getattr(variant, field.name) for field in dataclasses.fields(variant)},
+            "dense_widths": [round(m * sae.d_in) for m in cfg.dense_multiples[: variant.depth]],
+            "parameters": sae.num_parameters(),
+            "flops_per_token": sae.flops_per_token(),
+            "nmse": metrics["fvu"],
+            "l0": metrics["l0"],
+            "dead_fraction_eval": metrics["dead_fraction"],
+            "dead_fraction_train": train["final"].get("dead_fraction"),
+            "reconstruction": metrics,
+            "downstream": downstream,
+            "train": train,
+        }
+
+    result = folder.once(stage(variant, "evaluate"), evaluate)
+    folder.lap(f"{variant.name}/evaluate")
     return result
 
 
 def run(cfg: FrontierConfig) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    cfg.save(out / "frontier_config.json")
-    started = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
-    shared = prepare_data(cfg, model, tokenizer)
+    folder = RunFolder.start(cfg)
+    harvest_cfg = HarvestConfig(model=cfg.model, hookpoints=[cfg.hookpoint], data=cfg.data,
+                                batch_size=cfg.harvest_batch_size, device=cfg.device)
+    model, tokenizer, shared = load_model_with_heldout(folder, harvest_cfg, eval_tokens=cfg.eval_tokens,
+                                                       heldout_contexts=cfg.downstream_contexts, store=cfg.store)
     variants = plan_variants(cfg, shared.train_store.dims[cfg.hookpoint])
     rows = []
     for index, variant in enumerate(variants, start=1):
         log.info("[%d/%d] %s", index, len(variants), variant.name)
-        sae = train_variant(cfg, variant, shared.train_store)
-        rows.append(evaluate_variant(cfg, variant, sae, shared, model, tokenizer))
+        sae = train_variant(cfg, folder, variant, shared.train_store)
+        rows.append(evaluate_variant(cfg, folder, variant, sae, shared, model, tokenizer))
     summary = {
         "rows": rows,
-        "baseline": json.loads((out / BASELINE_FILE).read_text()),
+        "baseline": folder.result(BASELINE_STAGE),
         "stores": {"train": str(shared.train_store.path), "train_tokens": shared.train_store.n_tokens,
                    "eval": str(shared.eval_store.path), "eval_tokens": shared.eval_store.n_tokens,
-                   "downstream_contexts": len(shared.contexts)},
-        "seconds": round(time.perf_counter() - started, 1),
-        "config": cfg.to_dict(),
-        "provenance": provenance(),
+                   "downstream_contexts": cfg.downstream_contexts},
+        "seconds": round(sum(folder.timings.values()), 1),
     }
-    summary["verdict"] = write_report(summary, out)
-    atomic_write_json(out / "frontier.json", summary)
-    return summary
+    summary = folder.write_summary(summary, cfg)
+    summary["verdict"] = write_report(summary, folder.path)
+    folder.lap("report")
+    return folder.write_summary(summary, cfg)

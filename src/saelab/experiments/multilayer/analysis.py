@@ -1,4 +1,5 @@
-"""Analyses of a multi-layer SAE (seed 002), each a function returning data plus a plot helper.
+"""Analyses of a multi-layer SAE (the write-up "Multi-layer SAEs"), each a function returning data plus a plot
+helper.
 
 Notation: the SAE reads layers l_0 < l_1 < ... (positions 0..L-1 in `sae.layers`); enc_{f,l} and dec_{f,l} are the
 segments of latent f's encoder row and decoder row that read from / write to layer l, in the SAE's normalised
