@@ -141,7 +141,7 @@ def _saelens_topk(
 
 
 def test_topk_written_as_standard_loads_as_topk(tmp_path: Path) -> None:
-    # SAELens < 6 marked TopK SAEs as architecture "standard"; reading them as ReLU is SAELens issue #553.
+    # SAELens < 6 marked TopK SAEs as architecture "standard"; reading them as ReLU is a known silent mix-up.
     w = _weights(4)
     cfg = {"architecture": "standard", "d_in": D_IN, "d_sae": D_SAE, "activation_fn_str": "topk"}
     sae = load_saelens(_write(tmp_path / "tk", {**cfg, "activation_fn_kwargs": {"k": 3}}, w))
