@@ -2,7 +2,7 @@
 
 We read the pickle ourselves instead of importing the package, whose modules pull in GUI and SVM code we do not
 need. The split is the one shipped (50k train / 10k validation / 10k test), so accuracies are comparable with
-the seed write-up's.
+those of the feature-connector write-up ("Learning Interpretable Features with Sparse Auto-Encoders").
 """
 
 from __future__ import annotations
