@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab.activations.normalize import estimate_norm_stats
 from saelab.activations.store import ActivationStore
@@ -33,6 +35,27 @@ from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
 
 TRAIN_STAGE = "train"
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """One SAE of a `train_many` run: trained on the concatenation of `inputs` (keys of the source's batches, in
+    this order) into its own run folder `out_dir`; `data` describes those batches (see `train`)."""
+
+    sae: SparseAutoencoder
+    cfg: TrainerConfig
+    out_dir: str | Path
+    inputs: tuple[str, ...] = ("x",)
+    data: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.out_dir).name
+
+
+# What `train_many` reads: an iterable of {input name: [B, d] tensor} that yields the same sequence on every call,
+# or a function of the number of batches already consumed returning the rest (a source that can seek cheaply).
+BatchSource = Iterable[Mapping[str, Tensor]] | Callable[[int], Iterable[Mapping[str, Tensor]]]
 
 
 def train(
@@ -53,35 +76,163 @@ def train(
     finished folder loads its final SAE into `sae`; without it, such a folder is an error. `command` (e.g. the
     `saelab train` config) is recorded in `config.json` beside the request, so the run can be replayed.
     """
-    folder = RunFolder(out_dir)
-    request = {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
-               "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": data}
+    job = TrainJob(sae, cfg, out_dir, data=data)
+    (result,) = train_many([job], _Named(batches, "x"), resume=resume, command=command)
+    return result
+
+
+def train_many(
+    jobs: Sequence[TrainJob],
+    batches: BatchSource,
+    *,
+    resume: bool = True,
+    command: Config | None = None,
+    run_dir: str | Path | None = None,
+    progress_stats: Callable[[], dict[str, str]] | None = None,
+) -> list[TrainResult]:
+    """Train several SAEs in step on one source of batches (e.g. one forward pass feeding an SAE per hookpoint),
+    each into its own run folder exactly as `train` does for one; returns their results in the order of `jobs`.
+
+    All SAEs take one optimiser step per batch, so their checkpoints fall at the same steps and the source's
+    position is the step count: a resumed run restores every unfinished SAE to the newest checkpoint step they all
+    share. `run_dir`, when given, gets `config.json` (the `command`) and a `summary.json` with every SAE's final
+    metrics side by side. `progress_stats` adds fields (e.g. forward tokens/s) to the progress bar.
+    """
+    if len({Path(job.out_dir).resolve() for job in jobs}) != len(jobs):
+        raise ConfigError("two SAEs of one run share an output folder; give each its own")
+    sizes = {job.cfg.batch_size for job in jobs}
+    if len(sizes) != 1:
+        raise ConfigError(f"SAEs fed from one source need one batch size, got {sorted(sizes)}")
+    combined = len(jobs) > 1 or progress_stats is not None  # then one bar for all SAEs, not one each
+    opened = [_open_job(job, resume, command, quiet=combined) for job in jobs]
+    trainers = [t for t in opened if isinstance(t, Trainer)]
+    step = _restore_together(trainers) if resume else 0
+    if run_dir is not None:
+        RunFolder(run_dir).save_config(command.to_dict() if command is not None else {})
+    started = time.perf_counter()
+    bar = tqdm(total=max((t.cfg.total_tokens for t in trainers), default=0), initial=step * sizes.pop(),
+               unit="tok", unit_scale=True, desc="train", disable=not (combined and any(j.cfg.progress for j in jobs)))
+    for trainer in trainers:
+        trainer.begin()
+    active = [(job, t) for job, t in zip(jobs, opened, strict=True) if isinstance(t, Trainer) and not t.done]
+    try:
+        stream = _from_step(batches, step) if active else iter(())
+        window_start, window_tokens = time.perf_counter(), 0
+        for batch in stream:
+            for job, trainer in active:
+                trainer.train_on(_job_input(batch, job.inputs))
+            rows = next(iter(batch.values())).shape[0]
+            bar.update(rows)
+            window_tokens += rows
+            elapsed = time.perf_counter() - window_start
+            if elapsed > 2.0:
+                bar.set_postfix({"train_tok/s": f"{window_tokens / elapsed:.3g}", **(progress_stats or dict)()})
+                window_start, window_tokens = time.perf_counter(), 0
+            active = [(job, t) for job, t in active if not t.done]
+            if not active:
+                break  # before pulling another batch from the (possibly expensive) source
+    except BaseException:
+        for trainer in trainers:
+            trainer.abort()
+        bar.close()
+        raise
+    bar.close()
+    elapsed = round(time.perf_counter() - started, 2)
+    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed)
+               for job, t in zip(jobs, opened, strict=True)]
+    if run_dir is not None:
+        side_by_side = {job.name: {**{k: r.final.get(k) for k in ("fvu", "l0", "dead_fraction")}, "steps": r.steps,
+                                   "tokens_seen": r.tokens_seen, "completed": r.completed}
+                        for job, r in zip(jobs, results, strict=True)}
+        folder = RunFolder(run_dir)
+        folder.timings[TRAIN_STAGE] = elapsed
+        folder.write_summary({"saes": side_by_side, "completed": all(r.completed for r in results)}, command)
+    return results
+
+
+def _request(job: TrainJob) -> dict[str, Any]:
+    sae, cfg = job.sae, job.cfg
+    return {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
+            "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": job.data}
+
+
+def _open_job(job: TrainJob, resume: bool, command: Config | None, quiet: bool) -> Trainer | TrainResult:
+    """A fresh trainer for the job's folder, or the result of the finished run it holds (loaded into `job.sae`);
+    a folder of another request, or an earlier run without `resume`, is refused."""
+    folder = RunFolder(job.out_dir)
     finished = folder.result(TRAIN_STAGE)
     if not resume and (finished is not None or ckpt.latest_checkpoint(folder.path) is not None):
         raise CheckpointError(
             f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
         )
-    folder.check_config({**request, "command": command.to_dict() if command is not None else None},
+    folder.check_config({**_request(job), "command": command.to_dict() if command is not None else None},
                         ignore=frozenset({"command"}))
     if finished is not None:
-        sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
+        job.sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
-    trainer = Trainer(sae, cfg, folder.path)
-    if resume:
-        trainer.restore()
-    started = time.perf_counter()
-    result = trainer.fit(batches)
-    folder.timings[TRAIN_STAGE] = round(time.perf_counter() - started, 2)
+    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path)
+
+
+def _restore_together(trainers: list[Trainer]) -> int:
+    """Restore every trainer to the newest checkpoint step all of them hold (a crash between two SAEs'
+    checkpoints leaves one a step ahead); returns that step, where the shared source continues."""
+    if len(trainers) == 1:
+        trainers[0].restore()
+        return trainers[0].step
+    held = [ckpt.checkpoint_steps(t.out_dir) for t in trainers]
+    if not any(held):
+        return 0
+    common = set.intersection(*(set(steps) for steps in held))
+    if not common:
+        raise CheckpointError(
+            "the SAEs of this run hold checkpoints of different steps "
+            f"({', '.join(f'{t.out_dir.name}: {sorted(s) or None}' for t, s in zip(trainers, held, strict=True))}), "
+            "so they cannot continue together; delete the run folder to start over"
+        )
+    step = max(common)
+    for trainer, steps in zip(trainers, held, strict=True):
+        trainer.restore(steps[step])
+    return step
+
+
+def _from_step(batches: BatchSource, step: int) -> Iterator[Mapping[str, Tensor]]:
+    if callable(batches):
+        return iter(batches(step))
+    return itertools.islice(iter(batches), step, None)
+
+
+def _job_input(batch: Mapping[str, Tensor], inputs: Sequence[str]) -> Tensor:
+    if len(inputs) == 1:
+        return batch[inputs[0]]
+    return torch.cat([batch[name] for name in inputs], dim=1)
+
+
+def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float) -> TrainResult:
+    """Save the final SAE and write the job folder's summary (and done-marker when complete)."""
+    result = trainer.finish()
+    folder = RunFolder(job.out_dir)
+    folder.timings[TRAIN_STAGE] = elapsed
+    sae = job.sae
     outcome = {"final": result.final, "steps": result.steps, "tokens_seen": result.tokens_seen,
                "completed": result.completed}
     folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
                                              "d_in": sae.d_in, "parameters": sae.num_parameters()},
-                          "request": request})
+                          "request": _request(job)})
     if result.completed:
         folder.mark_done(TRAIN_STAGE, outcome)
     return result
+
+
+class _Named:
+    """Plain `[B, d]` batches as `{name: batch}` dicts, re-iterable like the batches they wrap."""
+
+    def __init__(self, batches: Iterable[Tensor], name: str) -> None:
+        self.batches, self.name = batches, name
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return ({self.name: batch} for batch in self.batches)
 
 
 # ---- data sources -----------------------------------------------------------------------------------------------
