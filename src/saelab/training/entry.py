@@ -11,28 +11,36 @@ old SAE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saelab.activations.normalize import estimate_norm_stats
+from saelab.activations.layout import MANIFEST_NAME
+from saelab.activations.normalize import NormStats, estimate_norm_stats
 from saelab.activations.store import ActivationStore
 from saelab.config import Config, PresetConfig
-from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.data.tokenize import DataConfig, build_contexts
+from saelab.errors import CheckpointError, ConfigError, DataError, StoreError
 from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
+from saelab.saes.initialization import seeded
+from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.spec import SAESpec, sae_from_spec
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TRAIN_STAGE = "train"
 
@@ -301,7 +309,11 @@ def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
 
 @dataclasses.dataclass
 class TrainConfig(PresetConfig):
-    """`preset="deep_sae"` (`--preset deep_sae`): the deep-SAE write-up's recipe, a deep SAE with one dense layer
+    """`saelab train`: from an activation store (`--store`, one SAE on `--hookpoint`), or streamed from a model
+    (`--model`, one SAE per hookpoint of `--hookpoints`, all fed by one forward pass per batch of contexts, and
+    optionally one multi-layer SAE over their concatenation).
+
+    `preset="deep_sae"` (`--preset deep_sae`): the deep-SAE write-up's recipe, a deep SAE with one dense layer
     each side on per-token centred, L2-normalised inputs, trained with `DEEP_SAE_RECIPE`."""
 
     PRESETS = {
@@ -314,20 +326,163 @@ class TrainConfig(PresetConfig):
     preset: str | None = dataclasses.field(
         default=None, metadata={"help": "deep_sae = the deep-SAE write-up's recipe, under any other flag given"}
     )
-    store: str = dataclasses.field(default="runs/activations", metadata={"help": "activation store folder"})
-    hookpoint: str | None = dataclasses.field(default=None, metadata={"help": "default: the store's only one"})
-    out_dir: str = dataclasses.field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics)"})
+    store: str | None = dataclasses.field(default=None, metadata={"help": "activation store folder (or --model)"})
+    hookpoint: str | None = dataclasses.field(default=None, metadata={"help": "--store: default the store's only one"})
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "stream activations of this model (HF name or path) instead of a store"}
+    )
+    hookpoints: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "--model: comma-separated hookpoints, one SAE each"}
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    multilayer: bool = dataclasses.field(
+        default=False, metadata={"help": "--model: also one multi-layer SAE over the concatenated resid_post layers"}
+    )
+    buffer_tokens: int = dataclasses.field(
+        default=65_536, metadata={"help": "--model: shuffle buffer per hookpoint in tokens (memory is this x d x 4 B)"}
+    )
+    contexts_per_forward: int = dataclasses.field(default=8, metadata={"help": "--model: contexts per forward pass"})
+    model_dtype: Literal["float32", "bfloat16", "float16"] = dataclasses.field(
+        default="float32", metadata={"help": "--model: dtype the model runs in"}
+    )
+    device: str = dataclasses.field(default="cpu", metadata={"help": "--model: device the model runs on"})
+    cache_to: str | None = dataclasses.field(
+        default=None, metadata={"help": "--model: also write the activations into this store (as harvest would)"}
+    )
+    cache_dtype: Literal["float16", "float32"] = dataclasses.field(
+        default="float16", metadata={"help": "storage dtype of --cache-to"}
+    )
+    cache_shard_tokens: int = dataclasses.field(default=65_536, metadata={"help": "tokens per shard of --cache-to"})
+    out_dir: str = dataclasses.field(
+        default="runs/train", metadata={"help": "run folder; with --model one sub-folder per SAE"}
+    )
     sae: SAESpec = dataclasses.field(default_factory=SAESpec)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
-    shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the store's batch order"})
+    shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the batch order"})
+
+    def validate(self) -> None:
+        if (self.store is None) == (self.model is None):
+            raise ConfigError(
+                "give exactly one data source: --store DIR (a harvested activation store) or --model NAME "
+                f"(stream its activations); got {'both' if self.store is not None else 'neither'}"
+            )
+        if self.model is None:
+            if len(self.hookpoints) > 1 or self.multilayer or self.cache_to is not None:
+                raise ConfigError(
+                    "--hookpoints (several), --multilayer and --cache-to need --model; with --store, train one SAE "
+                    "on --hookpoint"
+                )
+            return
+        if not self.hookpoints and self.hookpoint is None:
+            raise ConfigError("--model needs hookpoints to train on, e.g. --hookpoints resid_post.3,resid_post.6")
+        if self.buffer_tokens < self.trainer.batch_size or self.contexts_per_forward < 1:
+            raise ConfigError(
+                f"--buffer-tokens ({self.buffer_tokens}) must hold at least one batch ({self.trainer.batch_size}) "
+                "and --contexts-per-forward must be at least 1"
+            )
+        if self.multilayer:
+            layers = [_layer_of(hp) for hp in self.streamed_hookpoints]
+            if None in layers or len(layers) < 2:
+                raise ConfigError(
+                    f"--multilayer needs two or more resid_post.L hookpoints, got {self.streamed_hookpoints}"
+                )
+
+    @property
+    def streamed_hookpoints(self) -> list[str]:
+        return list(dict.fromkeys(self.hookpoints or [self.hookpoint]))
 
 
-def train_from_config(cfg: TrainConfig, store: ActivationStore | None = None) -> tuple[SparseAutoencoder, TrainResult]:
-    """`saelab train`: an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into `cfg.out_dir`."""
+def train_from_config(
+    cfg: TrainConfig, store: ActivationStore | None = None
+) -> tuple[SparseAutoencoder, TrainResult] | dict[str, tuple[SparseAutoencoder, TrainResult]]:
+    """`saelab train`: with `--store`, an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into
+    `cfg.out_dir`; with `--model`, `train_streamed`."""
+    if cfg.model is not None:
+        return train_streamed(cfg)
     store = store or ActivationStore(cfg.store)
-    hookpoint = resolve_hookpoint(store, cfg.hookpoint)
+    hookpoint = resolve_hookpoint(store, cfg.hookpoint or (cfg.hookpoints[0] if cfg.hookpoints else None))
     sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed)
     batches = store.batches(hookpoint, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
     data = describe_store(store, hookpoint, cfg.shuffle_seed)
     return sae, train(sae, batches, cfg.trainer, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+
+
+MULTILAYER_DIR = "multilayer"
+NORM_STATS_STAGE = "norm_stats"
+
+
+def train_streamed(
+    cfg: TrainConfig, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[str, tuple[SparseAutoencoder, TrainResult]]:
+    """`saelab train --model`: one SAE per hookpoint (and with `multilayer` one over their concatenation), all
+    trained in step on one stream of the model's activations (`ActivationStream`), each into
+    `cfg.out_dir/<hookpoint>/` (`multilayer/`); returns {folder name: (sae, result)}.
+
+    Nothing is written before the hookpoints are checked against the model. Input scales (preprocessing="scale",
+    and the multi-layer SAE's per-layer scales) are estimated on the stream's first block once and kept in the run
+    folder's `done/norm_stats.json`, so a resumed run rebuilds the same SAEs.
+    """
+    from saelab.activations.harvest import HarvestConfig, store_writer
+    from saelab.activations.stream import ActivationStream
+    from saelab.models.hookpoints import resolve_hookpoint as resolve_model_hookpoint
+    from saelab.models.loading import load_model
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
+    hookpoints = cfg.streamed_hookpoints
+    for hookpoint in hookpoints:  # a bad name fails here, before anything is read or written
+        resolve_model_hookpoint(model, hookpoint)
+    if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
+        raise StoreError(f"--cache-to {cfg.cache_to} already holds a store; pass --resume true to continue it, or "
+                         "choose another folder")
+    contexts = build_contexts(cfg.data, tokenizer, show_progress=cfg.trainer.progress)
+    cache = None
+    if cfg.cache_to is not None:
+        harvest_cfg = HarvestConfig(out_dir=cfg.cache_to, model=cfg.model, hookpoints=hookpoints, data=cfg.data,
+                                    batch_size=cfg.contexts_per_forward, dtype=cfg.cache_dtype,
+                                    model_dtype=cfg.model_dtype, shard_tokens=cfg.cache_shard_tokens,
+                                    device=cfg.device, resume=cfg.resume)
+        cache = functools.partial(store_writer, harvest_cfg, contexts)
+    stream = ActivationStream(model, tokenizer, contexts, hookpoints, cfg.data, batch_size=cfg.trainer.batch_size,
+                              buffer_tokens=cfg.buffer_tokens, contexts_per_forward=cfg.contexts_per_forward,
+                              seed=cfg.shuffle_seed, writer=cache)
+    out = RunFolder(cfg.out_dir)
+    stats = {hp: NormStats.from_dict(d) for hp, d in out.once(
+        NORM_STATS_STAGE, lambda: {hp: s.to_dict() for hp, s in stream.norm_stats().items()}).items()}
+    source = {"model": cfg.model, "model_dtype": cfg.model_dtype, "data": cfg.data.to_dict(),
+              "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
+              "buffer_tokens": cfg.buffer_tokens, "contexts_per_forward": cfg.contexts_per_forward,
+              "seed": cfg.shuffle_seed}
+    jobs = []
+    for hp in hookpoints:
+        scale = stats[hp].scale if cfg.sae.preprocessing == "scale" else 1.0
+        sae = sae_from_spec(cfg.sae, stats[hp].mean.numel(), scale, hp, cfg.model, seed=cfg.trainer.seed)
+        jobs.append(TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp]}))
+    if cfg.multilayer:
+        layered = sorted(hookpoints, key=_layer_of)
+        widths = [stats[hp].mean.numel() for hp in layered]
+        ml_cfg = MultiLayerSAEConfig(
+            d_in=sum(widths), n_latents=cfg.sae.n_latents, k=cfg.sae.k, model_name=cfg.model,
+            layers=[_layer_of(hp) for hp in layered], hookpoints=layered, slice_widths=widths,
+            layer_scales=[stats[hp].scale for hp in layered],
+        )
+        ml_cfg.validate()
+        with seeded(cfg.trainer.seed):
+            sae = MultiLayerSAE(ml_cfg)
+        jobs.append(TrainJob(sae, cfg.trainer, out.path / MULTILAYER_DIR, tuple(layered),
+                             {**source, "hookpoints": layered}))
+
+    def speed() -> dict[str, str]:
+        return {"forward_tok/s": f"{stream.forward_tokens / max(stream.forward_seconds, 1e-9):.3g}"}
+
+    results = train_many(jobs, stream.batches, resume=cfg.resume, command=cfg, run_dir=out.path,
+                         progress_stats=speed)
+    if cache is not None:
+        stream.finish_cache()
+    return {job.name: (job.sae, result) for job, result in zip(jobs, results, strict=True)}
+
+
+def _layer_of(hookpoint: str) -> int | None:
+    kind, _, layer = hookpoint.rpartition(".")
+    return int(layer) if kind == "resid_post" and layer.isdigit() else None
