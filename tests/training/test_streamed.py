@@ -1,8 +1,10 @@
-"""`saelab train --model`: several SAEs from one forward pass, exact resume, a cache equal to a harvest, clear errors."""
+"""`saelab train --model`: several SAEs from one forward pass, exact resume, a cache equal to a harvest, clear
+errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,7 @@ def test_one_pass_trains_an_sae_per_hookpoint_and_a_multilayer_one(saved_tiny_ll
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["saes"]) == {*HOOKPOINTS, "multilayer"} and summary["completed"]
     for name, final in summary["saes"].items():
-        assert final["tokens_seen"] == 384 and final["steps"] == 12 and 0 < final["fvu"] and final["l0"] <= 2
+        assert final["tokens_seen"] == 384 and final["steps"] == 12 and final["fvu"] > 0 and final["l0"] <= 2
         folder = out / name
         assert (folder / "done" / "train.json").exists() and (folder / "metrics.jsonl").exists()
         assert (folder / "checkpoints").is_dir()
@@ -93,7 +95,7 @@ def test_an_interrupted_run_resumes_to_identical_weights_and_cache(saved_tiny_ll
     # a crash between two SAEs' checkpoints: the run continues from the newest step both hold
     for name in ("step_000000006", "latest.json"):
         path = split / HOOKPOINTS[1] / "checkpoints" / name
-        path.unlink() if path.is_file() else __import__("shutil").rmtree(path)
+        path.unlink() if path.is_file() else shutil.rmtree(path)
     monkeypatch.setattr(stream_module, "capture", capture)
     assert main(_args(model_dir, corpus, split, *cache, "--resume", "true")) == 0
     assert _weights(split) == _weights(tmp_path / "whole")
@@ -116,7 +118,8 @@ def test_bad_input_gets_one_clear_error_before_anything_is_written(saved_tiny_ll
     model_dir, corpus = saved_tiny_llama()
     out = tmp_path / "run"
     args = _args(model_dir, corpus, out)
-    bad = [*args[: args.index("--hookpoints") + 1], "resid_post.0,resid_post.7", *args[args.index("--hookpoints") + 2 :]]
+    at = args.index("--hookpoints") + 1
+    bad = [*args[:at], "resid_post.0,resid_post.7", *args[at + 1 :]]
     assert main(bad) == 2
     assert "resid_post.7" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--store", str(tmp_path / "store")]) == 2

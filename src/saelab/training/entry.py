@@ -361,12 +361,15 @@ class TrainConfig(PresetConfig):
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the batch order"})
 
-    def validate(self) -> None:
+    def check_source(self) -> None:
+        """Exactly one of --store / --model (checked when the command runs: a config may name its source later)."""
         if (self.store is None) == (self.model is None):
             raise ConfigError(
                 "give exactly one data source: --store DIR (a harvested activation store) or --model NAME "
                 f"(stream its activations); got {'both' if self.store is not None else 'neither'}"
             )
+
+    def validate(self) -> None:
         if self.model is None:
             if len(self.hookpoints) > 1 or self.multilayer or self.cache_to is not None:
                 raise ConfigError(
@@ -398,6 +401,7 @@ def train_from_config(
 ) -> tuple[SparseAutoencoder, TrainResult] | dict[str, tuple[SparseAutoencoder, TrainResult]]:
     """`saelab train`: with `--store`, an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into
     `cfg.out_dir`; with `--model`, `train_streamed`."""
+    cfg.check_source()
     if cfg.model is not None:
         return train_streamed(cfg)
     store = store or ActivationStore(cfg.store)
