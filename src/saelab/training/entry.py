@@ -169,10 +169,8 @@ def _open_job(job: TrainJob, resume: bool, command: Config | None, quiet: bool) 
     a folder of another request, or an earlier run without `resume`, is refused."""
     folder = RunFolder(job.out_dir)
     finished = folder.result(TRAIN_STAGE)
-    if not resume and (finished is not None or ckpt.latest_checkpoint(folder.path) is not None):
-        raise CheckpointError(
-            f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
-        )
+    if not resume:
+        _refuse_earlier_run(folder)
     folder.check_config({**_request(job), "command": command.to_dict() if command is not None else None},
                         ignore=frozenset({"command"}))
     if finished is not None:
@@ -181,6 +179,13 @@ def _open_job(job: TrainJob, resume: bool, command: Config | None, quiet: bool) 
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
     return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path)
+
+
+def _refuse_earlier_run(folder: RunFolder) -> None:
+    if folder.is_done(TRAIN_STAGE) or ckpt.latest_checkpoint(folder.path) is not None:
+        raise CheckpointError(
+            f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
+        )
 
 
 def _restore_together(trainers: list[Trainer]) -> int:
@@ -440,6 +445,10 @@ def train_streamed(
     if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
         raise StoreError(f"--cache-to {cfg.cache_to} already holds a store; pass --resume true to continue it, or "
                          "choose another folder")
+    out = RunFolder(cfg.out_dir)
+    if not cfg.resume:  # refused now rather than after the first forward passes
+        for name in [*hookpoints, *([MULTILAYER_DIR] if cfg.multilayer else [])]:
+            _refuse_earlier_run(RunFolder(out.path / name))
     contexts = build_contexts(cfg.data, tokenizer, show_progress=cfg.trainer.progress)
     cache = None
     if cfg.cache_to is not None:
@@ -451,9 +460,13 @@ def train_streamed(
     stream = ActivationStream(model, tokenizer, contexts, hookpoints, cfg.data, batch_size=cfg.trainer.batch_size,
                               buffer_tokens=cfg.buffer_tokens, contexts_per_forward=cfg.contexts_per_forward,
                               seed=cfg.shuffle_seed, writer=cache)
-    out = RunFolder(cfg.out_dir)
     stats = {hp: NormStats.from_dict(d) for hp, d in out.once(
         NORM_STATS_STAGE, lambda: {hp: s.to_dict() for hp, s in stream.norm_stats().items()}).items()}
+    if set(stats) != set(hookpoints):
+        raise CheckpointError(
+            f"{out.path} holds a run on hookpoints {sorted(stats)}, not {hookpoints}; resume it with those, or "
+            "train into a new folder"
+        )
     source = {"model": cfg.model, "model_dtype": cfg.model_dtype, "data": cfg.data.to_dict(),
               "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
               "buffer_tokens": cfg.buffer_tokens, "contexts_per_forward": cfg.contexts_per_forward,
