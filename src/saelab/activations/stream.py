@@ -116,12 +116,13 @@ class ActivationStream:
         per_block = self.block_tokens // self.batch_size
         while True:
             rows, index = self.block(block)
-            order = self._permutation(block).to(next(iter(rows.values())).device)
+            order = self._permutation(block)
+            order_on_device = order.to(next(iter(rows.values())).device)
             for i in range(skip // self.batch_size, per_block):
-                chosen = order[i * self.batch_size : (i + 1) * self.batch_size]
-                batch = {hp: rows[hp][chosen] for hp in self.hookpoints}
+                chosen = slice(i * self.batch_size, (i + 1) * self.batch_size)
+                batch = {hp: rows[hp][order_on_device[chosen]] for hp in self.hookpoints}
                 if self.token_index:
-                    batch[TOKEN_INDEX] = index[chosen]
+                    batch[TOKEN_INDEX] = index[order[chosen]]
                 yield batch
             del rows, index
             skip, block = 0, block + 1
