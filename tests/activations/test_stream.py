@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from saelab.activations.harvest import HarvestConfig, harvest, store_writer
 from saelab.activations.stream import TOKEN_INDEX, ActivationStream
 from saelab.data.tokenize import DataConfig, context_mask
 from saelab.errors import ConfigError, HookpointError
@@ -83,3 +85,28 @@ def test_bad_settings_are_refused_before_anything_runs(model, word_tokenizer) ->
                          batch_size=8)
     with pytest.raises(ConfigError, match="buffer_tokens=4 is less than one batch"):
         _stream(model, word_tokenizer, buffer_tokens=4)
+
+
+@pytest.mark.parametrize("shard_tokens", [20, 200])  # shards flushed often (resume overlaps them) or never (a gap)
+def test_the_cache_equals_a_harvest_also_after_a_resume(model, word_tokenizer, tmp_path, shard_tokens) -> None:
+    data = DataConfig(context_length=T)
+
+    def harvest_cfg(name: str, resume: bool = False) -> HarvestConfig:
+        return HarvestConfig(out_dir=str(tmp_path / name), model="tiny", hookpoints=HOOKPOINTS, data=data,
+                             batch_size=3, dtype="float32", shard_tokens=shard_tokens, resume=resume)
+
+    harvested = harvest(model, word_tokenizer, _contexts(), harvest_cfg("harvest"), show_progress=False)
+    first = _stream(model, word_tokenizer, writer=functools.partial(store_writer, harvest_cfg("cache"), _contexts()))
+    for _ in itertools.islice(first.batches(), 5):  # into the second block; the run stops here
+        pass
+    again = _stream(model, word_tokenizer,
+                    writer=functools.partial(store_writer, harvest_cfg("cache", resume=True), _contexts()))
+    for _ in itertools.islice(again.batches(3), 3):  # resumed from the checkpoint at step 3
+        pass
+    cached = again.finish_cache()
+    assert cached.n_tokens == harvested.n_tokens == 69 and cached.manifest["complete"]
+    for name in ("harvest", "cache"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in harvested.path.iterdir())
+    for hp in HOOKPOINTS:
+        assert torch.equal(cached.load(hp), harvested.load(hp))
+    assert cached.manifest["shards"] == harvested.manifest["shards"]
