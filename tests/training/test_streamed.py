@@ -32,12 +32,14 @@ class _Forwards:
 
     def __init__(self, fail_after: int | None = None) -> None:
         self.calls: list[list[str]] = []
+        self.inputs: list[bytes] = []
         self.fail_after = fail_after
 
     def __call__(self, model, ids, hookpoints, **kw):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("simulated crash")
         self.calls.append(list(hookpoints))
+        self.inputs.append(ids.numpy().tobytes())
         return capture(model, ids, hookpoints, **kw)
 
 
@@ -48,6 +50,7 @@ def test_one_pass_trains_an_sae_per_hookpoint_and_a_multilayer_one(saved_tiny_ll
     out = tmp_path / "run"
     assert main(_args(model_dir, corpus, out, "--multilayer", "true")) == 0
     assert forwards.calls and all(call == HOOKPOINTS for call in forwards.calls)  # one forward feeds every SAE
+    assert len(set(forwards.inputs)) == len(forwards.inputs)  # and no batch of contexts runs twice
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["saes"]) == {*HOOKPOINTS, "multilayer"} and summary["completed"]
     for name, final in summary["saes"].items():

@@ -99,6 +99,7 @@ class ActivationStream:
         self._writer: StoreWriter | None = None
         self._cached_through = 0  # contexts the writer holds (published or buffered)
         self._last: tuple[int, dict[str, Tensor]] | None = None  # the latest forward batch: (index, kept rows)
+        self._first_block: tuple[dict[str, Tensor], Tensor] | None = None
         self.max_buffered_tokens = 0
         self.forward_tokens = 0
         self.forward_seconds = 0.0
@@ -129,6 +130,9 @@ class ActivationStream:
 
     def block(self, block: int) -> tuple[dict[str, Tensor], Tensor]:
         """The rows of tokens [block·L, (block+1)·L) of the endless sequence, unshuffled, and their indices."""
+        if block == 0 and self._first_block is not None:
+            kept, self._first_block = self._first_block, None
+            return kept
         length = self.block_tokens
         index = torch.arange(block * length, (block + 1) * length)
         rows: dict[str, Tensor] = {}
@@ -153,7 +157,8 @@ class ActivationStream:
     def norm_stats(self) -> dict[str, NormStats]:
         """Each hookpoint's normalisation statistics, estimated on the first block (the store estimates them on
         its first shard): what a fresh SAE with preprocessing="scale" needs before training starts."""
-        rows, _ = self.block(0)
+        rows, index = self.block(0)
+        self._first_block = (rows, index)  # training starts with this block: kept rather than computed again
         return {hp: estimate_norm_stats(x.cpu()) for hp, x in rows.items()}
 
     def finish_cache(self) -> ActivationStore | None:
@@ -220,4 +225,4 @@ class ActivationStream:
         if self._make_writer is not None and self._writer is None:
             self._writer = self._make_writer()
             self._cached_through = self._writer.n_contexts
-            self._last = None  # computed before the cache existed: run it again so the cache gets it
+            self._last = self._first_block = None  # computed before the cache existed: run again for the cache

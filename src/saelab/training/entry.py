@@ -1,5 +1,6 @@
-"""The one way to train an SAE: `train(sae, batches, trainer_cfg, out_dir)`, which every experiment and the
-`saelab train` command call.
+"""The one way to train SAEs: `train(sae, batches, trainer_cfg, out_dir)`, which every experiment and the
+`saelab train` command call, is the one-SAE case of `train_many(jobs, source)`, which trains several SAEs in step on
+one source of batches (`saelab train --model`: one forward pass feeding an SAE per hookpoint).
 
 A training folder is a run folder (`saelab.run_folder`): `config.json` records the request (the SAE's config, the
 trainer's, and a description of the data), `checkpoints/` lets an interrupted run continue exactly, `done/train.json`
