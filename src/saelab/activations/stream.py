@@ -114,6 +114,8 @@ class ActivationStream:
         self._open_writer()
         first = start_step * self.batch_size
         block, skip = first // self.block_tokens, first % self.block_tokens
+        if block != 0:
+            self._first_block = None
         per_block = self.block_tokens // self.batch_size
         while True:
             rows, index = self.block(block)
