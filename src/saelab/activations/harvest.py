@@ -83,19 +83,7 @@ def harvest(
     n_contexts, length = contexts.shape
     for hookpoint in cfg.hookpoints:  # a bad name fails here, before any store folder is written
         resolve_hookpoint(model, hookpoint)
-    writer = StoreWriter(
-        cfg.out_dir,
-        model=cfg.model,
-        hookpoints=cfg.hookpoints,
-        dtype=cfg.dtype,
-        context_length=length,
-        shard_tokens=cfg.shard_tokens,
-        config=cfg.to_dict(),
-        source={"n_contexts": n_contexts, "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest()},
-        resume=cfg.resume,
-        volatile=_EXECUTION_FIELDS,
-        contexts=contexts,
-    )
+    writer = store_writer(cfg, contexts)
     if writer.complete:
         return writer.finish()
     positions = torch.arange(length).expand(cfg.batch_size, length)
@@ -117,6 +105,25 @@ def harvest(
             )
             bar.update(ids.numel())
     return writer.finish()
+
+
+def store_writer(cfg: HarvestConfig, contexts: Tensor) -> StoreWriter:
+    """The writer of `cfg.out_dir` for a harvest of `contexts` (continuing a partial store when `cfg.resume`); also
+    what `saelab train --model --cache-to` writes through, so its cache is the store this harvest would write."""
+    return StoreWriter(
+        cfg.out_dir,
+        model=cfg.model,
+        hookpoints=cfg.hookpoints,
+        dtype=cfg.dtype,
+        context_length=contexts.shape[1],
+        shard_tokens=cfg.shard_tokens,
+        config=cfg.to_dict(),
+        source={"n_contexts": contexts.shape[0],
+                "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest()},
+        resume=cfg.resume,
+        volatile=_EXECUTION_FIELDS,
+        contexts=contexts,
+    )
 
 
 def harvest_from_config(cfg: HarvestConfig, show_progress: bool = True) -> ActivationStore:

@@ -43,6 +43,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return folder
 
 
+def checkpoint_steps(out_dir: str | Path) -> dict[int, Path]:
+    """Every complete checkpoint of a run folder by step (the ones `keep_checkpoints` kept)."""
+    root = checkpoint_root(Path(out_dir))
+    folders = sorted(root.glob("step_*")) if root.is_dir() else []
+    return {int(p.name.removeprefix("step_")): p for p in folders if p.is_dir() and (p / STATE_JSON).exists()}
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Flatten the optimiser's per-parameter state into named tensors (and any non-tensor values, for JSON).
     Hyper-parameters are not saved: they come from the config, and the lr from the schedule."""

@@ -1,5 +1,6 @@
-"""The one way to train an SAE: `train(sae, batches, trainer_cfg, out_dir)`, which every experiment and the
-`saelab train` command call.
+"""The one way to train SAEs: `train(sae, batches, trainer_cfg, out_dir)`, which every experiment and the
+`saelab train` command call, is the one-SAE case of `train_many(jobs, source)`, which trains several SAEs in step on
+one source of batches (`saelab train --model`: one forward pass feeding an SAE per hookpoint).
 
 A training folder is a run folder (`saelab.run_folder`): `config.json` records the request (the SAE's config, the
 trainer's, and a description of the data), `checkpoints/` lets an interrupted run continue exactly, `done/train.json`
@@ -11,28 +12,59 @@ old SAE.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from saelab.activations.normalize import estimate_norm_stats
+from saelab.activations.layout import MANIFEST_NAME
+from saelab.activations.normalize import NormStats, estimate_norm_stats
 from saelab.activations.store import ActivationStore
 from saelab.config import Config, PresetConfig
-from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.data.tokenize import DataConfig, build_contexts
+from saelab.errors import CheckpointError, ConfigError, DataError, StoreError
 from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
+from saelab.saes.initialization import seeded
+from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.spec import SAESpec, sae_from_spec
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 TRAIN_STAGE = "train"
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """One SAE of a `train_many` run: trained on the concatenation of `inputs` (keys of the source's batches, in
+    this order) into its own run folder `out_dir`; `data` describes those batches (see `train`)."""
+
+    sae: SparseAutoencoder
+    cfg: TrainerConfig
+    out_dir: str | Path
+    inputs: tuple[str, ...] = ("x",)
+    data: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.out_dir).name
+
+
+# What `train_many` reads: an iterable of {input name: [B, d] tensor} that yields the same sequence on every call,
+# or a function of the number of batches already consumed returning the rest (a source that can seek cheaply).
+BatchSource = Iterable[Mapping[str, Tensor]] | Callable[[int], Iterable[Mapping[str, Tensor]]]
 
 
 def train(
@@ -53,35 +85,168 @@ def train(
     finished folder loads its final SAE into `sae`; without it, such a folder is an error. `command` (e.g. the
     `saelab train` config) is recorded in `config.json` beside the request, so the run can be replayed.
     """
-    folder = RunFolder(out_dir)
-    request = {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
-               "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": data}
+    job = TrainJob(sae, cfg, out_dir, data=data)
+    (result,) = train_many([job], _Named(batches, "x"), resume=resume, command=command)
+    return result
+
+
+def train_many(
+    jobs: Sequence[TrainJob],
+    batches: BatchSource,
+    *,
+    resume: bool = True,
+    command: Config | None = None,
+    run_dir: str | Path | None = None,
+    progress_stats: Callable[[], dict[str, str]] | None = None,
+) -> list[TrainResult]:
+    """Train several SAEs in step on one source of batches (e.g. one forward pass feeding an SAE per hookpoint),
+    each into its own run folder exactly as `train` does for one; returns their results in the order of `jobs`.
+
+    All SAEs take one optimiser step per batch, so their checkpoints fall at the same steps and the source's
+    position is the step count: a resumed run restores every unfinished SAE to the newest checkpoint step they all
+    share. `run_dir`, when given, gets `config.json` (the `command`) and a `summary.json` with every SAE's final
+    metrics side by side. `progress_stats` adds fields (e.g. forward tokens/s) to the progress bar.
+    """
+    if len({Path(job.out_dir).resolve() for job in jobs}) != len(jobs):
+        raise ConfigError("two SAEs of one run share an output folder; give each its own")
+    sizes = {job.cfg.batch_size for job in jobs}
+    if len(sizes) != 1:
+        raise ConfigError(f"SAEs fed from one source need one batch size, got {sorted(sizes)}")
+    combined = len(jobs) > 1 or progress_stats is not None  # then one bar for all SAEs, not one each
+    opened = [_open_job(job, resume, command, quiet=combined) for job in jobs]
+    trainers = [t for t in opened if isinstance(t, Trainer)]
+    step = _restore_together(trainers) if resume else 0
+    if run_dir is not None:
+        RunFolder(run_dir).save_config(command.to_dict() if command is not None else {})
+    started = time.perf_counter()
+    bar = tqdm(total=max((t.cfg.total_tokens for t in trainers), default=0), initial=step * sizes.pop(),
+               unit="tok", unit_scale=True, desc="train", disable=not (combined and any(j.cfg.progress for j in jobs)))
+    for trainer in trainers:
+        trainer.begin()
+    active = [(job, t) for job, t in zip(jobs, opened, strict=True) if isinstance(t, Trainer) and not t.done]
+    try:
+        stream = _from_step(batches, step) if active else iter(())
+        window_start, window_tokens = time.perf_counter(), 0
+        for batch in stream:
+            for job, trainer in active:
+                trainer.train_on(_job_input(batch, job.inputs))
+            rows = next(iter(batch.values())).shape[0]
+            bar.update(rows)
+            window_tokens += rows
+            elapsed = time.perf_counter() - window_start
+            if elapsed > 2.0:
+                bar.set_postfix({"train_tok/s": f"{window_tokens / elapsed:.3g}", **(progress_stats or dict)()})
+                window_start, window_tokens = time.perf_counter(), 0
+            active = [(job, t) for job, t in active if not t.done]
+            if not active:
+                break  # before pulling another batch from the (possibly expensive) source
+    except BaseException:
+        for trainer in trainers:
+            trainer.abort()
+        bar.close()
+        raise
+    bar.close()
+    elapsed = round(time.perf_counter() - started, 2)
+    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed)
+               for job, t in zip(jobs, opened, strict=True)]
+    if run_dir is not None:
+        side_by_side = {job.name: {**{k: r.final.get(k) for k in ("fvu", "l0", "dead_fraction")}, "steps": r.steps,
+                                   "tokens_seen": r.tokens_seen, "completed": r.completed}
+                        for job, r in zip(jobs, results, strict=True)}
+        folder = RunFolder(run_dir)
+        folder.timings[TRAIN_STAGE] = elapsed
+        folder.write_summary({"saes": side_by_side, "completed": all(r.completed for r in results)}, command)
+    return results
+
+
+def _request(job: TrainJob) -> dict[str, Any]:
+    sae, cfg = job.sae, job.cfg
+    return {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
+            "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": job.data}
+
+
+def _open_job(job: TrainJob, resume: bool, command: Config | None, quiet: bool) -> Trainer | TrainResult:
+    """A fresh trainer for the job's folder, or the result of the finished run it holds (loaded into `job.sae`);
+    a folder of another request, or an earlier run without `resume`, is refused."""
+    folder = RunFolder(job.out_dir)
     finished = folder.result(TRAIN_STAGE)
-    if not resume and (finished is not None or ckpt.latest_checkpoint(folder.path) is not None):
-        raise CheckpointError(
-            f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
-        )
-    folder.check_config({**request, "command": command.to_dict() if command is not None else None},
+    if not resume:
+        _refuse_earlier_run(folder)
+    folder.check_config({**_request(job), "command": command.to_dict() if command is not None else None},
                         ignore=frozenset({"command"}))
     if finished is not None:
-        sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
+        job.sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
-    trainer = Trainer(sae, cfg, folder.path)
-    if resume:
-        trainer.restore()
-    started = time.perf_counter()
-    result = trainer.fit(batches)
-    folder.timings[TRAIN_STAGE] = round(time.perf_counter() - started, 2)
+    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path)
+
+
+def _refuse_earlier_run(folder: RunFolder) -> None:
+    if folder.is_done(TRAIN_STAGE) or ckpt.latest_checkpoint(folder.path) is not None:
+        raise CheckpointError(
+            f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
+        )
+
+
+def _restore_together(trainers: list[Trainer]) -> int:
+    """Restore every trainer to the newest checkpoint step all of them hold (a crash between two SAEs'
+    checkpoints leaves one a step ahead); returns that step, where the shared source continues."""
+    if len(trainers) == 1:
+        trainers[0].restore()
+        return trainers[0].step
+    held = [ckpt.checkpoint_steps(t.out_dir) for t in trainers]
+    if not any(held):
+        return 0
+    common = set.intersection(*(set(steps) for steps in held))
+    if not common:
+        raise CheckpointError(
+            "the SAEs of this run hold checkpoints of different steps "
+            f"({', '.join(f'{t.out_dir.name}: {sorted(s) or None}' for t, s in zip(trainers, held, strict=True))}), "
+            "so they cannot continue together; delete the run folder to start over"
+        )
+    step = max(common)
+    for trainer, steps in zip(trainers, held, strict=True):
+        trainer.restore(steps[step])
+    return step
+
+
+def _from_step(batches: BatchSource, step: int) -> Iterator[Mapping[str, Tensor]]:
+    if callable(batches):
+        return iter(batches(step))
+    return itertools.islice(iter(batches), step, None)
+
+
+def _job_input(batch: Mapping[str, Tensor], inputs: Sequence[str]) -> Tensor:
+    if len(inputs) == 1:
+        return batch[inputs[0]]
+    return torch.cat([batch[name] for name in inputs], dim=1)
+
+
+def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float) -> TrainResult:
+    """Save the final SAE and write the job folder's summary (and done-marker when complete)."""
+    result = trainer.finish()
+    folder = RunFolder(job.out_dir)
+    folder.timings[TRAIN_STAGE] = elapsed
+    sae = job.sae
     outcome = {"final": result.final, "steps": result.steps, "tokens_seen": result.tokens_seen,
                "completed": result.completed}
     folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
                                              "d_in": sae.d_in, "parameters": sae.num_parameters()},
-                          "request": request})
+                          "request": _request(job)})
     if result.completed:
         folder.mark_done(TRAIN_STAGE, outcome)
     return result
+
+
+class _Named:
+    """Plain `[B, d]` batches as `{name: batch}` dicts, re-iterable like the batches they wrap."""
+
+    def __init__(self, batches: Iterable[Tensor], name: str) -> None:
+        self.batches, self.name = batches, name
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return ({self.name: batch} for batch in self.batches)
 
 
 # ---- data sources -----------------------------------------------------------------------------------------------
@@ -150,7 +315,11 @@ def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
 
 @dataclasses.dataclass
 class TrainConfig(PresetConfig):
-    """`preset="deep_sae"` (`--preset deep_sae`): the deep-SAE write-up's recipe, a deep SAE with one dense layer
+    """`saelab train`: from an activation store (`--store`, one SAE on `--hookpoint`), or streamed from a model
+    (`--model`, one SAE per hookpoint of `--hookpoints`, all fed by one forward pass per batch of contexts, and
+    optionally one multi-layer SAE over their concatenation).
+
+    `preset="deep_sae"` (`--preset deep_sae`): the deep-SAE write-up's recipe, a deep SAE with one dense layer
     each side on per-token centred, L2-normalised inputs, trained with `DEEP_SAE_RECIPE`."""
 
     PRESETS = {
@@ -163,20 +332,175 @@ class TrainConfig(PresetConfig):
     preset: str | None = dataclasses.field(
         default=None, metadata={"help": "deep_sae = the deep-SAE write-up's recipe, under any other flag given"}
     )
-    store: str = dataclasses.field(default="runs/activations", metadata={"help": "activation store folder"})
-    hookpoint: str | None = dataclasses.field(default=None, metadata={"help": "default: the store's only one"})
-    out_dir: str = dataclasses.field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics)"})
+    store: str | None = dataclasses.field(default=None, metadata={"help": "activation store folder (or --model)"})
+    hookpoint: str | None = dataclasses.field(default=None, metadata={"help": "--store: default the store's only one"})
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "stream activations of this model (HF name or path) instead of a store"}
+    )
+    hookpoints: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "--model: comma-separated hookpoints, one SAE each"}
+    )
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    multilayer: bool = dataclasses.field(
+        default=False, metadata={"help": "--model: also one multi-layer SAE over the concatenated resid_post layers"}
+    )
+    buffer_tokens: int = dataclasses.field(
+        default=65_536, metadata={"help": "--model: shuffle buffer per hookpoint in tokens (memory is this x d x 4 B)"}
+    )
+    contexts_per_forward: int = dataclasses.field(default=8, metadata={"help": "--model: contexts per forward pass"})
+    model_dtype: Literal["float32", "bfloat16", "float16"] = dataclasses.field(
+        default="float32", metadata={"help": "--model: dtype the model runs in"}
+    )
+    device: str = dataclasses.field(default="cpu", metadata={"help": "--model: device the model runs on"})
+    cache_to: str | None = dataclasses.field(
+        default=None, metadata={"help": "--model: also write the activations into this store (as harvest would)"}
+    )
+    cache_dtype: Literal["float16", "float32"] = dataclasses.field(
+        default="float16", metadata={"help": "storage dtype of --cache-to"}
+    )
+    cache_shard_tokens: int = dataclasses.field(default=65_536, metadata={"help": "tokens per shard of --cache-to"})
+    out_dir: str = dataclasses.field(
+        default="runs/train", metadata={"help": "run folder; with --model one sub-folder per SAE"}
+    )
     sae: SAESpec = dataclasses.field(default_factory=SAESpec)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
-    shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the store's batch order"})
+    shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the batch order"})
+
+    def check_source(self) -> None:
+        """Exactly one of --store / --model (checked when the command runs: a config may name its source later)."""
+        if (self.store is None) == (self.model is None):
+            raise ConfigError(
+                "give exactly one data source: --store DIR (a harvested activation store) or --model NAME "
+                f"(stream its activations); got {'both' if self.store is not None else 'neither'}"
+            )
+
+    def validate(self) -> None:
+        if self.model is None:
+            if len(self.hookpoints) > 1 or self.multilayer or self.cache_to is not None:
+                raise ConfigError(
+                    "--hookpoints (several), --multilayer and --cache-to need --model; with --store, train one SAE "
+                    "on --hookpoint"
+                )
+            return
+        if not self.hookpoints and self.hookpoint is None:
+            raise ConfigError("--model needs hookpoints to train on, e.g. --hookpoints resid_post.3,resid_post.6")
+        if self.buffer_tokens < self.trainer.batch_size or self.contexts_per_forward < 1:
+            raise ConfigError(
+                f"--buffer-tokens ({self.buffer_tokens}) must hold at least one batch ({self.trainer.batch_size}) "
+                "and --contexts-per-forward must be at least 1"
+            )
+        if self.multilayer:
+            layers = [_layer_of(hp) for hp in self.streamed_hookpoints]
+            if None in layers or len(layers) < 2:
+                raise ConfigError(
+                    f"--multilayer needs two or more resid_post.L hookpoints, got {self.streamed_hookpoints}"
+                )
+
+    @property
+    def streamed_hookpoints(self) -> list[str]:
+        return list(dict.fromkeys(self.hookpoints or [self.hookpoint]))
 
 
-def train_from_config(cfg: TrainConfig, store: ActivationStore | None = None) -> tuple[SparseAutoencoder, TrainResult]:
-    """`saelab train`: an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into `cfg.out_dir`."""
+def train_from_config(
+    cfg: TrainConfig, store: ActivationStore | None = None
+) -> tuple[SparseAutoencoder, TrainResult] | dict[str, tuple[SparseAutoencoder, TrainResult]]:
+    """`saelab train`: with `--store`, an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into
+    `cfg.out_dir`; with `--model`, `train_streamed`."""
+    cfg.check_source()
+    if cfg.model is not None:
+        return train_streamed(cfg)
     store = store or ActivationStore(cfg.store)
-    hookpoint = resolve_hookpoint(store, cfg.hookpoint)
+    hookpoint = resolve_hookpoint(store, cfg.hookpoint or (cfg.hookpoints[0] if cfg.hookpoints else None))
     sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed)
     batches = store.batches(hookpoint, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
     data = describe_store(store, hookpoint, cfg.shuffle_seed)
     return sae, train(sae, batches, cfg.trainer, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+
+
+MULTILAYER_DIR = "multilayer"
+NORM_STATS_STAGE = "norm_stats"
+
+
+def train_streamed(
+    cfg: TrainConfig, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[str, tuple[SparseAutoencoder, TrainResult]]:
+    """`saelab train --model`: one SAE per hookpoint (and with `multilayer` one over their concatenation), all
+    trained in step on one stream of the model's activations (`ActivationStream`), each into
+    `cfg.out_dir/<hookpoint>/` (`multilayer/`); returns {folder name: (sae, result)}.
+
+    Nothing is written before the hookpoints are checked against the model. Input scales (preprocessing="scale",
+    and the multi-layer SAE's per-layer scales) are estimated on the stream's first block once and kept in the run
+    folder's `done/norm_stats.json`, so a resumed run rebuilds the same SAEs.
+    """
+    from saelab.activations.harvest import HarvestConfig, store_writer
+    from saelab.activations.stream import ActivationStream
+    from saelab.models.hookpoints import resolve_hookpoint as resolve_model_hookpoint
+    from saelab.models.loading import load_model
+
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
+    hookpoints = cfg.streamed_hookpoints
+    for hookpoint in hookpoints:  # a bad name fails here, before anything is read or written
+        resolve_model_hookpoint(model, hookpoint)
+    if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
+        raise StoreError(f"--cache-to {cfg.cache_to} already holds a store; pass --resume true to continue it, or "
+                         "choose another folder")
+    out = RunFolder(cfg.out_dir)
+    if not cfg.resume:  # refused now rather than after the first forward passes
+        for name in [*hookpoints, *([MULTILAYER_DIR] if cfg.multilayer else [])]:
+            _refuse_earlier_run(RunFolder(out.path / name))
+    contexts = build_contexts(cfg.data, tokenizer, show_progress=cfg.trainer.progress)
+    cache = None
+    if cfg.cache_to is not None:
+        harvest_cfg = HarvestConfig(out_dir=cfg.cache_to, model=cfg.model, hookpoints=hookpoints, data=cfg.data,
+                                    batch_size=cfg.contexts_per_forward, dtype=cfg.cache_dtype,
+                                    model_dtype=cfg.model_dtype, shard_tokens=cfg.cache_shard_tokens,
+                                    device=cfg.device, resume=cfg.resume)
+        cache = functools.partial(store_writer, harvest_cfg, contexts)
+    stream = ActivationStream(model, tokenizer, contexts, hookpoints, cfg.data, batch_size=cfg.trainer.batch_size,
+                              buffer_tokens=cfg.buffer_tokens, contexts_per_forward=cfg.contexts_per_forward,
+                              seed=cfg.shuffle_seed, writer=cache)
+    stats = {hp: NormStats.from_dict(d) for hp, d in out.once(
+        NORM_STATS_STAGE, lambda: {hp: s.to_dict() for hp, s in stream.norm_stats().items()}).items()}
+    if set(stats) != set(hookpoints):
+        raise CheckpointError(
+            f"{out.path} holds a run on hookpoints {sorted(stats)}, not {hookpoints}; resume it with those, or "
+            "train into a new folder"
+        )
+    source = {"model": cfg.model, "model_dtype": cfg.model_dtype, "data": cfg.data.to_dict(),
+              "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
+              "buffer_tokens": cfg.buffer_tokens, "contexts_per_forward": cfg.contexts_per_forward,
+              "seed": cfg.shuffle_seed}
+    jobs = []
+    for hp in hookpoints:
+        scale = stats[hp].scale if cfg.sae.preprocessing == "scale" else 1.0
+        sae = sae_from_spec(cfg.sae, stats[hp].mean.numel(), scale, hp, cfg.model, seed=cfg.trainer.seed)
+        jobs.append(TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp]}))
+    if cfg.multilayer:
+        layered = sorted(hookpoints, key=_layer_of)
+        widths = [stats[hp].mean.numel() for hp in layered]
+        ml_cfg = MultiLayerSAEConfig(
+            d_in=sum(widths), n_latents=cfg.sae.n_latents, k=cfg.sae.k, model_name=cfg.model,
+            layers=[_layer_of(hp) for hp in layered], hookpoints=layered, slice_widths=widths,
+            layer_scales=[stats[hp].scale for hp in layered],
+        )
+        ml_cfg.validate()
+        with seeded(cfg.trainer.seed):
+            sae = MultiLayerSAE(ml_cfg)
+        jobs.append(TrainJob(sae, cfg.trainer, out.path / MULTILAYER_DIR, tuple(layered),
+                             {**source, "hookpoints": layered}))
+
+    def speed() -> dict[str, str]:
+        return {"forward_tok/s": f"{stream.forward_tokens / max(stream.forward_seconds, 1e-9):.3g}"}
+
+    results = train_many(jobs, stream.batches, resume=cfg.resume, command=cfg, run_dir=out.path,
+                         progress_stats=speed)
+    if cache is not None:
+        stream.finish_cache()
+    return {job.name: (job.sae, result) for job, result in zip(jobs, results, strict=True)}
+
+
+def _layer_of(hookpoint: str) -> int | None:
+    kind, _, layer = hookpoint.rpartition(".")
+    return int(layer) if kind == "resid_post" and layer.isdigit() else None

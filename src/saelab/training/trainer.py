@@ -163,7 +163,7 @@ class Trainer:
                 if self.done:
                     break  # before pulling another batch from the (possibly disk-backed) iterator
         except BaseException:
-            self._close(flush=False)
+            self.abort()
             raise
         return self.finish()
 
@@ -210,6 +210,11 @@ class Trainer:
             final=self._records[-1] if self._records else {}, records=list(self._records), steps=self.step,
             tokens_seen=self.tokens_seen, completed=self.done, sae_dir=sae_dir, metrics_path=self.logger.path,
         )
+
+    def abort(self) -> None:
+        """Close the progress bar and logger after a failure, logging and checkpointing nothing: the newest
+        checkpoint stays the one a resumed run continues from."""
+        self._close(flush=False)
 
     def _close(self, flush: bool) -> None:
         """Close the progress bar and logger, logging the last partial window first when `flush` (idempotent)."""
