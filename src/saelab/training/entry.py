@@ -6,6 +6,9 @@ trainer's, and a description of the data), `checkpoints/` lets an interrupted ru
 marks a finished one (a rerun then loads the final SAE instead of training again), `summary.json` holds the final
 metrics and `sae/` the trained SAE. A folder holding another request is refused rather than answered with its
 old SAE.
+
+Launched by torchrun with several processes, `train` runs data-parallel (`saelab.training.distributed`): every rank
+passes the same global batches, keeps its slice of each, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
 from saelab.saes.spec import SAESpec, sae_from_spec
 from saelab.training import checkpoint as ckpt
+from saelab.training import distributed
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
@@ -52,35 +56,65 @@ def train(
     never reused for other data. With `resume`, a folder with checkpoints continues from the newest one and a
     finished folder loads its final SAE into `sae`; without it, such a folder is an error. `command` (e.g. the
     `saelab train` config) is recorded in `config.json` beside the request, so the run can be replayed.
+
+    In a torchrun job of several processes, every rank calls this with the same arguments and the same `batches`
+    (the global ones; `cfg.batch_size` is the global batch size); the ranks train one SAE together.
     """
+    with distributed.session(cfg.device) as dist:
+        if dist is not None:
+            cfg = dataclasses.replace(cfg, device=str(dist.device))
+        return _train(sae, batches, cfg, out_dir, resume, data, command, dist)
+
+
+def _train(
+    sae: SparseAutoencoder,
+    batches: Iterable[Tensor],
+    cfg: TrainerConfig,
+    out_dir: str | Path,
+    resume: bool,
+    data: dict[str, Any] | None,
+    command: Config | None,
+    dist: distributed.Dist | None,
+) -> TrainResult:
     folder = RunFolder(out_dir)
     request = {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
                "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": data}
-    finished = folder.result(TRAIN_STAGE)
-    if not resume and (finished is not None or ckpt.latest_checkpoint(folder.path) is not None):
-        raise CheckpointError(
-            f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
-        )
-    folder.check_config({**request, "command": command.to_dict() if command is not None else None},
-                        ignore=frozenset({"command"}))
+    if dist is not None:
+        dist.check_same({**request, "resume": resume}, "training requests (SAE, trainer settings, data or --resume)")
+
+    def claim_folder() -> Any:
+        finished = folder.result(TRAIN_STAGE)
+        if not resume and (finished is not None or ckpt.latest_checkpoint(folder.path) is not None):
+            raise CheckpointError(
+                f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
+            )
+        folder.check_config({**request, "command": command.to_dict() if command is not None else None},
+                            ignore=frozenset({"command"}))
+        return finished
+
+    finished = claim_folder() if dist is None else dist.on_main(claim_folder)
     if finished is not None:
         sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
-    trainer = Trainer(sae, cfg, folder.path)
+    trainer = Trainer(sae, cfg, folder.path, dist=dist)
     if resume:
         trainer.restore()
     started = time.perf_counter()
-    result = trainer.fit(batches)
+    result = trainer.fit(distributed.shard_batches(batches, dist))
     folder.timings[TRAIN_STAGE] = round(time.perf_counter() - started, 2)
     outcome = {"final": result.final, "steps": result.steps, "tokens_seen": result.tokens_seen,
                "completed": result.completed}
-    folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
-                                             "d_in": sae.d_in, "parameters": sae.num_parameters()},
-                          "request": request})
-    if result.completed:
-        folder.mark_done(TRAIN_STAGE, outcome)
+
+    def record_outcome() -> None:
+        folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
+                                                 "d_in": sae.d_in, "parameters": sae.num_parameters()},
+                              "request": request, "world_size": 1 if dist is None else dist.world_size})
+        if result.completed:
+            folder.mark_done(TRAIN_STAGE, outcome)
+
+    record_outcome() if dist is None else dist.on_main(record_outcome)
     return result
 
 
