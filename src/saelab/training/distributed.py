@@ -43,6 +43,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -258,5 +259,7 @@ def _collective(name: str, rank: int) -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    """The gist of a backend error: its first line without the C++ source location, cut to 120 characters."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 120 else line[:117] + "..."
