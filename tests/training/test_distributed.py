@@ -24,11 +24,13 @@ import saelab
 from saelab.activations.writer import StoreWriter
 from saelab.cli import main
 from saelab.errors import DataError
-from saelab.saes import TopKSAE, load_sae
+from saelab.metrics import fraction_of_variance_unexplained
+from saelab.saes import TopKSAE, load_sae, losses
+from saelab.saes.base import BatchShare, TrainingContext
 from saelab.saes.topk import TopKSAEConfig
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import TrainerConfig
-from saelab.training.distributed import Dist, shard_batches
+from saelab.training.distributed import Dist, pooled_sq_dev, shard_batches, slice_moments
 from saelab.training.entry import train
 from saelab.training.logger import read_records
 
@@ -224,3 +226,43 @@ def test_each_rank_takes_its_rows_of_every_global_batch() -> None:
         assert torch.equal(torch.cat([part[step] for part in parts]), batch)
     assert [len(part[0]) for part in parts] == [2, 2, 3]
     assert shard_batches(batches, None) is batches
+
+
+def _shares(x: torch.Tensor, bounds: list[int]) -> list[BatchShare]:
+    """What each of len(bounds) - 1 ranks holding x[bounds[r]:bounds[r + 1]] would get from `Dist.share`."""
+    slices = [x[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    n, sq_dev = pooled_sq_dev(torch.stack([slice_moments(part) for part in slices]), x.dtype)
+    return [BatchShare(n, sq_dev, sq_dev=lambda t: pytest.fail("unused")) for _ in slices]
+
+
+def test_the_ranks_loss_shares_add_up_to_the_one_process_loss() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(10, D, generator=generator) * 3 + 100  # far from the origin: no cancellation allowed
+    sae = TopKSAE(TopKSAEConfig(d_in=D, n_latents=16, k=3))
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    bounds = [0, 3, 3, 10]  # unequal slices, one of them empty
+    n, sq_dev = pooled_sq_dev(torch.stack([slice_moments(x[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]),
+                              x.dtype)
+    assert n == 10
+    torch.testing.assert_close(sq_dev, (x - x.mean(0)).pow(2).sum(), rtol=1e-6, atol=0)
+    ctx = TrainingContext(l1_coefficient=0.1, activation_decay=0.1)
+    alone = sae.training_loss(x, sae(x), ctx, lambda: torch.zeros(16, dtype=torch.bool))
+    parts = [sae.training_loss(x[a:b], sae(x[a:b]), TrainingContext(l1_coefficient=0.1, activation_decay=0.1,
+                                                                     share=share), lambda: None)
+             for (a, b), share in zip(zip(bounds, bounds[1:], strict=False), _shares(x, bounds), strict=True)]
+    for name, term in alone.items():
+        torch.testing.assert_close(sum(part[name].value for part in parts), term.value, rtol=1e-5, atol=1e-7)
+    mse_parts = [losses.reconstruction_loss(x[a:b], sae(x[a:b]).x_hat, "mse", share)
+                 for (a, b), share in zip(zip(bounds, bounds[1:], strict=False), _shares(x, bounds), strict=True)]
+    torch.testing.assert_close(sum(mse_parts), losses.reconstruction_loss(x, sae(x).x_hat, "mse"))
+    assert alone["recon"].value.item() == pytest.approx(fraction_of_variance_unexplained(x, sae(x).x_hat).item())
+
+
+def test_one_process_makes_no_collective_call(store, tmp_path, monkeypatch) -> None:
+    import torch.distributed as torch_dist
+
+    for name in ("init_process_group", "all_reduce", "all_gather", "broadcast", "broadcast_object_list", "barrier"):
+        monkeypatch.setattr(torch_dist, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} called"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(_args(store, tmp_path / "one", **{"auxk-coefficient": 0.5, "dead-window-tokens": 32})) == 0

@@ -37,6 +37,7 @@ survives any of this.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -91,18 +92,7 @@ class Dist:
 
     def _pooled(self, x: Tensor) -> tuple[int, Tensor]:
         x = x.reshape(-1, x.shape[-1])
-        rows = x.shape[0]
-        total = x.sum(0)
-        mean = total / max(rows, 1)
-        m2 = torch.linalg.vector_norm(x - mean).square()
-        count = torch.tensor([rows], dtype=torch.float64, device=x.device)
-        local = torch.cat([count, total.double(), m2.double().reshape(1)])
-        stats = self.gather(local)  # [N, d + 2]
-        counts, sums, m2s = stats[:, 0], stats[:, 1:-1], stats[:, -1]
-        n = counts.sum()
-        means = sums / counts.clamp_min(1).unsqueeze(1)
-        between = (counts * (means - sums.sum(0) / n).square().sum(1)).sum()
-        return int(n.item()), (m2s.sum() + between).to(x.dtype)
+        return pooled_sq_dev(self.gather(slice_moments(x)), x.dtype)
 
     def gather_rows(self, x: Tensor) -> Tensor:
         """Every rank's slice concatenated in rank order (the global batch), for the first-batch data init."""
@@ -183,6 +173,27 @@ class Dist:
             torch_dist.broadcast_object_list(payload, src=0, device=self.device)
 
 
+def slice_moments(x: Tensor) -> Tensor:
+    """(rows, Σ_t x_t, Σ_t ||x_t − mean_slice||²) of one slice `x` [b, d], float64 [d + 2]: what `pooled_sq_dev`
+    combines. The deviations are from the slice's own mean, as in the one-process FVU, so no precision is lost to
+    cancellation however far the data sit from the origin."""
+    rows = x.shape[0]
+    total = x.sum(0)
+    m2 = torch.linalg.vector_norm(x - total / max(rows, 1)).square()
+    count = torch.tensor([rows], dtype=torch.float64, device=x.device)
+    return torch.cat([count, total.double(), m2.double().reshape(1)])
+
+
+def pooled_sq_dev(moments: Tensor, dtype: torch.dtype) -> tuple[int, Tensor]:
+    """(tokens, Σ_t ||x_t − mean||²) of the whole batch from every slice's `slice_moments` [N, d + 2], by Chan's
+    parallel variance: Σ_r M2_r + Σ_r n_r ||mean_r − mean||²."""
+    counts, sums, m2s = moments[:, 0], moments[:, 1:-1], moments[:, -1]
+    n = counts.sum()
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    between = (counts * (means - sums.sum(0) / n.clamp_min(1)).square().sum(1)).sum()
+    return int(n.item()), (m2s.sum() + between).to(dtype)
+
+
 def shard_batches(batches: Iterable[Tensor], dist: Dist | None) -> Iterable[Tensor]:
     """This rank's slice of each global batch (the batches themselves when alone). A source that can produce only
     its slice (a `shard(rank, world_size)` method, e.g. `BatchStream`) is asked to, saving the rest's copy."""
@@ -208,7 +219,8 @@ def device_for(device: str, local_rank: int) -> str:
 @contextlib.contextmanager
 def session(device: str = "cpu") -> Iterator[Dist | None]:
     """Join the torchrun-launched job for the block (None when this process is alone: no process group, no
-    collective). Leaves the process group as found: one made here is destroyed on the way out."""
+    collective). The process group is made on first use and kept until the process exits, so several trainings in
+    one job (an experiment's sweep) share it: re-making a group under torchrun's store races with the old one."""
     world = launched_world_size()
     if world <= 1:
         yield None
@@ -216,8 +228,7 @@ def session(device: str = "cpu") -> Iterator[Dist | None]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = device_for(device, local_rank)
     torch_device = torch.device(device)
-    created = not torch_dist.is_initialized()
-    if created:
+    if not torch_dist.is_initialized():
         if torch_device.type == "cuda":
             torch.cuda.set_device(torch_device)
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -226,14 +237,18 @@ def session(device: str = "cpu") -> Iterator[Dist | None]:
             torch_dist.init_process_group(backend, timeout=timeout)
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"rank {rank}: cannot join the process group ({_first_line(exc)})") from None
+        atexit.register(_leave)
     previous = signal.signal(signal.SIGTERM, _stopped(rank))
     try:
         yield Dist(rank=rank, world_size=world, device=torch_device)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if created:
-            with contextlib.suppress(Exception):
-                torch_dist.destroy_process_group()
+
+
+def _leave() -> None:
+    if torch_dist.is_initialized():
+        with contextlib.suppress(Exception):
+            torch_dist.destroy_process_group()
 
 
 def _stopped(rank: int) -> Callable[[int, Any], None]:
