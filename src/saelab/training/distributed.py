@@ -25,9 +25,13 @@ and fusing the fire counts and statistics into the gradient buffer makes a step 
 a few large GEMMs, so DDP's overlap of communication with backward buys little here.
 
 Files: rank 0 alone writes (checkpoints, metrics.jsonl, the final SAE, run-folder files), via `on_main`, which
-also hands rank 0's outcome (or its error) to every rank, so the ranks leave a write together and fail together.
-Every rank reads the checkpoint on resume. The global batches do not depend on N, so a run may resume with another
-world size: it continues the same run, equal to float tolerance rather than bit for bit.
+also hands rank 0's outcome (or its error) to every rank, so the ranks leave a write together and fail together;
+the step's all_reduce before it is the barrier that makes every rank's state the one written. Every rank reads the
+checkpoint on resume, so the run folder (and the store) must be visible to every rank: one machine, or a shared
+filesystem. The global batches do not depend on N, so a run may resume with another world size: it continues the
+same run, equal to float tolerance rather than bit for bit; with the same world size it continues exactly.
+
+Devices: `--trainer.device cuda` gives each process the GPU of its local rank (NCCL); anything else runs on gloo.
 
 Faults: a collective that fails (a peer died) raises `DistributedError`, one line, on the survivors; torchrun also
 stops the other ranks with SIGTERM, which becomes the same error. Collectives time out after `SAELAB_DIST_TIMEOUT_S`

@@ -80,7 +80,8 @@ def _train(
     request = {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
                "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": data}
     if dist is not None:
-        dist.check_same({**request, "resume": resume}, "training requests (SAE, trainer settings, data or --resume)")
+        dist.check_same({**request, "resume": resume, "command": command.to_dict() if command is not None else None},
+                        "training requests (SAE, trainer settings, data, command line or --resume)")
 
     def claim_folder() -> Any:
         finished = folder.result(TRAIN_STAGE)
@@ -114,7 +115,10 @@ def _train(
         if result.completed:
             folder.mark_done(TRAIN_STAGE, outcome)
 
-    record_outcome() if dist is None else dist.on_main(record_outcome)
+    if dist is None:
+        record_outcome()
+    else:
+        dist.on_main(record_outcome)
     return result
 
 
