@@ -23,7 +23,7 @@ import torch
 import saelab
 from saelab.activations.writer import StoreWriter
 from saelab.cli import main
-from saelab.errors import DataError
+from saelab.errors import ConfigError, DataError
 from saelab.metrics import fraction_of_variance_unexplained
 from saelab.saes import TopKSAE, load_sae, losses
 from saelab.saes.base import BatchShare, TrainingContext
@@ -33,6 +33,7 @@ from saelab.training.config import TrainerConfig
 from saelab.training.distributed import Dist, pooled_sq_dev, shard_batches, slice_moments
 from saelab.training.entry import train
 from saelab.training.logger import read_records
+from saelab.training.trainer import Trainer
 
 D = 8
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -266,3 +267,10 @@ def test_one_process_makes_no_collective_call(store, tmp_path, monkeypatch) -> N
         monkeypatch.setattr(torch_dist, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} called"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(_args(store, tmp_path / "one", **{"auxk-coefficient": 0.5, "dead-window-tokens": 32})) == 0
+
+
+def test_a_trainer_without_dist_under_torchrun_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    sae = TopKSAE(TopKSAEConfig(d_in=D, n_latents=16, k=2))
+    with pytest.raises(ConfigError, match="one of 2 launched by torchrun"):
+        Trainer(sae, TrainerConfig(total_tokens=64, batch_size=32, progress=False), tmp_path / "run")

@@ -32,14 +32,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, DataError
+from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
 from saelab.saes.base import BatchShare, Latents, LossTerm, SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import TrainerConfig, default_lr
 from saelab.training.constraints import normalize_decoder, project_out_parallel_grad
 from saelab.training.dead import DeadLatentTracker, resample_latents
-from saelab.training.distributed import Dist
+from saelab.training.distributed import Dist, launched_world_size
 from saelab.training.logger import MetricsLogger
 from saelab.training.optim import build_optimizer
 from saelab.training.schedule import lr_factor
@@ -83,6 +83,12 @@ class Trainer:
         self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path, dist: Dist | None = None
     ) -> None:
         cfg.validate()
+        if dist is None and launched_world_size() > 1:
+            raise ConfigError(
+                f"this process is one of {launched_world_size()} launched by torchrun, but its Trainer was given no "
+                "`dist`: every process would train alone into the same folder. Train through "
+                "saelab.training.entry.train (as `saelab train` does), or run this command without torchrun"
+            )
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.dist = dist
