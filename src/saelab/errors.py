@@ -30,3 +30,7 @@ class DataError(SaelabError):
 
 class CheckpointError(SaelabError):
     """A checkpoint or saved SAE is missing, corrupted or incompatible."""
+
+
+class DistributedError(SaelabError):
+    """A data-parallel job cannot go on: a rank died, hung, or could not join the process group."""

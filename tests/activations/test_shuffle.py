@@ -35,6 +35,20 @@ def test_same_seed_same_order(make_store) -> None:
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_shards_are_the_ranks_slices_of_the_same_batches(make_store) -> None:
+    store = make_store(n_contexts=24, shard_tokens=10).store
+    whole = list(store.batches(HPS, batch_size=7, drop_last=False, seed=3, return_index=True))
+    parts = [list(store.batches(HPS, batch_size=7, drop_last=False, seed=3, return_index=True).shard(rank, 3))
+             for rank in range(3)]
+    for step, (batch, index) in enumerate(whole):
+        assert torch.equal(torch.cat([part[step][0] for part in parts]), batch)
+        assert torch.equal(torch.cat([part[step][1] for part in parts]), index)
+        assert [len(part[step][1]) for part in parts] == [len(index) // 3 + (r >= 3 - len(index) % 3) for r in
+                                                           range(3)]
+    with pytest.raises(ConfigError, match="rank 3 is not in"):
+        store.batches(HPS, batch_size=7).shard(3, 3)
+
+
 def test_drop_last_gives_full_batches_without_repeats(make_store) -> None:
     store = make_store().store  # 48 tokens
     stream = store.batches("resid_post.0", batch_size=10, return_index=True)

@@ -76,7 +76,16 @@ class BatchStream:
         self.capacity_tokens = self._keep_rows + self._max_shard_rows + batch_size - 1
         self.resident_tokens = 0
         self.max_resident_tokens = 0
+        self._part = (0, 1)
         self._batches = self._generate()
+
+    def shard(self, rank: int, world_size: int) -> BatchStream:
+        """From now on yield only rows [r·B/N, (r+1)·B/N) of each batch (data-parallel rank r of N): the batches
+        and their order are unchanged, but only this rank's rows are copied out of the pool. Returns self."""
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in [0, {world_size})")
+        self._part = (rank, world_size)
+        return self
 
     def __iter__(self) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
         return self
@@ -139,6 +148,9 @@ class BatchStream:
         chosen, staying = order[:n_out], order[n_out:]
         for start in range(0, n_out, self._batch_size):
             rows = chosen[start : start + self._batch_size]
+            if self._part[1] > 1:
+                rank, world = self._part
+                rows = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
             batch = torch.from_numpy(pool[rows]).to(device=self._device, dtype=self._dtype)
             if self._scale is not None:
                 batch.mul_(self._scale)

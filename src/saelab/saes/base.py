@@ -21,6 +21,12 @@ Training. An SAE owns its training behaviour, so the trainer stays generic and a
 - `decoder_matrices()`: the matrices kept at unit norm per unit;
 - optional protocols: `SupportsL1` (`decoder_norms`), `SupportsAuxK` (`auxk_latents`), `SupportsResampling`
   (`latent_parameters`).
+
+Data-parallel training. Each process may see only its slice of the batch; then `ctx.share` (a `BatchShare`) holds
+what the loss needs of the whole batch (its token count, the pooled FVU's denominator) and every loss term returns
+this process's share of the whole batch's value, so the shares sum over processes to the one-process loss and the
+trainer sums their gradients. `ctx.share` is None for a one-process run: the loss is the batch's own, unchanged.
+An SAE needs no code for this as long as its terms come from `saelab.saes.losses` with `ctx.share` passed on.
 """
 
 from __future__ import annotations
@@ -57,8 +63,25 @@ class LossTerm(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchShare:
+    """This process's part of a batch split across processes (data-parallel training), per step.
+
+    A pooled ratio over the batch (FVU) is not the mean of per-slice ratios, and a mean over tokens must divide by
+    the whole batch's tokens; so loss terms divide this process's sums by these whole-batch quantities, which makes
+    each term this process's share of the whole batch's value (the shares sum to it).
+    """
+
+    n_tokens: int  # tokens in the whole batch (every process)
+    x_sq_dev: Tensor  # Σ_t ||x_t − mean(x)||² of the whole normalised batch: the pooled FVU's denominator
+    # The same sum over the whole batch for another per-token tensor of this slice (AuxK's residual); a collective,
+    # so every process must call it at the same point of the step.
+    sq_dev: Callable[[Tensor], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingContext:
-    """The trainer's settings that loss terms and checks read (from `TrainerConfig`)."""
+    """The trainer's settings that loss terms and checks read (from `TrainerConfig`), plus, in data-parallel
+    training, this step's `BatchShare` (None: the batch is all there is)."""
 
     loss: str = "fvu"  # "fvu": pooled batch FVU; "mse": mean over elements
     l1_coefficient: float = 0.0
@@ -66,6 +89,7 @@ class TrainingContext:
     auxk_coefficient: float = 0.0
     k_aux: int = 1
     resample: bool = False  # dead latents are resampled
+    share: BatchShare | None = None
 
 
 @runtime_checkable
@@ -212,16 +236,18 @@ class SparseAutoencoder(nn.Module, ABC):
         from saelab.saes import losses  # imports saelab.metrics, which imports this package
 
         x_hat, latents = output
-        terms = {"recon": LossTerm(losses.reconstruction_loss(x_n, x_hat, ctx.loss))}
+        share = ctx.share
+        terms = {"recon": LossTerm(losses.reconstruction_loss(x_n, x_hat, ctx.loss, share))}
         if ctx.l1_coefficient > 0:
             assert isinstance(self, SupportsL1)
-            terms["l1"] = LossTerm(losses.l1_penalty(latents, self.decoder_norms()), ctx.l1_coefficient)
+            terms["l1"] = LossTerm(losses.l1_penalty(latents, self.decoder_norms(), share), ctx.l1_coefficient)
         if ctx.activation_decay > 0:
-            terms["activation_decay"] = LossTerm(losses.activation_decay_penalty(latents, self.n_latents),
+            terms["activation_decay"] = LossTerm(losses.activation_decay_penalty(latents, self.n_latents, share),
                                                  ctx.activation_decay)
         if ctx.auxk_coefficient > 0:
             assert isinstance(self, SupportsAuxK)
-            terms["auxk"] = LossTerm(losses.auxk_loss(self, x_n, x_hat, dead_mask(), ctx.k_aux), ctx.auxk_coefficient)
+            terms["auxk"] = LossTerm(losses.auxk_loss(self, x_n, x_hat, dead_mask(), ctx.k_aux, share),
+                                     ctx.auxk_coefficient)
         return terms
 
     def check_training(self, ctx: TrainingContext) -> None:

@@ -26,7 +26,7 @@ class TrainerConfig(Config):
     """Units are in the names: `*_tokens` counts activation vectors, `*_steps` counts optimiser steps."""
 
     total_tokens: int = 10_000_000
-    batch_size: int = 4096
+    batch_size: int = 4096  # under torchrun: the global batch, split across the ranks
     lr: float | None = None  # None -> default_lr(n_latents)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8

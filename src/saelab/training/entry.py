@@ -7,6 +7,9 @@ trainer's, and a description of the data), `checkpoints/` lets an interrupted ru
 marks a finished one (a rerun then loads the final SAE instead of training again), `summary.json` holds the final
 metrics and `sae/` the trained SAE. A folder holding another request is refused rather than answered with its
 old SAE.
+
+Launched by torchrun with several processes, `train` runs data-parallel (`saelab.training.distributed`): every rank
+passes the same global batches, keeps its slice of each, and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +39,7 @@ from saelab.saes.initialization import seeded
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.spec import SAESpec, sae_from_spec
 from saelab.training import checkpoint as ckpt
+from saelab.training import distributed
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 TRAIN_STAGE = "train"
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -84,6 +89,9 @@ def train(
     never reused for other data. With `resume`, a folder with checkpoints continues from the newest one and a
     finished folder loads its final SAE into `sae`; without it, such a folder is an error. `command` (e.g. the
     `saelab train` config) is recorded in `config.json` beside the request, so the run can be replayed.
+
+    In a torchrun job of several processes, every rank calls this with the same arguments and the same `batches`
+    (the global ones; `cfg.batch_size` is the global batch size); the ranks train one SAE together.
     """
     job = TrainJob(sae, cfg, out_dir, data=data)
     (result,) = train_many([job], _Named(batches, "x"), resume=resume, command=command)
@@ -106,21 +114,43 @@ def train_many(
     position is the step count: a resumed run restores every unfinished SAE to the newest checkpoint step they all
     share. `run_dir`, when given, gets `config.json` (the `command`) and a `summary.json` with every SAE's final
     metrics side by side. `progress_stats` adds fields (e.g. forward tokens/s) to the progress bar.
+
+    Under torchrun every rank calls this with the same arguments and source; each keeps its slice of every global
+    batch, the ranks train each SAE together, and rank 0 alone writes the folders.
     """
+    with distributed.session(jobs[0].cfg.device if jobs else "cpu") as dist:
+        if dist is not None:
+            jobs = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, device=str(dist.device))) for job in jobs]
+            dist.check_same({"jobs": [_request(job) for job in jobs], "resume": resume,
+                             "command": command.to_dict() if command is not None else None},
+                            "training requests (SAE, trainer settings, data, command line or --resume)")
+        return _train_many(jobs, _sharded(batches, dist), resume, command, run_dir, progress_stats, dist)
+
+
+def _train_many(
+    jobs: Sequence[TrainJob],
+    batches: BatchSource,
+    resume: bool,
+    command: Config | None,
+    run_dir: str | Path | None,
+    progress_stats: Callable[[], dict[str, str]] | None,
+    dist: distributed.Dist | None,
+) -> list[TrainResult]:
     if len({Path(job.out_dir).resolve() for job in jobs}) != len(jobs):
         raise ConfigError("two SAEs of one run share an output folder; give each its own")
     sizes = {job.cfg.batch_size for job in jobs}
     if len(sizes) != 1:
         raise ConfigError(f"SAEs fed from one source need one batch size, got {sorted(sizes)}")
     combined = len(jobs) > 1 or progress_stats is not None  # then one bar for all SAEs, not one each
-    opened = [_open_job(job, resume, command, quiet=combined) for job in jobs]
+    opened = [_open_job(job, resume, command, quiet=combined, dist=dist) for job in jobs]
     trainers = [t for t in opened if isinstance(t, Trainer)]
     step = _restore_together(trainers) if resume else 0
     if run_dir is not None:
-        RunFolder(run_dir).save_config(command.to_dict() if command is not None else {})
+        _on_main(dist, lambda: RunFolder(run_dir).save_config(command.to_dict() if command is not None else {}))
     started = time.perf_counter()
     bar = tqdm(total=max((t.cfg.total_tokens for t in trainers), default=0), initial=step * sizes.pop(),
-               unit="tok", unit_scale=True, desc="train", disable=not (combined and any(j.cfg.progress for j in jobs)))
+               unit="tok", unit_scale=True, desc="train",
+               disable=not (combined and any(j.cfg.progress for j in jobs)) or (dist is not None and not dist.is_main))
     for trainer in trainers:
         trainer.begin()
     active = [(job, t) for job, t in zip(jobs, opened, strict=True) if isinstance(t, Trainer) and not t.done]
@@ -147,7 +177,7 @@ def train_many(
         raise
     bar.close()
     elapsed = round(time.perf_counter() - started, 2)
-    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed)
+    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed, dist)
                for job, t in zip(jobs, opened, strict=True)]
     if run_dir is not None:
         side_by_side = {job.name: {**{k: r.final.get(k) for k in ("fvu", "l0", "dead_fraction")}, "steps": r.steps,
@@ -155,7 +185,9 @@ def train_many(
                         for job, r in zip(jobs, results, strict=True)}
         folder = RunFolder(run_dir)
         folder.timings[TRAIN_STAGE] = elapsed
-        folder.write_summary({"saes": side_by_side, "completed": all(r.completed for r in results)}, command)
+        summary = {"saes": side_by_side, "completed": all(r.completed for r in results),
+                   "world_size": 1 if dist is None else dist.world_size}
+        _on_main(dist, lambda: folder.write_summary(summary, command))
     return results
 
 
@@ -165,21 +197,27 @@ def _request(job: TrainJob) -> dict[str, Any]:
             "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": job.data}
 
 
-def _open_job(job: TrainJob, resume: bool, command: Config | None, quiet: bool) -> Trainer | TrainResult:
+def _open_job(
+    job: TrainJob, resume: bool, command: Config | None, quiet: bool, dist: distributed.Dist | None
+) -> Trainer | TrainResult:
     """A fresh trainer for the job's folder, or the result of the finished run it holds (loaded into `job.sae`);
-    a folder of another request, or an earlier run without `resume`, is refused."""
+    a folder of another request, or an earlier run without `resume`, is refused (on every rank)."""
     folder = RunFolder(job.out_dir)
-    finished = folder.result(TRAIN_STAGE)
-    if not resume:
-        _refuse_earlier_run(folder)
-    folder.check_config({**_request(job), "command": command.to_dict() if command is not None else None},
-                        ignore=frozenset({"command"}))
+
+    def claim() -> Any:
+        if not resume:
+            _refuse_earlier_run(folder)
+        folder.check_config({**_request(job), "command": command.to_dict() if command is not None else None},
+                            ignore=frozenset({"command"}))
+        return folder.result(TRAIN_STAGE)
+
+    finished = _on_main(dist, claim)
     if finished is not None:
         job.sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
-    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path)
+    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path, dist=dist)
 
 
 def _refuse_earlier_run(folder: RunFolder) -> None:
@@ -223,7 +261,7 @@ def _job_input(batch: Mapping[str, Tensor], inputs: Sequence[str]) -> Tensor:
     return torch.cat([batch[name] for name in inputs], dim=1)
 
 
-def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float) -> TrainResult:
+def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float, dist: distributed.Dist | None) -> TrainResult:
     """Save the final SAE and write the job folder's summary (and done-marker when complete)."""
     result = trainer.finish()
     folder = RunFolder(job.out_dir)
@@ -231,12 +269,48 @@ def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float) -> TrainResult:
     sae = job.sae
     outcome = {"final": result.final, "steps": result.steps, "tokens_seen": result.tokens_seen,
                "completed": result.completed}
-    folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
-                                             "d_in": sae.d_in, "parameters": sae.num_parameters()},
-                          "request": _request(job)})
-    if result.completed:
-        folder.mark_done(TRAIN_STAGE, outcome)
+
+    def record_outcome() -> None:
+        folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
+                                                 "d_in": sae.d_in, "parameters": sae.num_parameters()},
+                              "request": _request(job), "world_size": 1 if dist is None else dist.world_size})
+        if result.completed:
+            folder.mark_done(TRAIN_STAGE, outcome)
+
+    _on_main(dist, record_outcome)
     return result
+
+
+def _on_main(dist: distributed.Dist | None, fn: Callable[[], T]) -> T:
+    """`fn()` here when alone; under torchrun on rank 0, its result (or error) shared with every rank."""
+    return fn() if dist is None else dist.on_main(fn)
+
+
+def _sharded(batches: BatchSource, dist: distributed.Dist | None) -> BatchSource:
+    """This rank's rows of every global batch of the source (the source itself when alone)."""
+    if dist is None:
+        return batches
+    if isinstance(batches, _Named):  # plain batches: a source that can produce only its slice is asked to
+        return _Named(distributed.shard_batches(batches.batches, dist), batches.name)
+
+    def rows(dicts: Iterable[Mapping[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        for batch in dicts:
+            lo, hi = dist.bounds(next(iter(batch.values())).shape[0])
+            yield {name: x[lo:hi] for name, x in batch.items()}
+
+    if callable(batches):
+        return lambda step: rows(batches(step))
+    return _Rows(batches, rows)
+
+
+class _Rows:
+    """A re-iterable source mapped through `rows` on every iteration."""
+
+    def __init__(self, batches: Iterable[Mapping[str, Tensor]], rows: Callable[..., Iterator[dict[str, Tensor]]]):
+        self.batches, self.rows = batches, rows
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self.rows(self.batches)
 
 
 class _Named:

@@ -9,6 +9,11 @@ optimiser, dead-latent tracking and resampling, checkpoints and logging. One ste
 → backward → project decoder gradients → clip → optimiser step → renormalise decoders → count fired latents.
 Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`); `saelab.training.entry.train`
 is the entry point that wraps a run folder around this loop.
+
+Data-parallel (`dist`, see `saelab.training.distributed`): each rank's batches are its slice of the global batch;
+the step gets the whole batch's statistics before the loss (`TrainingContext.share`), sums gradients, fire counts
+and logged statistics over the ranks after backward, and from there runs identically on every rank; rank 0 alone
+writes files. Without `dist` the step makes no collective call and is exactly the one-process loop.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, DataError
+from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
-from saelab.saes.base import SparseAutoencoder, TrainingContext
+from saelab.saes.base import BatchShare, Latents, LossTerm, SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import TrainerConfig, default_lr
 from saelab.training.constraints import normalize_decoder, project_out_parallel_grad
 from saelab.training.dead import DeadLatentTracker, resample_latents
+from saelab.training.distributed import Dist, launched_world_size
 from saelab.training.logger import MetricsLogger
 from saelab.training.optim import build_optimizer
 from saelab.training.schedule import lr_factor
@@ -68,12 +74,29 @@ class TrainResult:
 
 
 class Trainer:
-    """`Trainer(sae, cfg, out_dir).fit(batches)`; to continue a run, call `restore()` before `fit`."""
+    """`Trainer(sae, cfg, out_dir).fit(batches)`; to continue a run, call `restore()` before `fit`.
 
-    def __init__(self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path) -> None:
+    With `dist` (a data-parallel job), every rank builds its Trainer with the same settings (checked here, a
+    collective), feeds it its slice of each global batch, and `cfg.batch_size` is the global batch."""
+
+    def __init__(
+        self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path, dist: Dist | None = None
+    ) -> None:
         cfg.validate()
+        if dist is None and launched_world_size() > 1:
+            raise ConfigError(
+                f"this process is one of {launched_world_size()} launched by torchrun, but its Trainer was given no "
+                "`dist`: every process would train alone into the same folder. Train through "
+                "saelab.training.entry.train (as `saelab train` does), or run this command without torchrun"
+            )
         self.cfg = cfg
         self.out_dir = Path(out_dir)
+        self.dist = dist
+        if dist is not None:
+            dist.check_same({"trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES},
+                             "sae": {"architecture": sae.architecture, **sae.cfg.to_dict()}},
+                            "trainer and SAE settings")
+        self.is_main = dist is None or dist.is_main
         self.sae = sae.to(cfg.device)
         self.context = TrainingContext(
             loss=cfg.loss, l1_coefficient=cfg.l1_coefficient, activation_decay=cfg.activation_decay,
@@ -88,7 +111,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.logger = MetricsLogger(
-            self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict()
+            self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict(),
+            write=self.is_main,
         )
         self._records: list[dict[str, Any]] = []
         self._short_batch_seen = False
@@ -106,8 +130,14 @@ class Trainer:
             "rng.generator": self.generator.get_state(),
         }
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
-                 "optimizer_scalars": opt_scalars, "short_batch_seen": self._short_batch_seen}
-        return ckpt.write_checkpoint(self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints)
+                 "optimizer_scalars": opt_scalars, "short_batch_seen": self._short_batch_seen,
+                 "world_size": 1 if self.dist is None else self.dist.world_size}
+        return Path(self._on_main(lambda: str(ckpt.write_checkpoint(
+            self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints))))
+
+    def _on_main(self, fn: Any) -> Any:
+        """Run a file write on rank 0 only; every rank returns its result together (or raises its error)."""
+        return fn() if self.dist is None else self.dist.on_main(fn)
 
     def restore(self, checkpoint: str | Path | None = None) -> bool:
         """Load a checkpoint (default: the run folder's latest) into this trainer and its SAE. Returns False when
@@ -182,8 +212,10 @@ class Trainer:
                     "or train into a new folder"
                 )
             self._records = self.logger.keep_until(0)
+        if self.dist is not None and self.step == 0:  # replicas start identical whatever each rank built
+            self.dist.broadcast_([p.data for p in self.sae.parameters()])
         self._bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
-                         disable=not self.cfg.progress, desc="train")
+                         disable=not (self.cfg.progress and self.is_main), desc="train")
         self._window = _Window()
         self._last_checkpoint = self.step
 
@@ -191,8 +223,9 @@ class Trainer:
         """One optimiser step on `batch`, with the logging and checkpoints that fall due after it."""
         cfg = self.cfg
         x = self._prepare(batch)
-        self._window.add(self._train_step(x), x.shape[0])
-        self._bar.update(x.shape[0])
+        tokens_before = self.tokens_seen
+        self._window.add(self._train_step(x), self.tokens_seen - tokens_before)
+        self._bar.update(self.tokens_seen - tokens_before)
         if self.step % cfg.log_every_steps == 0:
             self._log(self._window, self._bar)
         if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
@@ -205,7 +238,7 @@ class Trainer:
         if not self.done and self._last_checkpoint != self.step:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
-        self.sae.save(sae_dir)
+        self._on_main(lambda: self.sae.save(sae_dir))
         return TrainResult(
             final=self._records[-1] if self._records else {}, records=list(self._records), steps=self.step,
             tokens_seen=self.tokens_seen, completed=self.done, sae_dir=sae_dir, metrics_path=self.logger.path,
@@ -231,7 +264,12 @@ class Trainer:
                 f"batch {self.step}: expected activations of shape [B, {self.sae.d_in}], got {tuple(batch.shape)}; "
                 "the store's hookpoint/dimension does not match the SAE's d_in"
             )
-        rows = batch.shape[0]
+        if self.dist is None:
+            self._check_rows(batch.shape[0])
+        return batch.to(self.sae.device, next(self.sae.parameters()).dtype)
+
+    def _check_rows(self, rows: int) -> None:
+        """Full batches of `batch_size` rows (global rows in a data-parallel job), at most one short one last."""
         if rows > self.cfg.batch_size or self._short_batch_seen:
             raise DataError(
                 f"batch {self.step} has {rows} rows after a batch of fewer than batch_size={self.cfg.batch_size}"
@@ -239,13 +277,17 @@ class Trainer:
                 else f"batch {self.step} has {rows} rows but batch_size={self.cfg.batch_size}; make them agree"
             )
         self._short_batch_seen = rows < self.cfg.batch_size
-        return batch.to(self.sae.device, next(self.sae.parameters()).dtype)
 
     def _train_step(self, x: Tensor) -> dict[str, Tensor]:
-        sae, cfg = self.sae, self.cfg
+        sae, cfg, dist = self.sae, self.cfg, self.dist
         x_n, _ = sae.normalize(x)
+        context, share = self.context, None
+        if dist is not None:
+            share = dist.share(x_n)
+            context = dataclasses.replace(context, share=share)
+            self._check_rows(share.n_tokens)
         if self.step == 0:
-            self._initialize(x_n)
+            self._initialize(x_n if dist is None else dist.gather_rows(x_n))
         lr = self.base_lr * lr_factor(self.step, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -253,17 +295,19 @@ class Trainer:
         with self._autocast():
             output = sae(x_n)
             x_hat, latents = output
-            terms = sae.training_loss(x_n, output, self.context, self.tracker.dead_mask)
+            terms = sae.training_loss(x_n, output, context, self.tracker.dead_mask)
             loss = terms["recon"].weighted()
             for name, term in terms.items():
                 if name != "recon":
                     loss = loss + term.weighted()
-        if not torch.isfinite(loss):
-            bad = "non-finite values in the input batch" if not torch.isfinite(x).all() else "a diverging loss"
-            raise DataError(f"step {self.step}: the loss is {loss.item()} ({bad}); check the activations or lower lr")
+        if dist is None:
+            self._check_finite(loss, x)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if dist is not None:
+            stats, counts = self._sum_over_ranks(dist, share, terms, loss, x_n, x_hat, latents)
+            self._check_finite(stats["loss"], x)
         decoders = self._decoders()
         if cfg.unit_norm_decoder:
             project_out_parallel_grad(decoders, cfg.decoder_norm_axis)
@@ -274,17 +318,53 @@ class Trainer:
             normalize_decoder(decoders, cfg.decoder_norm_axis)
 
         with torch.no_grad():
-            self.tracker.update(fire_counts(latents), x.shape[0])
-            stats = {name: term.value.detach() for name, term in terms.items()}
-            stats["loss"] = loss.detach()
-            stats["fvu"] = stats["recon"] if cfg.loss == "fvu" else fraction_of_variance_unexplained(x_n, x_hat)
-            stats["l0"] = l0(latents)
+            if dist is None:
+                n_tokens = x.shape[0]
+                self.tracker.update(fire_counts(latents), n_tokens)
+                stats = {name: term.value.detach() for name, term in terms.items()}
+                stats["loss"] = loss.detach()
+                stats["fvu"] = stats["recon"] if cfg.loss == "fvu" else fraction_of_variance_unexplained(x_n, x_hat)
+                stats["l0"] = l0(latents)
+            else:
+                n_tokens = share.n_tokens
+                self.tracker.update(counts, n_tokens)
             stats["lr"] = torch.tensor(lr)
         self.step += 1
-        self.tokens_seen += x.shape[0]
+        self.tokens_seen += n_tokens
         if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0:
             self._resampled_since_log += self._resample()
         return stats
+
+    @torch.no_grad()
+    def _sum_over_ranks(
+        self, dist: Dist, share: BatchShare, terms: dict[str, LossTerm], loss: Tensor, x_n: Tensor, x_hat: Tensor,
+        latents: Latents,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One all_reduce SUM of every gradient, the fire counts and the statistics' shares: the summed share
+        gradients are the global loss's gradient, and the statistics become the global batch's (see
+        `saelab.training.distributed`). A gradient that is None on every rank stays None (Adam skips it)."""
+        rows = x_n.shape[0]
+        stats = {name: term.value.detach().float() for name, term in terms.items()}
+        stats["loss"] = loss.detach().float()
+        stats["fvu"] = (stats["recon"].clone() if self.cfg.loss == "fvu"
+                        else ((x_hat - x_n).float().pow(2).sum() / share.x_sq_dev).float())
+        stats["l0"] = l0(latents) * (rows / share.n_tokens) if rows else x_n.new_zeros(())
+        counts = fire_counts(latents).float()
+        params = [p for p in self.sae.parameters()]
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=x_n.device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dist.sum_([*(p.grad for p in params), counts, *stats.values(), present])
+        for p, used in zip(params, present.tolist(), strict=True):
+            if not used:
+                p.grad = None
+        return stats, counts
+
+    def _check_finite(self, loss: Tensor, x: Tensor) -> None:
+        if not torch.isfinite(loss):
+            bad = "non-finite values in the input batch" if not torch.isfinite(x).all() else "a diverging loss"
+            raise DataError(f"step {self.step}: the loss is {loss.item()} ({bad}); check the activations or lower lr")
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.cfg.autocast_dtype is None:
