@@ -274,3 +274,23 @@ def test_a_trainer_without_dist_under_torchrun_is_refused(tmp_path, monkeypatch)
     sae = TopKSAE(TopKSAEConfig(d_in=D, n_latents=16, k=2))
     with pytest.raises(ConfigError, match="one of 2 launched by torchrun"):
         Trainer(sae, TrainerConfig(total_tokens=64, batch_size=32, progress=False), tmp_path / "run")
+
+
+def test_two_ranks_stream_the_same_saes_as_one_process(saved_tiny_llama, tmp_path) -> None:
+    """`saelab train --model` under torchrun: every rank streams the same global batches and keeps its rows."""
+    model_dir, corpus = saved_tiny_llama()
+    hookpoints = ["resid_post.0", "resid_post.2"]
+
+    def args(out: Path) -> list[str]:
+        return ["train", "--model", str(model_dir), "--hookpoints", ",".join(hookpoints), "--data.source",
+                str(corpus), "--data.context-length", "16", "--data.n-tokens", "600", "--sae.n-latents", "16",
+                "--sae.k", "2", "--trainer.total-tokens", "256", "--trainer.batch-size", "32",
+                "--trainer.warmup-steps", "2", "--trainer.log-every-steps", "2", "--trainer.progress", "false",
+                "--buffer-tokens", "128", "--contexts-per-forward", "4", "--out-dir", str(out)]
+
+    assert main(args(tmp_path / "one")) == 0
+    outcomes = _forked([lambda: main(args(tmp_path / "two"))] * 2)
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    for hookpoint in hookpoints:
+        _assert_same_run(tmp_path / "one" / hookpoint, tmp_path / "two" / hookpoint, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
