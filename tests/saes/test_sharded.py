@@ -1,21 +1,16 @@
 """The latent-sharded top-k SAE against the unsharded one with the same weights, in 2 gloo processes.
 
 Each worker builds the same full `TopKSAE` (same seed), runs it unsharded as the reference, then its own shard,
-and asserts; a failed assertion in a worker fails the test with its traceback. Workers are forked (pytest imports
-test modules by path, so a spawned child could not import this one).
+and asserts; a failed assertion in a worker fails the test with its traceback.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from saelab.metrics import fire_counts
 from saelab.saes.base import TrainingContext, load_sae
@@ -25,28 +20,6 @@ from saelab.training.constraints import normalize_decoder, project_out_parallel_
 
 WORLD = 2
 D, N, K, B = 16, 64, 8, 48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, check: Callable[..., None], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        check(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_sharded(check: Callable[..., None], *args: object) -> None:
-    """Run `check(rank, *args)` in WORLD forked gloo processes."""
-    torch.testing.assert_close(torch.zeros(1), torch.zeros(1))  # its lazy imports (~2 s) once, before the fork
-    mp.start_processes(_worker, args=(_free_port(), check, args), nprocs=WORLD, start_method="fork")
 
 
 def full_sae(seed: int = 0, **fields: object) -> TopKSAE:
@@ -81,8 +54,8 @@ def _check_forward(rank: int) -> None:
     torch.testing.assert_close(shard.to_full().W_dec, full.W_dec, rtol=0, atol=0)
 
 
-def test_forward_equals_unsharded(topk_path) -> None:
-    run_sharded(_check_forward)
+def test_forward_equals_unsharded(run_in_group, topk_path) -> None:
+    run_in_group(_check_forward)
 
 
 def _loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -124,8 +97,8 @@ def _check_gradients(rank: int, dead_latents: list[int]) -> None:
     [list(range(0, N, 3)), [1, 2, 5]],  # dead on both shards; dead only on rank 0 (rank 1 has no candidate)
     ids=["dead_everywhere", "dead_on_one_shard"],
 )
-def test_gradients_equal_unsharded(dead_latents: list[int]) -> None:
-    run_sharded(_check_gradients, dead_latents)
+def test_gradients_equal_unsharded(run_in_group, dead_latents: list[int]) -> None:
+    run_in_group(_check_gradients, dead_latents)
 
 
 def _train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor, clip: float) -> None:
@@ -158,8 +131,8 @@ def _check_adam_steps(rank: int) -> None:
         torch.testing.assert_close(getattr(gathered, name), getattr(full, name), msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_adam_steps_with_clipping_and_decoder_constraint_equal_unsharded() -> None:
-    run_sharded(_check_adam_steps)
+def test_adam_steps_with_clipping_and_decoder_constraint_equal_unsharded(run_in_group) -> None:
+    run_in_group(_check_adam_steps)
 
 
 def _check_memory_and_save(rank: int, folder: str) -> None:
@@ -175,8 +148,8 @@ def _check_memory_and_save(rank: int, folder: str) -> None:
         assert torch.equal(loaded.state_dict()[name], tensor)
 
 
-def test_memory_per_rank_and_save_as_full_topk(tmp_path: Path) -> None:
-    run_sharded(_check_memory_and_save, str(tmp_path / "sae"))
+def test_memory_per_rank_and_save_as_full_topk(run_in_group, tmp_path: Path) -> None:
+    run_in_group(_check_memory_and_save, str(tmp_path / "sae"))
 
 
 def _check_fresh_init(rank: int) -> None:
@@ -191,8 +164,8 @@ def _check_fresh_init(rank: int) -> None:
     assert counts.shape == (N,) and int(counts.sum()) == B * K
 
 
-def test_fresh_init_differs_per_rank() -> None:
-    run_sharded(_check_fresh_init)
+def test_fresh_init_differs_per_rank(run_in_group) -> None:
+    run_in_group(_check_fresh_init)
 
 
 def test_select_topk_breaks_ties_by_lower_index() -> None:

@@ -123,6 +123,8 @@ class ShardedTopKSAE(SparseAutoencoder):
     config_class = TopKSAEConfig
     cfg: TopKSAEConfig
 
+    sharded = True
+
     def __init__(self, cfg: TopKSAEConfig, group: ProcessGroup = None, init: bool = True) -> None:
         super().__init__(cfg)
         if not dist.is_initialized():
@@ -257,6 +259,10 @@ class ShardedTopKSAE(SparseAutoencoder):
         """b_dec starts at the geometric median of the first batch: the same batch on every rank, the same b_dec."""
         self.b_dec.copy_(geometric_median(x_n.reshape(-1, self.d_in)))
         dist.broadcast(self.b_dec.data, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
 
     def sharded_parameters(self) -> list[nn.Parameter]:
         """The parameters split across ranks (the rest are replicated)."""

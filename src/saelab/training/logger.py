@@ -20,9 +20,12 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
+    """With `write=False` (a non-primary process of a sharded run) it leaves the file (and W&B) alone."""
+
     def __init__(self, path: Path, wandb_project: str | None = None, wandb_run_name: str | None = None,
-                 wandb_config: dict[str, Any] | None = None) -> None:
+                 wandb_config: dict[str, Any] | None = None, write: bool = True) -> None:
         self.path = Path(path)
+        self.write = write
         self._wandb_args = (wandb_project, wandb_run_name, wandb_config)
         self._wandb: Any = None
         if wandb_project is not None:
@@ -38,11 +41,15 @@ class MetricsLogger:
 
     def keep_until(self, step: int) -> list[dict[str, Any]]:
         """Drop records after `step` (a resumed run re-logs them); returns the kept ones."""
+        if not self.write:
+            return []
         kept = [r for r in self.records() if r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")

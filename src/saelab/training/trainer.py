@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, DataError
+from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
 from saelab.saes.base import SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
@@ -81,6 +81,11 @@ class Trainer:
             resample=cfg.resample_every_steps is not None,
         )
         self.sae.check_training(self.context)
+        if sae.sharded and cfg.checkpoint_every_steps is not None:
+            raise ConfigError(
+                "checkpoints of a latent-sharded SAE are not implemented (each rank holds its own optimiser state); "
+                "set checkpoint_every_steps to None"
+            )
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
         self.optimizer = build_optimizer(list(sae.parameters()), cfg, self.base_lr)
         self.tracker = DeadLatentTracker(sae.n_latents, cfg.dead_window_tokens, device=cfg.device)
@@ -88,7 +93,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.logger = MetricsLogger(
-            self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict()
+            self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict(),
+            write=sae.primary,
         )
         self._records: list[dict[str, Any]] = []
         self._short_batch_seen = False
@@ -99,6 +105,8 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        if self.sae.sharded:
+            raise CheckpointError("checkpoints of a latent-sharded SAE are not implemented")
         opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer)
         tensors = {
             **opt_tensors,
@@ -115,6 +123,8 @@ class Trainer:
         folder = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.out_dir)
         if folder is None:
             return False
+        if self.sae.sharded:
+            raise CheckpointError(f"{folder}: resuming a latent-sharded SAE from a checkpoint is not implemented")
         state, tensors = ckpt.read_checkpoint(folder)
         self._check_compatible(folder, state["config"])
         self._load_sae_weights(folder / ckpt.SAE_DIR)
@@ -176,14 +186,14 @@ class Trainer:
     def begin(self) -> None:
         """Start (or, after `restore()`, continue) a run in this trainer's folder."""
         if self.step == 0:
-            if ckpt.latest_checkpoint(self.out_dir) is not None:
+            if self.sae.primary and ckpt.latest_checkpoint(self.out_dir) is not None:
                 raise CheckpointError(
                     f"{self.out_dir} holds checkpoints of an earlier run; call restore() to continue it, "
                     "or train into a new folder"
                 )
             self._records = self.logger.keep_until(0)
         self._bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
-                         disable=not self.cfg.progress, desc="train")
+                         disable=not (self.cfg.progress and self.sae.primary), desc="train")
         self._window = _Window()
         self._last_checkpoint = self.step
 
@@ -200,9 +210,10 @@ class Trainer:
             self._last_checkpoint = self.step
 
     def finish(self) -> TrainResult:
-        """Log the last partial window, checkpoint an unfinished run, save the final SAE."""
+        """Log the last partial window, checkpoint an unfinished run (not a sharded one), save the final SAE (a
+        sharded SAE gathers itself on every process and the primary one writes it)."""
         self._close(flush=True)
-        if not self.done and self._last_checkpoint != self.step:
+        if not self.done and self._last_checkpoint != self.step and not self.sae.sharded:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
         self.sae.save(sae_dir)
@@ -263,7 +274,7 @@ class Trainer:
         if cfg.unit_norm_decoder:
             project_out_parallel_grad(decoders, cfg.decoder_norm_axis)
         if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
+            sae.clip_grad_norm_(cfg.grad_clip_norm)
         self.optimizer.step()
         if cfg.unit_norm_decoder:
             normalize_decoder(decoders, cfg.decoder_norm_axis)
