@@ -162,12 +162,18 @@ class ShardedTopKSAE(SparseAutoencoder):
         if sae.W_dec is None:
             raise ConfigError("a tied top-k SAE cannot be sharded (its decoder is its encoder)")
         shard = cls(TopKSAEConfig.from_dict(sae.cfg.to_dict()), group=group, init=False).to(sae.device)
-        rows = slice(shard.offset, shard.offset + shard.n_local)
-        shard.W_enc.copy_(sae.W_enc[rows])
-        shard.b_enc.copy_(sae.b_enc[rows])
-        shard.W_dec.copy_(sae.W_dec[rows])
-        shard.b_dec.copy_(sae.b_dec)
+        shard.copy_from_full(sae)
         return shard
+
+    @torch.no_grad()
+    def copy_from_full(self, sae: TopKSAE) -> None:
+        """Load this rank's rows (and b_dec) from a full `TopKSAE` of the same config (e.g. a saved one)."""
+        if sae.cfg.to_dict() != self.cfg.to_dict():
+            raise ConfigError(f"the full SAE's config {sae.cfg.to_dict()} is not this shard's {self.cfg.to_dict()}")
+        rows = slice(self.offset, self.offset + self.n_local)
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(self, name).copy_(getattr(sae, name)[rows])
+        self.b_dec.copy_(sae.b_dec)
 
     @torch.no_grad()
     def gather_full(self, name: str) -> Tensor:
@@ -192,6 +198,10 @@ class ShardedTopKSAE(SparseAutoencoder):
         full = self.to_full()
         if self.rank == 0:
             full.save(folder)
+        self.barrier()
+
+    def barrier(self) -> None:
+        """Wait for every rank of the group (e.g. until rank 0 has written what the others will read)."""
         dist.barrier(group=self.group)
 
     # ---- the dictionary --------------------------------------------------------------------------------------
@@ -292,6 +302,10 @@ class ShardedTopKSAE(SparseAutoencoder):
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
         return total
+
+    def num_parameters(self) -> int:
+        """Of the whole (unsharded) SAE, as reports expect."""
+        return self.n_latents * (2 * self.d_in + 1) + self.d_in
 
     def flops_per_token(self) -> int:
         """This rank's share: its encoder GEMM and at most k decoder rows (the collectives are not counted)."""

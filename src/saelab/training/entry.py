@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,13 +27,17 @@ from saelab.config import Config, PresetConfig
 from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
+from saelab.saes.sharded import ShardedTopKSAE
 from saelab.saes.spec import SAESpec, sae_from_spec
+from saelab.saes.topk import TopKSAE
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
 
 TRAIN_STAGE = "train"
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -61,10 +66,15 @@ def train(
         raise CheckpointError(
             f"{folder.path} holds an earlier run; resume it (--resume true) or train into a new folder"
         )
+    # A sharded run's processes all check the folder (so all refuse alike); the primary one alone writes to it.
     folder.check_config({**request, "command": command.to_dict() if command is not None else None},
-                        ignore=frozenset({"command"}))
+                        ignore=frozenset({"command"}), record=sae.primary)
     if finished is not None:
-        sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
+        final = load_sae(folder.path / FINAL_SAE_DIR)
+        if isinstance(sae, ShardedTopKSAE):
+            sae.copy_from_full(final)
+        else:
+            sae.load_state_dict(final.state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
@@ -76,11 +86,14 @@ def train(
     folder.timings[TRAIN_STAGE] = round(time.perf_counter() - started, 2)
     outcome = {"final": result.final, "steps": result.steps, "tokens_seen": result.tokens_seen,
                "completed": result.completed}
-    folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
-                                             "d_in": sae.d_in, "parameters": sae.num_parameters()},
-                          "request": request})
-    if result.completed:
-        folder.mark_done(TRAIN_STAGE, outcome)
+    if sae.primary:
+        folder.write_summary({**outcome, "sae": {"architecture": sae.architecture, "n_latents": sae.n_latents,
+                                                 "d_in": sae.d_in, "parameters": sae.num_parameters()},
+                              "request": request})
+        if result.completed:
+            folder.mark_done(TRAIN_STAGE, outcome)
+    if isinstance(sae, ShardedTopKSAE):
+        sae.barrier()  # the folder is complete when any process returns
     return result
 
 
@@ -170,13 +183,46 @@ class TrainConfig(PresetConfig):
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the store's batch order"})
+    shard_latents: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "split a top-k SAE's latents across the processes of a torchrun launch (each reads the "
+                          "same batches; NCCL on CUDA, else gloo); checkpoints are off"},
+    )
 
 
 def train_from_config(cfg: TrainConfig, store: ActivationStore | None = None) -> tuple[SparseAutoencoder, TrainResult]:
     """`saelab train`: an SAE of `cfg.sae` on `cfg.hookpoint` of the store, trained into `cfg.out_dir`."""
     store = store or ActivationStore(cfg.store)
     hookpoint = resolve_hookpoint(store, cfg.hookpoint)
+    trainer_cfg = cfg.trainer
     sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed)
+    if cfg.shard_latents:
+        sae, trainer_cfg = _shard(sae, trainer_cfg)
     batches = store.batches(hookpoint, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
     data = describe_store(store, hookpoint, cfg.shuffle_seed)
-    return sae, train(sae, batches, cfg.trainer, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+    return sae, train(sae, batches, trainer_cfg, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+
+
+def _shard(sae: SparseAutoencoder, cfg: TrainerConfig) -> tuple[ShardedTopKSAE, TrainerConfig]:
+    """This process's shard of `sae` (built whole on the CPU from the seed, so a sharded run starts from the
+    unsharded run's weights) and the trainer settings for it: this process's GPU, no checkpoints. Joins the
+    process group torchrun describes unless one is already up."""
+    import os
+
+    import torch.distributed as dist
+
+    if not isinstance(sae, TopKSAE):
+        raise ConfigError(f"--shard-latents shards a top-k SAE; architecture {sae.architecture!r} cannot be sharded")
+    on_cuda = cfg.device.startswith("cuda")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError("--shard-latents needs several processes: launch with torchrun --nproc-per-node N")
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    if on_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        cfg = cfg.replace(device=f"cuda:{local_rank}")
+    if cfg.checkpoint_every_steps is not None:
+        log.warning("--shard-latents: checkpoints are not implemented for a sharded SAE; training without them")
+        cfg = cfg.replace(checkpoint_every_steps=None)
+    return ShardedTopKSAE.from_full(sae), cfg
