@@ -51,6 +51,7 @@ def _check_forward(rank: int) -> None:
     assert torch.equal(got_idx, want_idx)
     torch.testing.assert_close(got_val, want_val)
     torch.testing.assert_close(got.x_hat, want.x_hat)
+    torch.testing.assert_close(shard.decode(got.latents.to_dense()), want.x_hat)  # dense latents decode alike
     torch.testing.assert_close(shard.to_full().W_dec, full.W_dec, rtol=0, atol=0)
 
 
