@@ -22,10 +22,11 @@ autograd functions below, under that convention (no rank's gradient is counted N
 Training with the generic trainer: the unit-norm decoder constraint is per latent row, so local; Adam is
 elementwise, so local; gradient clipping needs the global norm (`clip_grad_norm_`); dead-latent statistics are
 kept globally (the `SparseLatents` carry global indices and `n_latents`), a replicated [n] counter per rank, tiny
-next to the n·d parameters. L1 (every latent's decoder norm) and resampling (a global choice of latents to
-re-initialise) are not implemented: without `decoder_norms` / `latent_parameters` the base `check_training` refuses
-them. Saving gathers the full dictionary and writes it as a plain `TopKSAE`, so every later
-tool reads it.
+next to the n·d parameters. Checkpoints gather the shards (SAE and Adam moments) into the unsharded format, so a
+sharded run resumes an unsharded one's checkpoint and vice versa; the final SAE is saved the same way, as a plain
+`TopKSAE` every later tool reads. L1 (every latent's decoder norm) and resampling (a global choice of latents to
+re-initialise) are not implemented: without `decoder_norms` / `latent_parameters` the base `check_training`
+refuses them.
 """
 
 from __future__ import annotations
@@ -170,20 +171,30 @@ class ShardedTopKSAE(SparseAutoencoder):
         """Load this rank's rows (and b_dec) from a full `TopKSAE` of the same config (e.g. a saved one)."""
         if sae.cfg.to_dict() != self.cfg.to_dict():
             raise ConfigError(f"the full SAE's config {sae.cfg.to_dict()} is not this shard's {self.cfg.to_dict()}")
-        rows = slice(self.offset, self.offset + self.n_local)
         for name in ("W_enc", "b_enc", "W_dec"):
-            getattr(self, name).copy_(getattr(sae, name)[rows])
+            getattr(self, name).copy_(self.local_rows(getattr(sae, name)))
         self.b_dec.copy_(sae.b_dec)
 
     @torch.no_grad()
     def gather_full(self, name: str) -> Tensor:
         """The full tensor of parameter `name` (a per-latent one gathered from every rank; b_dec as it is)."""
         local = getattr(self, name).detach()
-        if name == "b_dec":
-            return local.clone()
+        return local.clone() if name == "b_dec" else self.gather_rows(local)
+
+    def is_sharded(self, param: Tensor) -> bool:
+        """Whether `param` is one of the per-latent parameters split across ranks (dim 0 = latent)."""
+        return any(param is p for p in self.sharded_parameters())
+
+    @torch.no_grad()
+    def gather_rows(self, local: Tensor) -> Tensor:
+        """Every rank's rows of a per-latent tensor [n_local, ...] (e.g. an Adam moment), in latent order."""
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=0)
+
+    def local_rows(self, full: Tensor) -> Tensor:
+        """This rank's rows of a full per-latent tensor [n_latents, ...]."""
+        return full[self.offset : self.offset + self.n_local]
 
     @torch.no_grad()
     def to_full(self) -> TopKSAE:

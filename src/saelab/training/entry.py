@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,8 +35,6 @@ from saelab.training.logger import read_records
 from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
 
 TRAIN_STAGE = "train"
-
-log = logging.getLogger(__name__)
 
 
 def train(
@@ -186,7 +183,7 @@ class TrainConfig(PresetConfig):
     shard_latents: bool = dataclasses.field(
         default=False,
         metadata={"help": "split a top-k SAE's latents across the processes of a torchrun launch (each reads the "
-                          "same batches; NCCL on CUDA, else gloo); checkpoints are off"},
+                          "same batches; NCCL on CUDA, else gloo)"},
     )
 
 
@@ -205,7 +202,7 @@ def train_from_config(cfg: TrainConfig, store: ActivationStore | None = None) ->
 
 def _shard(sae: SparseAutoencoder, cfg: TrainerConfig) -> tuple[ShardedTopKSAE, TrainerConfig]:
     """This process's shard of `sae` (built whole on the CPU from the seed, so a sharded run starts from the
-    unsharded run's weights) and the trainer settings for it: this process's GPU, no checkpoints. Joins the
+    unsharded run's weights) and the trainer settings for it: this process's GPU. Joins the
     process group torchrun describes unless one is already up."""
     import os
 
@@ -222,7 +219,4 @@ def _shard(sae: SparseAutoencoder, cfg: TrainerConfig) -> tuple[ShardedTopKSAE, 
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         cfg = cfg.replace(device=f"cuda:{local_rank}")
-    if cfg.checkpoint_every_steps is not None:
-        log.warning("--shard-latents: checkpoints are not implemented for a sharded SAE; training without them")
-        cfg = cfg.replace(checkpoint_every_steps=None)
     return ShardedTopKSAE.from_full(sae), cfg

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.errors import CheckpointError, ConfigError, DataError
+from saelab.errors import CheckpointError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
 from saelab.saes.base import SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
@@ -81,11 +81,6 @@ class Trainer:
             resample=cfg.resample_every_steps is not None,
         )
         self.sae.check_training(self.context)
-        if sae.sharded and cfg.checkpoint_every_steps is not None:
-            raise ConfigError(
-                "checkpoints of a latent-sharded SAE are not implemented (each rank holds its own optimiser state); "
-                "set checkpoint_every_steps to None"
-            )
         self.base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
         self.optimizer = build_optimizer(list(sae.parameters()), cfg, self.base_lr)
         self.tracker = DeadLatentTracker(sae.n_latents, cfg.dead_window_tokens, device=cfg.device)
@@ -105,9 +100,9 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        if self.sae.sharded:
-            raise CheckpointError("checkpoints of a latent-sharded SAE are not implemented")
-        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer)
+        """Write a checkpoint. A sharded SAE's is the unsharded SAE's (every process gathers its rows of the SAE and
+        the optimiser state; the primary one writes), so either kind of run resumes it."""
+        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer, self._shard_rows("gather_rows"))
         tensors = {
             **opt_tensors,
             "tracker.tokens_since_fired": self.tracker.tokens_since_fired.cpu(),
@@ -115,7 +110,20 @@ class Trainer:
         }
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
                  "optimizer_scalars": opt_scalars, "short_batch_seen": self._short_batch_seen}
+        if not self.sae.primary:
+            self.sae.save(self.out_dir)  # this process's part of the gather; the primary one alone writes
+            return ckpt.checkpoint_root(self.out_dir) / f"step_{self.step:09d}"
         return ckpt.write_checkpoint(self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints)
+
+    def _shard_rows(self, method: str) -> Callable[[int, Tensor], Tensor] | None:
+        """For a sharded SAE: (parameter index, optimiser state tensor) -> `sae.<method>` of it where the parameter
+        is split by latent (a per-latent tensor, not a scalar), else the tensor as it is."""
+        if not self.sae.sharded:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        split = {i for i, p in enumerate(params) if self.sae.is_sharded(p)}
+        rows = getattr(self.sae, method)
+        return lambda index, tensor: rows(tensor) if index in split and tensor.ndim > 0 else tensor
 
     def restore(self, checkpoint: str | Path | None = None) -> bool:
         """Load a checkpoint (default: the run folder's latest) into this trainer and its SAE. Returns False when
@@ -123,11 +131,13 @@ class Trainer:
         folder = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(self.out_dir)
         if folder is None:
             return False
-        if self.sae.sharded:
-            raise CheckpointError(f"{folder}: resuming a latent-sharded SAE from a checkpoint is not implemented")
         state, tensors = ckpt.read_checkpoint(folder)
         self._check_compatible(folder, state["config"])
         self._load_sae_weights(folder / ckpt.SAE_DIR)
+        local = self._shard_rows("local_rows")
+        if local is not None:  # this process's rows of the (unsharded) optimiser state
+            tensors = {name: local(int(name.split(".")[1]), t) if name.startswith("optimizer.") else t
+                       for name, t in tensors.items()}
         ckpt.load_optimizer_tensors(self.optimizer, tensors, state["optimizer_scalars"], folder)
         self.tracker.tokens_since_fired.copy_(tensors["tracker.tokens_since_fired"])
         self.generator.set_state(tensors["rng.generator"])
@@ -155,6 +165,8 @@ class Trainer:
         if _jsonable(saved_cfg) != _jsonable(expected):
             raise CheckpointError(f"{folder}: the checkpoint's SAE ({saved_cfg}) is not this SAE ({expected})")
         state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
+        if self.sae.sharded:  # the checkpoint holds the whole SAE: this process's rows of it
+            state = {name: self.sae.local_rows(t) if name != "b_dec" else t for name, t in state.items()}
         self.sae.load_state_dict(state)
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -186,7 +198,7 @@ class Trainer:
     def begin(self) -> None:
         """Start (or, after `restore()`, continue) a run in this trainer's folder."""
         if self.step == 0:
-            if self.sae.primary and ckpt.latest_checkpoint(self.out_dir) is not None:
+            if ckpt.latest_checkpoint(self.out_dir) is not None:
                 raise CheckpointError(
                     f"{self.out_dir} holds checkpoints of an earlier run; call restore() to continue it, "
                     "or train into a new folder"
@@ -210,10 +222,10 @@ class Trainer:
             self._last_checkpoint = self.step
 
     def finish(self) -> TrainResult:
-        """Log the last partial window, checkpoint an unfinished run (not a sharded one), save the final SAE (a
-        sharded SAE gathers itself on every process and the primary one writes it)."""
+        """Log the last partial window, checkpoint an unfinished run, save the final SAE (a sharded SAE gathers
+        itself on every process and the primary one writes it)."""
         self._close(flush=True)
-        if not self.done and self._last_checkpoint != self.step and not self.sae.sharded:
+        if not self.done and self._last_checkpoint != self.step:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
         self.sae.save(sae_dir)
