@@ -9,6 +9,10 @@ optimiser, dead-latent tracking and resampling, checkpoints and logging. One ste
 → backward → project decoder gradients → clip → optimiser step → renormalise decoders → count fired latents.
 Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`); `saelab.training.entry.train`
 is the entry point that wraps a run folder around this loop.
+
+A latent-sharded SAE (`saelab.saes.sharded`, `sae.sharded`) trains in this loop in one process per shard: every
+process runs it on the same batches, the SAE's own `clip_grad_norm_` uses the global norm, checkpoints and the final
+SAE are gathered into the unsharded format, and only the primary process writes files.
 """
 
 from __future__ import annotations
