@@ -142,6 +142,9 @@ def _check_memory_and_save(rank: int, folder: str) -> None:
     for name in ("W_enc", "b_enc", "W_dec"):
         assert getattr(shard, name).numel() * WORLD == getattr(full, name).numel()
     assert shard.b_dec.shape == full.b_dec.shape
+    rng = torch.random.get_rng_state()
+    assert (shard.to_full(root_only=True) is None) == (rank != 0)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # gathering does not move the caller's random stream
     shard.save(folder)
     loaded = load_sae(folder)
     assert type(loaded) is TopKSAE

@@ -6,7 +6,9 @@ the same batch (latent parallelism, not data parallelism) and ends up with the s
 
 Forward. Encode runs the fast `topk_encode` on the local shard (local GEMM + local top-k), all-gathers every rank's
 k candidates (values, global indices) and keeps the global top-k, ties broken by the lower global index: the global
-k largest lie among the union of the local k largest, so the selection is the unsharded SAE's. Decode sums each
+k largest lie among the union of the local k largest, so the selection is the unsharded SAE's. (Candidates arrive
+clamped at 0, so where fewer than k pre-activations are positive the zero-valued winners may be other latents than
+the unsharded SAE's raw-value order picks; they add nothing to x_hat and get no gradient.) Decode sums each
 rank's own winners' decoder rows (`sparse_decode` over the local rows), all-reduces the partial reconstructions and
 adds b_dec. The output (x_hat and the `SparseLatents` with global indices) is the same on every rank.
 
@@ -39,12 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from saelab.errors import ConfigError
-from saelab.saes.base import (
-    ForwardOutput,
-    Latents,
-    SparseAutoencoder,
-    SparseLatents,
-)
+from saelab.saes.base import ForwardOutput, Latents, SparseAutoencoder, SparseLatents
 from saelab.saes.initialization import geometric_median, init_dictionary
 from saelab.saes.kernels import sparse_decode, topk_encode
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
@@ -175,39 +172,52 @@ class ShardedTopKSAE(SparseAutoencoder):
             getattr(self, name).copy_(self.local_rows(getattr(sae, name)))
         self.b_dec.copy_(sae.b_dec)
 
-    @torch.no_grad()
-    def gather_full(self, name: str) -> Tensor:
-        """The full tensor of parameter `name` (a per-latent one gathered from every rank; b_dec as it is)."""
-        local = getattr(self, name).detach()
-        return local.clone() if name == "b_dec" else self.gather_rows(local)
-
     def is_sharded(self, param: Tensor) -> bool:
         """Whether `param` is one of the per-latent parameters split across ranks (dim 0 = latent)."""
         return any(param is p for p in self.sharded_parameters())
 
     @torch.no_grad()
-    def gather_rows(self, local: Tensor) -> Tensor:
-        """Every rank's rows of a per-latent tensor [n_local, ...] (e.g. an Adam moment), in latent order."""
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=0)
+    def gather_rows(self, local: Tensor, root_only: bool = False) -> Tensor:
+        """Every rank's rows of a per-latent tensor [n_local, ...] (a parameter, an Adam moment) in latent order, as
+        one CPU tensor. The shards pass through the device one at a time: a whole-dictionary buffer there would
+        defeat the sharding. With `root_only`, rank 0 alone assembles it (CPU memory) and the others get `local`
+        back. A collective: every rank must call it."""
+        keep = self.rank == 0 or not root_only
+        full = local.new_empty((self.n_latents, *local.shape[1:]), device="cpu") if keep else None
+        buffer = torch.empty_like(local)
+        for source in range(self.world):
+            if source == self.rank:
+                buffer.copy_(local)
+            dist.broadcast(buffer, src=self._global_rank(source), group=self.group)
+            if full is not None:
+                full[source * self.n_local : (source + 1) * self.n_local].copy_(buffer)
+        return full if full is not None else local
+
+    def _global_rank(self, group_rank: int) -> int:
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def local_rows(self, full: Tensor) -> Tensor:
         """This rank's rows of a full per-latent tensor [n_latents, ...]."""
         return full[self.offset : self.offset + self.n_local]
 
     @torch.no_grad()
-    def to_full(self) -> TopKSAE:
-        """The whole dictionary as a plain `TopKSAE` on every rank (a collective: every rank must call it)."""
-        full = TopKSAE(TopKSAEConfig.from_dict(self.cfg.to_dict())).to(self.device, self.W_enc.dtype)
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(full, name).copy_(self.gather_full(name))
+    def to_full(self, root_only: bool = False) -> TopKSAE | None:
+        """The whole dictionary as a plain `TopKSAE` on the CPU, on every rank (with `root_only`, on rank 0 and
+        None elsewhere). A collective: every rank must call it."""
+        rows = {name: self.gather_rows(getattr(self, name).detach(), root_only) for name in ("W_enc", "b_enc", "W_dec")}
+        if root_only and self.rank != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):  # the constructor's init must not move the caller's stream
+            full = TopKSAE(TopKSAEConfig.from_dict(self.cfg.to_dict())).to(self.W_enc.dtype)
+        for name, tensor in rows.items():
+            getattr(full, name).copy_(tensor)
+        full.b_dec.copy_(self.b_dec.detach())
         return full
 
     def save(self, folder: str | Path) -> None:
         """Write the full SAE in the plain top-k format from rank 0 (a collective: every rank must call it)."""
-        full = self.to_full()
-        if self.rank == 0:
+        full = self.to_full(root_only=True)
+        if full is not None:
             full.save(folder)
         self.barrier()
 

@@ -106,7 +106,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write a checkpoint. A sharded SAE's is the unsharded SAE's (every process gathers its rows of the SAE and
         the optimiser state; the primary one writes), so either kind of run resumes it."""
-        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer, self._shard_rows("gather_rows"))
+        gather = self._shard_rows(lambda t: self.sae.gather_rows(t, root_only=True))
+        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer, gather)
         tensors = {
             **opt_tensors,
             "tracker.tokens_since_fired": self.tracker.tokens_since_fired.cpu(),
@@ -119,14 +120,13 @@ class Trainer:
             return ckpt.checkpoint_root(self.out_dir) / f"step_{self.step:09d}"
         return ckpt.write_checkpoint(self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints)
 
-    def _shard_rows(self, method: str) -> Callable[[int, Tensor], Tensor] | None:
-        """For a sharded SAE: (parameter index, optimiser state tensor) -> `sae.<method>` of it where the parameter
-        is split by latent (a per-latent tensor, not a scalar), else the tensor as it is."""
+    def _shard_rows(self, rows: Callable[[Tensor], Tensor]) -> Callable[[int, Tensor], Tensor] | None:
+        """For a sharded SAE: (parameter index, optimiser state tensor) -> `rows` of it where the parameter is split
+        by latent (a per-latent tensor, not a scalar), else the tensor as it is."""
         if not self.sae.sharded:
             return None
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         split = {i for i, p in enumerate(params) if self.sae.is_sharded(p)}
-        rows = getattr(self.sae, method)
         return lambda index, tensor: rows(tensor) if index in split and tensor.ndim > 0 else tensor
 
     def restore(self, checkpoint: str | Path | None = None) -> bool:
@@ -138,7 +138,7 @@ class Trainer:
         state, tensors = ckpt.read_checkpoint(folder)
         self._check_compatible(folder, state["config"])
         self._load_sae_weights(folder / ckpt.SAE_DIR)
-        local = self._shard_rows("local_rows")
+        local = self._shard_rows(lambda t: self.sae.local_rows(t))
         if local is not None:  # this process's rows of the (unsharded) optimiser state
             tensors = {name: local(int(name.split(".")[1]), t) if name.startswith("optimizer.") else t
                        for name, t in tensors.items()}
