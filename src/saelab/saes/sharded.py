@@ -8,7 +8,9 @@ Forward. Encode runs the fast `topk_encode` on the local shard (local GEMM + loc
 k candidates (values, global indices) and keeps the global top-k, ties broken by the lower global index: the global
 k largest lie among the union of the local k largest, so the selection is the unsharded SAE's. (Candidates arrive
 clamped at 0, so where fewer than k pre-activations are positive the zero-valued winners may be other latents than
-the unsharded SAE's raw-value order picks; they add nothing to x_hat and get no gradient.) Decode sums each
+the unsharded SAE's raw-value order picks; they add nothing to x_hat and get no gradient. Under bf16 autocast,
+pre-activations tie often and the unsharded top-k breaks ties in no fixed order: the selected values agree, the
+latents holding tied values may not.) Decode sums each
 rank's own winners' decoder rows (`sparse_decode` over the local rows), all-reduces the partial reconstructions and
 adds b_dec. The output (x_hat and the `SparseLatents` with global indices) is the same on every rank.
 
