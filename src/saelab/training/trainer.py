@@ -168,9 +168,11 @@ class Trainer:
         expected = {"architecture": self.sae.architecture, **self.sae.cfg.to_dict()}
         if _jsonable(saved_cfg) != _jsonable(expected):
             raise CheckpointError(f"{folder}: the checkpoint's SAE ({saved_cfg}) is not this SAE ({expected})")
-        state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
-        if self.sae.sharded:  # the checkpoint holds the whole SAE: this process's rows of it
+        if self.sae.sharded:  # the checkpoint holds the whole SAE: this process's rows of it, via the CPU
+            state = load_file(str(folder / self.sae.weights_file))
             state = {name: self.sae.local_rows(t) if name != "b_dec" else t for name, t in state.items()}
+        else:
+            state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
         self.sae.load_state_dict(state)
 
     # ---- training ------------------------------------------------------------------------------------------
