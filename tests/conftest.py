@@ -4,6 +4,8 @@
 import dataclasses
 import json
 import math
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +25,41 @@ def _deterministic() -> None:
 
 
 torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------- several processes in one gloo group (latent sharding)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, check: Callable[..., None], args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        check(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_in_group(check: Callable[..., None], *args: Any, world: int = 2) -> None:
+    """Run `check(rank, *args)` in `world` forked processes joined in a gloo group; a worker's exception fails the
+    caller with its traceback. Forked, not spawned: pytest imports test modules by path, so a spawned child could
+    not import the module defining `check`."""
+    import torch.multiprocessing as mp
+
+    torch.testing.assert_close(torch.zeros(1), torch.zeros(1))  # its lazy imports (~2 s) once, before the fork
+    mp.start_processes(_gloo_worker, args=(world, _free_port(), check, args), nprocs=world, start_method="fork")
+
+
+@pytest.fixture
+def run_in_group() -> Callable[..., None]:
+    return _run_in_group
 
 
 @pytest.fixture

@@ -71,9 +71,10 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.config_path, data)
 
-    def check_config(self, request: dict[str, Any], ignore: frozenset[str] = frozenset()) -> None:
+    def check_config(self, request: dict[str, Any], ignore: frozenset[str] = frozenset(), record: bool = True) -> None:
         """Refuse a folder whose `config.json` records another request (keys in `ignore` may differ), then record
-        this one. Protects a resumable folder from silently answering a different question with old results."""
+        this one (unless `record` is False: a process that only reads the folder). Protects a resumable folder
+        from silently answering a different question with old results."""
         if self.config_path.exists():
             saved = json.loads(self.config_path.read_text())
             differ = sorted(k for k in saved.keys() | request.keys()
@@ -83,7 +84,8 @@ class RunFolder:
                     f"{self.path} holds a run of another request ({', '.join(differ)} differ, see "
                     f"{self.config_path}); delete that folder to redo it, or choose another output folder"
                 )
-        self.save_config(request)
+        if record:
+            self.save_config(request)
 
     def write_summary(self, summary: dict[str, Any], cfg: Config | None = None) -> dict[str, Any]:
         """Write `summary.json`: `summary` plus the stage timings, the config (when given) and the provenance."""

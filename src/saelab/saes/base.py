@@ -269,6 +269,20 @@ class SparseAutoencoder(nn.Module, ABC):
         """Data-dependent init from the first normalised batch of a fresh run (after the decoder constraint is
         applied, so an init that measures the output sees the decoder it will train). Default: nothing."""
 
+    # ---- what the trainer asks of an SAE split across processes (`saelab.saes.sharded`) -----------------
+    # True where the parameters are shards of one SAE spread over a process group: every process trains on the
+    # same batches, and only the primary one writes the run's files.
+    sharded: ClassVar[bool] = False
+
+    @property
+    def primary(self) -> bool:
+        """Whether this process writes the run's files (metrics, checkpoints, the final SAE)."""
+        return True
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients so that their global L2 norm is at most `max_norm`; returns the norm before."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
     # ---- sizes for reports -----------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

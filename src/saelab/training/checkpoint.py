@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +51,20 @@ def checkpoint_steps(out_dir: str | Path) -> dict[int, Path]:
     return {int(p.name.removeprefix("step_")): p for p in folders if p.is_dir() and (p / STATE_JSON).exists()}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, transform: Callable[[int, Tensor], Tensor] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Flatten the optimiser's per-parameter state into named tensors (and any non-tensor values, for JSON).
-    Hyper-parameters are not saved: they come from the config, and the lr from the schedule."""
+    Hyper-parameters are not saved: they come from the config, and the lr from the schedule. `transform(index,
+    tensor)` maps each state tensor of parameter `index` first, in the same order on every process (a sharded
+    SAE gathers its shards' rows with it, so the checkpoint is the unsharded SAE's)."""
     tensors, scalars = {}, {}
-    for index, entry in optimizer.state_dict()["state"].items():
-        for key, value in entry.items():
+    for index, entry in sorted(optimizer.state_dict()["state"].items()):
+        for key, value in sorted(entry.items()):
             name = f"optimizer.{index}.{key}"
             if isinstance(value, Tensor):
-                tensors[name] = value.detach().contiguous().cpu()
+                value = value.detach() if transform is None else transform(index, value.detach())
+                tensors[name] = value.contiguous().cpu()
             else:
                 scalars[name] = value
     return tensors, scalars

@@ -37,7 +37,9 @@ from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
 from saelab.saes.initialization import seeded
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
+from saelab.saes.sharded import ShardedTopKSAE
 from saelab.saes.spec import SAESpec, sae_from_spec
+from saelab.saes.topk import TopKSAE
 from saelab.training import checkpoint as ckpt
 from saelab.training import distributed
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
@@ -117,14 +119,20 @@ def train_many(
 
     Under torchrun every rank calls this with the same arguments and source; each keeps its slice of every global
     batch, the ranks train each SAE together, and rank 0 alone writes the folders.
+    A latent-sharded SAE (`ShardedTopKSAE`) is trained by all ranks together on the same (whole) batches: its
+    collectives are its own, and the ranks share only the folder writes.
     """
-    with distributed.session(jobs[0].cfg.device if jobs else "cpu") as dist:
-        if dist is not None:
-            jobs = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, device=str(dist.device))) for job in jobs]
-            dist.check_same({"jobs": [_request(job) for job in jobs], "resume": resume,
-                             "command": command.to_dict() if command is not None else None},
-                            "training requests (SAE, trainer settings, data, command line or --resume)")
-        return _train_many(jobs, _sharded(batches, dist), resume, command, run_dir, progress_stats, dist)
+    with distributed.session(jobs[0].cfg.device if jobs else "cpu") as group:
+        sharded = any(job.sae.sharded for job in jobs)
+        if group is not None:
+            if not sharded:
+                jobs = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, device=str(group.device)))
+                        for job in jobs]
+            group.check_same({"jobs": [_request(job) for job in jobs], "resume": resume,
+                              "command": command.to_dict() if command is not None else None},
+                             "training requests (SAE, trainer settings, data, command line or --resume)")
+        dist = None if sharded else group
+        return _train_many(jobs, _sharded(batches, dist), resume, command, run_dir, progress_stats, dist, group)
 
 
 def _train_many(
@@ -135,22 +143,24 @@ def _train_many(
     run_dir: str | Path | None,
     progress_stats: Callable[[], dict[str, str]] | None,
     dist: distributed.Dist | None,
+    files: distributed.Dist | None,
 ) -> list[TrainResult]:
+    """`train_many` for data-parallel ranks (`dist`), or alone; `files` is the group whose rank 0 writes."""
     if len({Path(job.out_dir).resolve() for job in jobs}) != len(jobs):
         raise ConfigError("two SAEs of one run share an output folder; give each its own")
     sizes = {job.cfg.batch_size for job in jobs}
     if len(sizes) != 1:
         raise ConfigError(f"SAEs fed from one source need one batch size, got {sorted(sizes)}")
     combined = len(jobs) > 1 or progress_stats is not None  # then one bar for all SAEs, not one each
-    opened = [_open_job(job, resume, command, quiet=combined, dist=dist) for job in jobs]
+    opened = [_open_job(job, resume, command, combined, dist, files) for job in jobs]
     trainers = [t for t in opened if isinstance(t, Trainer)]
     step = _restore_together(trainers) if resume else 0
     if run_dir is not None:
-        _on_main(dist, lambda: RunFolder(run_dir).save_config(command.to_dict() if command is not None else {}))
+        _on_main(files, lambda: RunFolder(run_dir).save_config(command.to_dict() if command is not None else {}))
     started = time.perf_counter()
+    shown = combined and any(j.cfg.progress for j in jobs) and (files is None or files.is_main)
     bar = tqdm(total=max((t.cfg.total_tokens for t in trainers), default=0), initial=step * sizes.pop(),
-               unit="tok", unit_scale=True, desc="train",
-               disable=not (combined and any(j.cfg.progress for j in jobs)) or (dist is not None and not dist.is_main))
+               unit="tok", unit_scale=True, desc="train", disable=not shown)
     for trainer in trainers:
         trainer.begin()
     active = [(job, t) for job, t in zip(jobs, opened, strict=True) if isinstance(t, Trainer) and not t.done]
@@ -177,7 +187,7 @@ def _train_many(
         raise
     bar.close()
     elapsed = round(time.perf_counter() - started, 2)
-    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed, dist)
+    results = [t if isinstance(t, TrainResult) else _finish_job(job, t, elapsed, files)
                for job, t in zip(jobs, opened, strict=True)]
     if run_dir is not None:
         side_by_side = {job.name: {**{k: r.final.get(k) for k in ("fvu", "l0", "dead_fraction")}, "steps": r.steps,
@@ -186,8 +196,8 @@ def _train_many(
         folder = RunFolder(run_dir)
         folder.timings[TRAIN_STAGE] = elapsed
         summary = {"saes": side_by_side, "completed": all(r.completed for r in results),
-                   "world_size": 1 if dist is None else dist.world_size}
-        _on_main(dist, lambda: folder.write_summary(summary, command))
+                   "world_size": 1 if files is None else files.world_size}
+        _on_main(files, lambda: folder.write_summary(summary, command))
     return results
 
 
@@ -198,7 +208,8 @@ def _request(job: TrainJob) -> dict[str, Any]:
 
 
 def _open_job(
-    job: TrainJob, resume: bool, command: Config | None, quiet: bool, dist: distributed.Dist | None
+    job: TrainJob, resume: bool, command: Config | None, quiet: bool, dist: distributed.Dist | None,
+    files: distributed.Dist | None,
 ) -> Trainer | TrainResult:
     """A fresh trainer for the job's folder, or the result of the finished run it holds (loaded into `job.sae`);
     a folder of another request, or an earlier run without `resume`, is refused (on every rank)."""
@@ -211,9 +222,13 @@ def _open_job(
                             ignore=frozenset({"command"}))
         return folder.result(TRAIN_STAGE)
 
-    finished = _on_main(dist, claim)
+    finished = _on_main(files, claim)
     if finished is not None:
-        job.sae.load_state_dict(load_sae(folder.path / FINAL_SAE_DIR).state_dict())
+        final = load_sae(folder.path / FINAL_SAE_DIR)
+        if isinstance(job.sae, ShardedTopKSAE):
+            job.sae.copy_from_full(final)
+        else:
+            job.sae.load_state_dict(final.state_dict())
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
@@ -440,6 +455,11 @@ class TrainConfig(PresetConfig):
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     resume: bool = dataclasses.field(default=False, metadata={"help": "continue from the newest checkpoint"})
     shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the batch order"})
+    shard_latents: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "split a top-k SAE's latents across the processes of a torchrun launch (each reads the "
+                          "same batches; NCCL on CUDA, else gloo)"},
+    )
 
     def check_source(self) -> None:
         """Exactly one of --store / --model (checked when the command runs: a config may name its source later)."""
@@ -486,10 +506,13 @@ def train_from_config(
         return train_streamed(cfg)
     store = store or ActivationStore(cfg.store)
     hookpoint = resolve_hookpoint(store, cfg.hookpoint or (cfg.hookpoints[0] if cfg.hookpoints else None))
+    trainer_cfg = cfg.trainer
     sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed)
+    if cfg.shard_latents:
+        sae, trainer_cfg = _shard(sae, trainer_cfg)
     batches = store.batches(hookpoint, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
     data = describe_store(store, hookpoint, cfg.shuffle_seed)
-    return sae, train(sae, batches, cfg.trainer, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+    return sae, train(sae, batches, trainer_cfg, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
 
 
 MULTILAYER_DIR = "multilayer"
@@ -578,3 +601,25 @@ def train_streamed(
 def _layer_of(hookpoint: str) -> int | None:
     kind, _, layer = hookpoint.rpartition(".")
     return int(layer) if kind == "resid_post" and layer.isdigit() else None
+
+
+def _shard(sae: SparseAutoencoder, cfg: TrainerConfig) -> tuple[ShardedTopKSAE, TrainerConfig]:
+    """This process's shard of `sae` (built whole on the CPU from the seed, so a sharded run starts from the
+    unsharded run's weights) and the trainer settings for it: this process's GPU. Joins the
+    process group torchrun describes unless one is already up."""
+    import os
+
+    import torch.distributed as dist
+
+    if not isinstance(sae, TopKSAE):
+        raise ConfigError(f"--shard-latents shards a top-k SAE; architecture {sae.architecture!r} cannot be sharded")
+    on_cuda = cfg.device.startswith("cuda")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError("--shard-latents needs several processes: launch with torchrun --nproc-per-node N")
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    if on_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        cfg = cfg.replace(device=f"cuda:{local_rank}")
+    return ShardedTopKSAE.from_full(sae), cfg

@@ -14,6 +14,10 @@ Data-parallel (`dist`, see `saelab.training.distributed`): each rank's batches a
 the step gets the whole batch's statistics before the loss (`TrainingContext.share`), sums gradients, fire counts
 and logged statistics over the ranks after backward, and from there runs identically on every rank; rank 0 alone
 writes files. Without `dist` the step makes no collective call and is exactly the one-process loop.
+
+A latent-sharded SAE (`saelab.saes.sharded`, `sae.sharded`) trains in this loop in one process per shard: every
+process runs it on the same batches, the SAE's own `clip_grad_norm_` uses the global norm, checkpoints and the final
+SAE are gathered into the unsharded format, and only the primary process writes files.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +87,7 @@ class Trainer:
         self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path, dist: Dist | None = None
     ) -> None:
         cfg.validate()
-        if dist is None and launched_world_size() > 1:
+        if dist is None and launched_world_size() > 1 and not sae.sharded:
             raise ConfigError(
                 f"this process is one of {launched_world_size()} launched by torchrun, but its Trainer was given no "
                 "`dist`: every process would train alone into the same folder. Train through "
@@ -112,7 +116,7 @@ class Trainer:
         self.tokens_seen = 0
         self.logger = MetricsLogger(
             self.out_dir / METRICS_FILE, cfg.wandb_project, cfg.wandb_run_name, wandb_config=cfg.to_dict(),
-            write=self.is_main,
+            write=self.is_main and sae.primary,
         )
         self._records: list[dict[str, Any]] = []
         self._short_batch_seen = False
@@ -123,7 +127,10 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer)
+        """Write a checkpoint. A sharded SAE's is the unsharded SAE's (every process gathers its rows of the SAE and
+        the optimiser state; the primary one writes), so either kind of run resumes it."""
+        gather = self._shard_rows(lambda t: self.sae.gather_rows(t, root_only=True))
+        opt_tensors, opt_scalars = ckpt.optimizer_tensors(self.optimizer, gather)
         tensors = {
             **opt_tensors,
             "tracker.tokens_since_fired": self.tracker.tokens_since_fired.cpu(),
@@ -132,12 +139,24 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
                  "optimizer_scalars": opt_scalars, "short_batch_seen": self._short_batch_seen,
                  "world_size": 1 if self.dist is None else self.dist.world_size}
+        if not self.sae.primary:
+            self.sae.save(self.out_dir)  # this process's part of the gather; the primary one alone writes
+            return ckpt.checkpoint_root(self.out_dir) / f"step_{self.step:09d}"
         return Path(self._on_main(lambda: str(ckpt.write_checkpoint(
             self.out_dir, self.step, self.sae.save, state, tensors, self.cfg.keep_checkpoints))))
 
     def _on_main(self, fn: Any) -> Any:
         """Run a file write on rank 0 only; every rank returns its result together (or raises its error)."""
         return fn() if self.dist is None else self.dist.on_main(fn)
+
+    def _shard_rows(self, rows: Callable[[Tensor], Tensor]) -> Callable[[int, Tensor], Tensor] | None:
+        """For a sharded SAE: (parameter index, optimiser state tensor) -> `rows` of it where the parameter is split
+        by latent (a per-latent tensor, not a scalar), else the tensor as it is."""
+        if not self.sae.sharded:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        split = {i for i, p in enumerate(params) if self.sae.is_sharded(p)}
+        return lambda index, tensor: rows(tensor) if index in split and tensor.ndim > 0 else tensor
 
     def restore(self, checkpoint: str | Path | None = None) -> bool:
         """Load a checkpoint (default: the run folder's latest) into this trainer and its SAE. Returns False when
@@ -148,6 +167,10 @@ class Trainer:
         state, tensors = ckpt.read_checkpoint(folder)
         self._check_compatible(folder, state["config"])
         self._load_sae_weights(folder / ckpt.SAE_DIR)
+        local = self._shard_rows(lambda t: self.sae.local_rows(t))
+        if local is not None:  # this process's rows of the (unsharded) optimiser state
+            tensors = {name: local(int(name.split(".")[1]), t) if name.startswith("optimizer.") else t
+                       for name, t in tensors.items()}
         ckpt.load_optimizer_tensors(self.optimizer, tensors, state["optimizer_scalars"], folder)
         self.tracker.tokens_since_fired.copy_(tensors["tracker.tokens_since_fired"])
         self.generator.set_state(tensors["rng.generator"])
@@ -174,7 +197,11 @@ class Trainer:
         expected = {"architecture": self.sae.architecture, **self.sae.cfg.to_dict()}
         if _jsonable(saved_cfg) != _jsonable(expected):
             raise CheckpointError(f"{folder}: the checkpoint's SAE ({saved_cfg}) is not this SAE ({expected})")
-        state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
+        if self.sae.sharded:  # the checkpoint holds the whole SAE: this process's rows of it, via the CPU
+            state = load_file(str(folder / self.sae.weights_file))
+            state = {name: self.sae.local_rows(t) if name != "b_dec" else t for name, t in state.items()}
+        else:
+            state = load_file(str(folder / self.sae.weights_file), device=str(self.sae.device))
         self.sae.load_state_dict(state)
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -215,7 +242,7 @@ class Trainer:
         if self.dist is not None and self.step == 0:  # replicas start identical whatever each rank built
             self.dist.broadcast_([p.data for p in self.sae.parameters()])
         self._bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
-                         disable=not (self.cfg.progress and self.is_main), desc="train")
+                         disable=not (self.cfg.progress and self.is_main and self.sae.primary), desc="train")
         self._window = _Window()
         self._last_checkpoint = self.step
 
@@ -233,7 +260,8 @@ class Trainer:
             self._last_checkpoint = self.step
 
     def finish(self) -> TrainResult:
-        """Log the last partial window, checkpoint an unfinished run, save the final SAE."""
+        """Log the last partial window, checkpoint an unfinished run, save the final SAE (a sharded SAE gathers
+        itself on every process and the primary one writes it)."""
         self._close(flush=True)
         if not self.done and self._last_checkpoint != self.step:
             self.save_checkpoint()
@@ -312,7 +340,7 @@ class Trainer:
         if cfg.unit_norm_decoder:
             project_out_parallel_grad(decoders, cfg.decoder_norm_axis)
         if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
+            sae.clip_grad_norm_(cfg.grad_clip_norm)
         self.optimizer.step()
         if cfg.unit_norm_decoder:
             normalize_decoder(decoders, cfg.decoder_norm_axis)
