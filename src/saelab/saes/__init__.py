@@ -13,7 +13,7 @@ from saelab.saes.base import (
     to_dense,
 )
 from saelab.saes.deep import DeepSAE, DeepSAEConfig
-from saelab.saes.initialization import geometric_median, init_dictionary
+from saelab.saes.initialization import geometric_median, init_dictionary, seeded
 from saelab.saes.kernels import TopKSelection, release_workspace, sparse_decode, topk_encode, topk_encode_dense
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
@@ -47,6 +47,7 @@ __all__ = [
     "load_saelens",
     "register",
     "release_workspace",
+    "seeded",
     "sparse_decode",
     "to_dense",
     "topk_encode",

@@ -82,16 +82,17 @@ class DeepSAE(SparseAutoencoder):
         self._initialize()
 
     @torch.no_grad()
-    def _initialize(self) -> None:
+    def _initialize(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-normal weights (fan-in, ReLU gain), zero biases; decoders tied to their mirror encoders or
-        drawn alike, then unit-normalised per unit."""
+        drawn alike, then unit-normalised per unit. Draws from `generator` (default: torch's global one, which the
+        constructor uses; build under `initialization.seeded` for a reproducible SAE)."""
         for weight in self.W_enc:
-            nn.init.kaiming_normal_(weight, nonlinearity="relu")
+            nn.init.kaiming_normal_(weight, nonlinearity="relu", generator=generator)
         for weight, mirror in zip(self.W_dec, reversed(self.W_enc), strict=True):
             if self.cfg.tied_init:
                 weight.copy_(mirror)
             else:
-                nn.init.kaiming_normal_(weight.T, nonlinearity="relu")
+                nn.init.kaiming_normal_(weight.T, nonlinearity="relu", generator=generator)
             weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @property

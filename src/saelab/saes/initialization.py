@@ -1,4 +1,10 @@
-"""Initialisations shared by the SAEs: the encoder/decoder starting point and the geometric-median b_dec."""
+"""Initialisations shared by the SAEs: the encoder/decoder starting point and the geometric-median b_dec, and
+`seeded`, which makes an SAE's construction reproducible.
+
+The SAE constructors take a config and nothing else, so their random init draws from torch's global generator, whose
+state depends on everything drawn before in the process and, with torch 2.13, even its starting seed differs from
+process to process. A run is reproducible only when the SAE is built under `seeded(seed)`.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,29 @@ import torch
 from torch import Tensor
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[torch.Generator]:
+    """Run the block with torch's global CPU generator seeded to `seed`, and restore the caller's generator state
+    afterwards, so `with seeded(cfg.seed): sae = TopKSAE(cfg)` gives the same weights in every process and leaves
+    the caller's own random stream where it was. Yields the (seeded) global CPU generator.
+
+    Only the CPU generator is seeded and forked: the constructors allocate their parameters on the CPU (the trainer
+    moves them afterwards), and seeding CUDA from here would change the caller's CUDA stream for good.
+    """
+    with torch.random.fork_rng(devices=[]):
+        yield torch.default_generator.manual_seed(seed)
+
+
 @torch.no_grad()
-def init_dictionary(w_enc: Tensor, w_dec: Tensor | None) -> None:
+def init_dictionary(w_enc: Tensor, w_dec: Tensor | None, generator: torch.Generator | None = None) -> None:
     """Kaiming-uniform encoder rows (nn.Linear's default), and the decoder a row-normalised copy of them.
 
     Starting the decoder at the encoder's directions makes every latent reconstruct along what it detects, which
     avoids most early dead latents. With `w_dec=None` (tied weights) the encoder rows themselves are normalised.
+    Draws from `generator` (default: torch's global one; see `seeded`).
     """
     bound = 1.0 / math.sqrt(w_enc.shape[1])
-    w_enc.uniform_(-bound, bound)
+    w_enc.uniform_(-bound, bound, generator=generator)
     target = w_enc if w_dec is None else w_dec
     target.copy_(w_enc / w_enc.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
@@ -42,12 +62,3 @@ def geometric_median(points: Tensor, iters: int = 100, rtol: float = 1e-7) -> Te
             break
     return median.to(points.dtype)
 
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Draw from torch's global generator as seeded by `seed` inside the block, leaving the caller's stream as it
-    was. SAE constructors draw their initial weights from the global generator, so building one under `seeded`
-    makes the weights a function of the seed alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield

@@ -21,6 +21,11 @@ arranged so that nothing else costs nearly as much:
   both over one grouping of the selection (on CPU 1.4-2.5x faster than `embedding_bag`'s per-sample-weight
   backward, measured at n = 4k-98k latents).
 
+Every sum here is taken in a fixed order, so a step is bit-for-bit repeatable at a given thread count: each
+`embedding_bag` bag is summed by one thread in order, the grouping is a stable sort, and the per-latent sums of
+scalars (the bias gradient, `take_latents`' backward) avoid both indexing's own backward and CUDA's atomic
+`index_add_` (`latent_totals`).
+
 Pure torch ops, so it runs on CPU and CUDA alike. Under autocast the encoder GEMM (an `out=` op, which autocast
 itself would leave alone) runs in the autocast dtype on low-precision copies of x and the weight; the selected
 values come back in the parameters' dtype and the sparse backward reads the full-precision x and weight, so
@@ -259,6 +264,31 @@ def per_latent_sum(rows: Tensor, groups: LatentGroups, coefficients: Tensor) -> 
     return F.embedding_bag(groups.tokens, rows.contiguous(), groups.starts[:-1], mode="sum", per_sample_weights=weights)
 
 
+def latent_totals(indices: Tensor, coefficients: Tensor, n_latents: int) -> Tensor:
+    """[n_latents]: entry i = Σ of `coefficients` over the positions where `indices` (same shape, at least 1-D) is i,
+    added in the same order on every run.
+
+    Off CUDA this is `index_add_` on a vector, one serial pass (measured the same run to run and at any thread
+    count), on CPU 30x faster than a segmented sum; advanced indexing's backward, which would otherwise compute it,
+    adds duplicates in an order that changes between runs at 2+ threads. On CUDA `index_add_` accumulates with
+    atomics, so there the positions grouped by latent are summed run by run without them (`segmented_totals`).
+    """
+    if indices.device.type != "cuda":
+        return coefficients.new_zeros(n_latents).index_add_(0, indices.reshape(-1), coefficients.reshape(-1))
+    return segmented_totals(shared_grouping(indices.reshape(-1, indices.shape[-1]), n_latents), coefficients)
+
+
+def segmented_totals(groups: LatentGroups, coefficients: Tensor) -> Tensor:
+    """`latent_totals` over a grouping: each latent's run of (token-ordered) coefficients reduced on its own."""
+    return torch.segment_reduce(coefficients.reshape(-1)[groups.order], "sum", offsets=groups.starts)
+
+
+def take_latents(per_latent: Tensor, indices: Tensor) -> Tensor:
+    """`per_latent[indices]` for a [n_latents] vector (e.g. a per-latent bias or the decoder norms), differentiable in
+    `per_latent` with a backward that is the same on every run (`latent_totals`), unlike indexing's own."""
+    return _TakeLatents.apply(per_latent, indices)
+
+
 def selected_dots(rows: Tensor, groups: LatentGroups, weight: Tensor) -> Tensor:
     """[B, k]: <rows[b], weight[indices[b, j]]> for every selected (b, j).
 
@@ -312,7 +342,7 @@ class _TopKEncode(torch.autograd.Function):
         if need_weight:
             grad_weight = per_latent_sum(x_c, shared_grouping(indices, n_latents), grad_pre)
         if need_bias or need_pre_bias:
-            per_latent = grad_pre.new_zeros(n_latents).index_add_(0, indices.reshape(-1), grad_pre.reshape(-1))
+            per_latent = latent_totals(indices, grad_pre, n_latents)
             grad_bias = per_latent if need_bias else None
             grad_pre_bias = -(per_latent @ weight) if need_pre_bias else None
         return grad_x, grad_weight, grad_bias, grad_pre_bias, None, None
@@ -333,3 +363,16 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = selected_dots(grad_out, groups, weight) if need_values else None
         grad_weight = per_latent_sum(grad_out, groups, values) if need_weight else None
         return grad_values, None, grad_weight
+
+
+class _TakeLatents(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, per_latent: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.n_latents = per_latent.shape[0]
+        return per_latent[indices]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (indices,) = ctx.saved_tensors
+        return latent_totals(indices, grad.contiguous(), ctx.n_latents), None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from saelab.metrics import fraction_of_variance_unexplained, mse
+from saelab.saes.kernels import take_latents
 from saelab.saes.latents import Latents, SparseLatents
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def l1_penalty(latents: Latents, decoder_norms: Tensor, share: BatchShare | None
     """Mean over tokens of Σ_i |z_i|·||d_i||: weighting by the decoder norm stops the SAE shrinking latents while
     growing their decoder directions (matters when the decoder is not constrained to unit norm)."""
     if isinstance(latents, SparseLatents):
-        weighted = latents.values.abs() * decoder_norms[latents.indices]
+        weighted = latents.values.abs() * take_latents(decoder_norms, latents.indices)
     else:
         weighted = latents.abs() * decoder_norms
     per_token = weighted.reshape(-1, weighted.shape[-1]).sum(-1)

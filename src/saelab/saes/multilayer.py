@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError, DataError
 from saelab.saes.base import SparseLatents, register
+from saelab.saes.kernels import take_latents
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 NORMALIZATIONS = ("per_layer", "global", "none")
@@ -175,7 +176,7 @@ class MultiLayerSAE(TopKSAE):
         if self.post_act_bias is None:
             return latents
         fired = latents.values > 0
-        return latents._replace(values=latents.values + self.post_act_bias[latents.indices] * fired)
+        return latents._replace(values=latents.values + take_latents(self.post_act_bias, latents.indices) * fired)
 
     def latent_parameters(self) -> dict[str, int]:
         per_latent = super().latent_parameters()

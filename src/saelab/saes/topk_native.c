@@ -4,10 +4,15 @@
  * largest pre[i, r] + bias[i] and write them, unsorted, to values[r * k ...] and indices[r * k ...].
  *
  * Each thread owns a range of tokens (columns) and streams every latent row over it, so memory is read once and in
- * order. Each token keeps a min-heap of its k best; a candidate is compared with the heap's root (the current k-th
- * best), which after the first few hundred latents almost nothing beats, so the inner loop is a vectorised compare
- * of 8 values against 8 thresholds (AVX2; plain C elsewhere). A strict ">" keeps the earliest latent among equal
- * values; NaN never enters (a NaN pre-activation surfaces as a non-finite loss instead).
+ * order. Each token keeps a buffer of candidates and a threshold (the k-th best so far); a candidate is compared
+ * with the threshold, which after the first few hundred latents almost nothing beats, so the inner loop is a
+ * vectorised compare of 8 values against 8 thresholds (AVX2; plain C elsewhere). NaN never enters (a NaN
+ * pre-activation surfaces as a non-finite loss instead).
+ *
+ * Ties go to the lower latent: the selection is the k largest under (value descending, latent ascending), a strict
+ * total order, so the set and its order in the output depend only on the token's column, never on the thread count
+ * or on when a buffer happened to be compacted. Latents arrive in increasing order, so a newcomer equal to the
+ * threshold always loses to the kept entry holding it: the streaming test stays a strict ">".
  */
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -22,15 +27,23 @@
 #define CAPACITY 4  /* candidate buffer per token, in multiples of k */
 #endif
 
-/* Move the k largest of v[0..m) (with their indices) to the front, in no particular order (quickselect). */
+/* Whether (va, ia) ranks above (vb, ib): the larger value, and among equal values the lower latent. */
+static inline int ranks_above(float va, int64_t ia, float vb, int64_t ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+/* Move the k best of v[0..m) (with their indices) to the front under `ranks_above` (quickselect). The indices are
+ * distinct, so the order is strict and the kept set is exactly defined whatever the pivots. */
 static void keep_largest(float *v, int64_t *ix, int64_t m, int64_t k) {
     int64_t lo = 0, hi = m - 1;
     while (lo < hi) {
-        float pivot = v[lo + (hi - lo) / 2];
+        const int64_t mid = lo + (hi - lo) / 2;
+        const float pivot = v[mid];
+        const int64_t pivot_ix = ix[mid];
         int64_t a = lo, b = hi;
         while (a <= b) {
-            while (v[a] > pivot) a++;
-            while (v[b] < pivot) b--;
+            while (ranks_above(v[a], ix[a], pivot, pivot_ix)) a++;
+            while (ranks_above(pivot, pivot_ix, v[b], ix[b])) b--;
             if (a <= b) {
                 float tv = v[a];
                 v[a] = v[b];
