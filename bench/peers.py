@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peerbench import install, results
+from peerbench import end_to_end_results, install, results
 
 BENCH = Path(__file__).resolve().parent
 # Real SmolLM2 resid_post.15 activations: the frontier recipe's reduced store if present, else `make demo`'s.
@@ -137,7 +137,10 @@ def main() -> None:
                 f"Adam lr {args.lr}; {args.steps} timed steps after {warmup_text} warm-up, {args.rounds} alternating "
                 f"rounds; quality: {args.quality_steps} steps on {args.store}")
     text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
+    end_to_end = end_to_end_results.read_section(args.out)  # bench/end_to_end.py's section survives a rerun
     Path(args.out).write_text(text)
+    if end_to_end is not None:
+        end_to_end_results.write_section(args.out, end_to_end)
     print(text)
 
 
