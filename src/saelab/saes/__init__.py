@@ -39,6 +39,8 @@ __all__ = [
     "SparseLatents",
     "TopKSAE",
     "TopKSAEConfig",
+    "TopKTranscoder",
+    "TopKTranscoderConfig",
     "TopKSelection",
     "architectures",
     "create_sae",

@@ -41,6 +41,7 @@ def detect_format(folder: str | Path) -> str:
         raise CheckpointError(f"{folder} is a sparsify run with one SAE per hookpoint {hookpoints}; point at one "
                               f"of them, e.g. {folder / hookpoints[0]}")
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()) or ["nothing"]
+    found = found if len(found) <= 20 else [*found[:20], f"... {len(found) - 20} more"]
     known = "; ".join(f"{name}: {module.FILES}" for name, module in FORMATS.items())
     raise CheckpointError(f"{folder} is in no SAE format saelab knows: it holds {found}. Known formats: {known}")
 

@@ -109,10 +109,20 @@ def folder_in_progress(folder: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         _replace_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp (and some writers) make private files; a written SAE gets the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace_folder(new: Path, folder: Path) -> None:
