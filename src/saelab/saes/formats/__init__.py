@@ -64,6 +64,9 @@ def check_writable(sae: SparseAutoencoder, to: str) -> None:
     """Raise ConfigError when format `to` cannot hold `sae` (before anything is written)."""
     if to not in WRITABLE:
         raise ConfigError(f"cannot write the {to!r} format; choose one of {list(WRITABLE)}")
+    if sae.sharded:
+        raise ConfigError(f"{type(sae).__name__} holds one shard of an SAE per process; write the gathered SAE "
+                          "its training run saved instead of one process's part")
     FORMATS[to].check(sae)
 
 
@@ -75,7 +78,8 @@ def write(sae: SparseAutoencoder, folder: str | Path, to: str = "saelab", overwr
     with folder_in_progress(folder, overwrite) as tmp:
         FORMATS[to].write(sae, tmp)
         if to != saelab_format.NAME:  # saelab's own writes the state dict as it is
-            _verify(sae, FORMATS[to].read(tmp), to)
+            reference = saelens.as_written(sae) if to == saelens.NAME else sae
+            _verify(reference, FORMATS[to].read(tmp), to)
     return folder
 
 

@@ -30,11 +30,8 @@ def read(folder: Path) -> SparseAutoencoder:
 
 
 def check(sae: SparseAutoencoder) -> None:
-    if sae.sharded:
-        raise ConfigError(f"{type(sae).__name__} holds one shard of an SAE per process; save it from its training "
-                          "run (which gathers the shards) rather than converting one process's part")
+    """Every architecture has a saelab folder (a sharded SAE is refused by `formats.check_writable`)."""
 
 
 def write(sae: SparseAutoencoder, folder: Path) -> None:
-    check(sae)
     sae.save(folder)

@@ -132,7 +132,7 @@ def check(sae: SparseAutoencoder) -> None:
 def write(sae: SparseAutoencoder, folder: Path) -> None:
     """Write `sae` into the (empty, in-progress) `folder` as SAELens 6 writes it (`SAE.save_model`)."""
     arch = _architecture_of(sae)
-    sae = _as_written(sae)
+    sae = as_written(sae)
     state = unscaled_state(sae, NAME)
     tensors = {"W_enc": state["W_enc"].T, "b_enc": state["b_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
     cfg: dict[str, Any] = {
@@ -164,7 +164,8 @@ def _architecture_of(sae: SparseAutoencoder) -> str:
     )
 
 
-def _as_written(sae: SparseAutoencoder) -> SparseAutoencoder:
+def as_written(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """The SAE whose weights the folder holds: an `ExportsJumpReLU` SAE's JumpReLU form, else `sae` itself."""
     return sae.as_jumprelu() if isinstance(sae, ExportsJumpReLU) and not isinstance(sae, JumpReLUSAE) else sae
 
 
