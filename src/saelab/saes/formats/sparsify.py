@@ -83,9 +83,10 @@ def read(folder: Path) -> TopKSAE:
 
 def check(sae: SparseAutoencoder) -> None:
     if type(sae) not in (TopKSAE, TopKTranscoder):
+        elsewhere = "--to saelens or --to saelab" if sae.architecture in ("relu", "jumprelu") else "--to saelab"
         raise ConfigError(
             f"{describe(sae)} has no sparsify equivalent (sparsify holds top-k SAEs and transcoders only); write "
-            "it --to saelens or --to saelab"
+            f"it {elsewhere}"
         )
     check_preprocessing(sae, NAME)
 
