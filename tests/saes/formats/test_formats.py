@@ -80,9 +80,13 @@ def test_architectures_a_format_cannot_hold_are_refused_before_anything_is_writt
 def test_deep_and_multilayer_saes_round_trip_through_saelab_folders(tmp_path: Path) -> None:
     with seeded(1):
         deep = DeepSAE(DeepSAEConfig(d_in=6, n_latents=12, k=2, preprocessing="token_l2"))
-    again = load_any(write(deep, tmp_path / "deep", to="saelab"))
-    assert isinstance(again, DeepSAE) and detect_format(tmp_path / "deep") == "saelab"
-    _same_function(deep, again, 6)
+        multi = MultiLayerSAE(MultiLayerSAEConfig(d_in=6, n_latents=12, k=2, layers=[1, 2],
+                                                  hookpoints=["resid_post.1", "resid_post.2"], slice_widths=[3, 3],
+                                                  layer_scales=[1.0, 1.0]))
+    for name, sae in (("deep", deep), ("multi", multi)):
+        again = load_any(write(sae, tmp_path / name, to="saelab"))
+        assert type(again) is type(sae) and detect_format(tmp_path / name) == "saelab"
+        _same_function(sae, again, 6)
 
 
 def test_a_per_token_normalisation_is_refused_by_the_formats_without_one(tmp_path: Path) -> None:
