@@ -41,4 +41,5 @@ def test_convert_of_an_unknown_folder_lists_what_it_found(tmp_path: Path, capsys
 
 def test_convert_needs_a_target_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["convert", str(FIXTURES / "dl_topk"), str(tmp_path / "out")]) == 2
-    assert "to" in capsys.readouterr().err
+    assert "convert needs the format to write: --to saelens, --to sparsify or --to saelab" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -16,8 +16,8 @@ class ConvertConfig(Config):
                                            "(saelab, saelens, sparsify, dictionary_learning, gemma_scope)"})
     dst: str = dataclasses.field(metadata={"positional": True, "help": "folder to write (must not exist unless "
                                            "--overwrite); for sparsify, name it after the hookpoint (layers.3)"})
-    to: Literal["saelens", "sparsify", "saelab"] = dataclasses.field(
-        metadata={"help": "format to write: saelens, sparsify or saelab"})
+    to: Literal["saelens", "sparsify", "saelab"] | None = dataclasses.field(
+        default=None, metadata={"help": "format to write: saelens, sparsify or saelab (required)"})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": "replace an existing DST (atomically)"})
     norm_scaling_factor: float | None = dataclasses.field(default=None, metadata={
         "help": "for a SAELens SAE trained with normalize_activations=expected_average_only_in: its dataset "
@@ -26,6 +26,8 @@ class ConvertConfig(Config):
     def validate(self) -> None:
         if not self.src or not self.dst:
             raise ConfigError("convert needs SRC and DST folders: saelab convert SRC DST --to FORMAT")
+        if self.to is None:
+            raise ConfigError("convert needs the format to write: --to saelens, --to sparsify or --to saelab")
         if Path(self.src).resolve() == Path(self.dst).resolve():
             raise ConfigError(f"SRC and DST are the same folder ({self.src}); write the conversion elsewhere")
 
@@ -36,6 +38,6 @@ def convert(cfg: ConvertConfig) -> str:
 
     source = detect_format(cfg.src)
     sae = load_any(cfg.src, norm_scaling_factor=cfg.norm_scaling_factor)
-    write(sae, cfg.dst, to=cfg.to, overwrite=cfg.overwrite)
+    write(sae, cfg.dst, to=str(cfg.to), overwrite=cfg.overwrite)
     return (f"{cfg.src} ({source}, {sae.architecture}, d_in={sae.d_in}, n_latents={sae.n_latents}, "
             f"hookpoint={sae.cfg.hookpoint}) -> {cfg.dst} ({cfg.to})")
