@@ -74,7 +74,6 @@ def write(sae: SparseAutoencoder, folder: str | Path, to: str = "saelab", overwr
     """Write `sae` as a `to` folder at `folder`, atomically and verified (see the module docstring)."""
     check_writable(sae, to)
     folder = Path(folder)
-    sae = sae.to("cpu")
     with folder_in_progress(folder, overwrite) as tmp:
         FORMATS[to].write(sae, tmp)
         if to != saelab_format.NAME:  # saelab's own writes the state dict as it is
@@ -85,13 +84,13 @@ def write(sae: SparseAutoencoder, folder: str | Path, to: str = "saelab", overwr
 
 @torch.no_grad()
 def _verify(sae: SparseAutoencoder, written: SparseAutoencoder, to: str) -> None:
-    """The written folder must compute what `sae` computes (up to float32 rounding), latents and reconstruction."""
+    """The written folder (read back on the CPU) must compute what `sae` computes, wherever it lives, up to float32
+    rounding: latents and reconstructions of a fixed random probe."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_TOKENS, sae.d_in, generator=g) / max(float(sae.cfg.input_scale), 1e-12)
-    x_n, _ = sae.normalize(x)
-    ours = to_dense(sae.encode(x_n))
-    theirs = to_dense(written.encode(written.normalize(x)[0]))
-    for what, a, b in (("latents", ours, theirs), ("reconstructions", sae.reconstruct(x), written.reconstruct(x))):
+    ours = (to_dense(sae.encode(sae.normalize(x.to(sae.device))[0])).cpu(), sae.reconstruct(x).cpu())
+    theirs = (to_dense(written.encode(written.normalize(x)[0])), written.reconstruct(x))
+    for what, a, b in zip(("latents", "reconstructions"), ours, theirs, strict=True):
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         if diff > 1e-4 * max(1.0, float(a.abs().max())):
             raise CheckpointError(f"the {to} files would not reproduce the SAE's {what} (max abs diff {diff:.3g}); "

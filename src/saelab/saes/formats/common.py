@@ -135,12 +135,6 @@ def _replace_folder(new: Path, folder: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_files(folder: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Call each writer on its file name inside `folder` (an in-progress folder: no per-file atomicity needed)."""
-    for name, writer in writers.items():
-        writer(folder / name)
-
-
 def json_writer(obj: dict[str, Any]) -> Callable[[Path], None]:
     return lambda path: path.write_text(json.dumps(obj, indent=2) + "\n")
 
