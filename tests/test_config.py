@@ -45,6 +45,23 @@ def test_every_field_is_a_flag_and_flags_override_file(tmp_path) -> None:
     assert cfg == Outer(name="file", layers=[4, 5], limit=None, flag=True, inner=Inner(lr=2e-4, steps=7))
 
 
+@dataclasses.dataclass
+class TwoPaths(Config):
+    src: str = dataclasses.field(metadata={"positional": True, "help": "read"})
+    dst: str = dataclasses.field(metadata={"positional": True, "help": "write"})
+    steps: int = 3
+
+
+def test_positional_fields_are_arguments_in_order_not_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TwoPaths)
+    cfg = config_from_args(TwoPaths, parser.parse_args(["a", "b", "--steps", "5"]))
+    assert cfg == TwoPaths(src="a", dst="b", steps=5)
+    assert "--src" not in parser.format_help() and "SRC" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["a"])
+
+
 def test_bad_type_is_named() -> None:
     with pytest.raises(ConfigError, match=r"Outer.inner.steps: expected int"):
         Outer.from_dict({"inner": {"steps": "many"}})

@@ -64,6 +64,10 @@ COMMANDS: dict[str, Command] = {
                           "cosines and information flow",
                           "saelab.experiments.multilayer.run:MultiLayerConfig",
                           "saelab.experiments.multilayer.run:run"),
+    "convert": Command("convert an SAE between formats (reads saelab, SAELens, sparsify, dictionary_learning, "
+                       "Gemma Scope; writes saelab, SAELens, sparsify)",
+                       "saelab.saes.formats.convert:ConvertConfig", "saelab.saes.formats.convert:convert",
+                       prints=True),
 }
 
 

@@ -231,7 +231,13 @@ def _flag_specs(cls: type[Config], prefix: str = "") -> list[tuple[str, Any, Any
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
     """Add one flag per config field (`--train.lr 1e-3`, `--hookpoints resid_post.3,resid_post.6`)."""
     parser.add_argument("--config", help="JSON or YAML file with any of the fields below; flags override it")
+    for f in dataclasses.fields(cls):  # fields marked positional are arguments (`saelab convert SRC DST`)
+        if f.metadata.get("positional"):
+            parser.add_argument(f"cfg:{f.name}", metavar=f.name.upper(), help=f.metadata.get("help", ""))
+    positional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")}
     for name, tp, default, help_text in _flag_specs(cls):
+        if name in positional:
+            continue
         shown = "required" if default is dataclasses.MISSING else f"default: {default!r}"
         inner, _ = _unwrap_optional(tp)
         type_name = getattr(inner, "__name__", str(inner)).replace("typing.", "")

@@ -20,6 +20,7 @@ from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
+from saelab.saes.transcoder import TopKTranscoder, TopKTranscoderConfig
 
 __all__ = [
     "DeepSAE",
@@ -38,6 +39,8 @@ __all__ = [
     "SparseLatents",
     "TopKSAE",
     "TopKSAEConfig",
+    "TopKTranscoder",
+    "TopKTranscoderConfig",
     "TopKSelection",
     "architectures",
     "create_sae",
