@@ -294,3 +294,92 @@ def test_two_ranks_stream_the_same_saes_as_one_process(saved_tiny_llama, tmp_pat
     for hookpoint in hookpoints:
         _assert_same_run(tmp_path / "one" / hookpoint, tmp_path / "two" / hookpoint, atol=1e-5)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+# ---- --distribute-hookpoints -------------------------------------------------------------------------------------
+
+SPREAD = ["resid_post.0", "resid_post.1", "resid_post.2"]  # 2 ranks: rank 0 owns .0 and .2, rank 1 owns .1
+
+
+def _spread_args(model_dir: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--hookpoints", ",".join(SPREAD), "--data.source", str(corpus),
+            "--data.context-length", "16", "--data.n-tokens", "600", "--sae.n-latents", "16", "--sae.k", "2",
+            "--trainer.total-tokens", "256", "--trainer.batch-size", "32", "--trainer.warmup-steps", "2",
+            "--trainer.log-every-steps", "2", "--trainer.checkpoint-every-steps", "2", "--trainer.progress", "false",
+            "--buffer-tokens", "128", "--contexts-per-forward", "3", "--out-dir", str(out), *extra]
+
+
+@pytest.fixture
+def spread_alone(saved_tiny_llama, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One process training an SAE on each of SPREAD: what the distributed runs must reproduce."""
+    model_dir, corpus = saved_tiny_llama()
+    out = tmp_path_factory.mktemp("spread") / "one"
+    assert main(_spread_args(model_dir, corpus, out)) == 0
+    return model_dir, corpus, out
+
+
+def _assert_identical(one: Path, two: Path) -> None:
+    for hookpoint in SPREAD:
+        for name, value in _weights(one / hookpoint).items():
+            assert torch.equal(_weights(two / hookpoint)[name], value), (hookpoint, name)
+        untimed = [[{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_records(run / "metrics.jsonl")]
+                   for run in (one / hookpoint, two / hookpoint)]
+        assert untimed[0] == untimed[1] and untimed[0], hookpoint
+
+
+def test_distributed_hookpoints_train_each_sae_as_one_process_does(spread_alone, tmp_path) -> None:
+    model_dir, corpus, one = spread_alone
+    two = tmp_path / "two"
+    outcomes = _forked([lambda: main(_spread_args(model_dir, corpus, two, "--distribute-hookpoints", "true"))] * 2)
+    assert [code for code, _ in outcomes] == [0, 0], outcomes
+    _assert_identical(one, two)  # bit for bit: each owner assembles the batches one process would have seen
+    summary = json.loads((two / "summary.json").read_text())
+    assert list(summary["saes"]) == SPREAD and summary["completed"] and summary["world_size"] == 2
+    alone = json.loads((one / "summary.json").read_text())["saes"]
+    assert summary["saes"] == alone
+
+
+STOP_AT_STEP = """
+    import sys
+    from saelab.cli import main
+    from saelab.training.trainer import Trainer
+
+    train_on = Trainer.train_on
+
+    def stopping(self, batch):
+        if self.step == {step}:
+            raise KeyboardInterrupt
+        train_on(self, batch)
+
+    Trainer.train_on = stopping
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_distributed_hookpoints_resume_exactly(spread_alone, tmp_path) -> None:
+    model_dir, corpus, one = spread_alone
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent(STOP_AT_STEP.format(step=5)))
+    out = tmp_path / "run"
+    args = _spread_args(model_dir, corpus, out, "--distribute-hookpoints", "true")
+    job = _torchrun(args, script=script)
+    assert job.returncode != 0
+    assert all(ckpt.latest_checkpoint(out / hp).name == "step_000000004" for hp in SPREAD)
+    outcomes = _forked([lambda: main([*args, "--resume", "true"])] * 2)
+    assert [code for code, _ in outcomes] == [0, 0], outcomes
+    _assert_identical(one, out)
+
+
+def test_distribute_hookpoints_refuses_what_it_cannot_do(saved_tiny_llama, store, tmp_path, capsys) -> None:
+    from saelab.training.entry import TrainConfig
+
+    model_dir, corpus = saved_tiny_llama()
+    assert main(_spread_args(model_dir, corpus, tmp_path / "alone", "--distribute-hookpoints", "true")) != 0
+    assert "launch with torchrun" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="cannot be combined with --store"):
+        TrainConfig(store=str(store.path), distribute_hookpoints=True).validate()
+    args = [*_spread_args(model_dir, corpus, tmp_path / "few", "--distribute-hookpoints", "true"),
+            "--hookpoints", "resid_post.0"]
+    outcomes = _forked([lambda: main(args)] * 2)
+    for code, stderr in outcomes:
+        assert code != 0 and "only 1 were given" in stderr, stderr

@@ -13,6 +13,13 @@ recomputed from its first context (the one forward batch it shares with the prev
 batches already consumed are skipped. Forward batches always start at multiples of `contexts_per_forward`, so a
 recomputed batch equals the original bit for bit.
 
+Hookpoints across processes (`exchange`, under torchrun with `--distribute-hookpoints`): each process holds the
+rows of the hookpoints it owns (`owners`) and nothing else, while the forward passes are shared out: the forward
+batches a block needs are taken N at a time, process r runs the r-th of each group, and one all-to-all sends every
+hookpoint's rows to its owner. A forward batch is the same contexts whichever process runs it, so each owner
+assembles exactly the rows one process would have computed, and the batches it yields are bit-identical to one
+process's for those hookpoints.
+
 With a `StoreWriter` (`--cache-to`), each forward batch of the first epoch is appended once, in order, so the
 cache is the store `saelab harvest` would write for the same contexts; a resumed run first re-runs the forwards its
 cache lost (the unflushed shard) before going on.
@@ -21,8 +28,8 @@ cache lost (the unflushed shard) before going on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +48,15 @@ if TYPE_CHECKING:
     from saelab.activations.store import ActivationStore
 
 TOKEN_INDEX = "token_index"  # key of each row's position in the endless token sequence, when asked for
+
+
+class Exchange(Protocol):
+    """What the stream needs of a process group to share forward passes out (`saelab.training.distributed.Dist`)."""
+
+    rank: int
+    world_size: int
+
+    def all_to_all(self, parts: list[Tensor], counts: list[int]) -> list[Tensor]: ...
 
 
 class ActivationStream:
@@ -65,6 +81,8 @@ class ActivationStream:
         seed: int = 0,
         token_index: bool = False,
         writer: Callable[[], StoreWriter] | None = None,
+        exchange: Exchange | None = None,
+        owners: Mapping[str, int] | None = None,
     ) -> None:
         if contexts.ndim != 2 or contexts.shape[0] == 0 or contexts.is_floating_point():
             raise DataError(
@@ -84,6 +102,18 @@ class ActivationStream:
         for hookpoint in self.hookpoints:  # a bad name fails here, before anything runs or is written
             resolve_hookpoint(model, hookpoint)
         self.model, self.tokenizer, self.data = model, tokenizer, data
+        self.exchange = exchange
+        if exchange is not None:
+            if owners is None or set(owners) != set(self.hookpoints):
+                raise ConfigError("sharing hookpoints across processes needs the owning rank of every hookpoint")
+            if writer is not None or token_index:
+                raise ConfigError(
+                    "--cache-to cannot be combined with --distribute-hookpoints (no process sees every hookpoint); "
+                    "harvest the store in a separate run, or train without --distribute-hookpoints"
+                )
+        self.owners = dict(owners) if exchange is not None and owners is not None else {}
+        # The hookpoints whose rows this process holds and yields.
+        self.held = [hp for hp in self.hookpoints if exchange is None or self.owners[hp] == exchange.rank]
         self.contexts = contexts.detach().to("cpu", torch.long)
         self.batch_size = batch_size
         self.block_tokens = buffer_tokens // batch_size * batch_size
@@ -100,6 +130,7 @@ class ActivationStream:
         self._cached_through = 0  # contexts the writer holds (published or buffered)
         self._last: tuple[int, dict[str, Tensor]] | None = None  # the latest forward batch: (index, kept rows)
         self._first_block: tuple[dict[str, Tensor], Tensor] | None = None
+        self._hookpoint_widths: dict[str, int] | None = None
         self.max_buffered_tokens = 0
         self.forward_tokens = 0
         self.forward_seconds = 0.0
@@ -123,7 +154,7 @@ class ActivationStream:
             order_on_device = order.to(next(iter(rows.values())).device)
             for i in range(skip // self.batch_size, per_block):
                 chosen = slice(i * self.batch_size, (i + 1) * self.batch_size)
-                batch = {hp: rows[hp][order_on_device[chosen]] for hp in self.hookpoints}
+                batch = {hp: rows[hp][order_on_device[chosen]] for hp in self.held}
                 if self.token_index:
                     batch[TOKEN_INDEX] = index[order[chosen]]
                 yield batch
@@ -137,24 +168,82 @@ class ActivationStream:
             return kept
         length = self.block_tokens
         index = torch.arange(block * length, (block + 1) * length)
+        pieces = self._pieces(block)
         rows: dict[str, Tensor] = {}
-        filled = 0
-        while filled < length:
-            token = block * length + filled
-            local = token % self.epoch_tokens
-            context = int(np.searchsorted(self._ends, local, side="right"))
-            batch = context // self.per_forward
-            acts = self._forward(batch)
-            batch_start = self._kept_before(batch * self.per_forward)
-            offset = local - batch_start
-            take = min(next(iter(acts.values())).shape[0] - offset, length - filled)
-            for hp, x in acts.items():
-                if hp not in rows:
-                    rows[hp] = torch.empty((length, x.shape[1]), dtype=torch.float32, device=x.device)
-                rows[hp][filled : filled + take] = x[offset : offset + take]
-            filled += take
+        for forward, acts in self._forwards([batch for batch, _, _, _ in pieces]):
+            for batch, offset, take, filled in pieces:
+                if batch != forward:
+                    continue
+                for hp, x in acts.items():
+                    if hp not in rows:
+                        rows[hp] = torch.empty((length, x.shape[1]), dtype=torch.float32, device=x.device)
+                    rows[hp][filled : filled + take] = x[offset : offset + take]
         self.max_buffered_tokens = max(self.max_buffered_tokens, length)
         return rows, index
+
+    def _pieces(self, block: int) -> list[tuple[int, int, int, int]]:
+        """How block `block` is cut from forward batches: (forward batch, first kept row, rows, rows before)."""
+        length = self.block_tokens
+        pieces, filled = [], 0
+        while filled < length:
+            local = (block * length + filled) % self.epoch_tokens
+            batch = int(np.searchsorted(self._ends, local, side="right")) // self.per_forward
+            offset = local - self._kept_before(batch * self.per_forward)
+            take = min(self._kept_in(batch) - offset, length - filled)
+            pieces.append((batch, offset, take, filled))
+            filled += take
+        return pieces
+
+    def _kept_in(self, batch: int) -> int:
+        first = batch * self.per_forward
+        return self._kept_before(min(first + self.per_forward, self.contexts.shape[0])) - self._kept_before(first)
+
+    def _forwards(self, batches: list[int]) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        """(batch, its kept rows of the held hookpoints) for each distinct batch of `batches`, in order."""
+        order = [b for i, b in enumerate(batches) if i == 0 or b != batches[i - 1]]
+        if self.exchange is None:
+            for batch in order:
+                yield batch, self._forward(batch)
+            return
+        if self._last is not None and order and order[0] == self._last[0]:
+            yield self._last
+            order = order[1:]
+        world, rank = self.exchange.world_size, self.exchange.rank
+        for start in range(0, len(order), world):
+            group = order[start : start + world]
+            mine = self._run_batch(group[rank]) if rank < len(group) else None
+            received = self._exchange(mine, group)
+            for batch in group:
+                yield batch, received[batch]
+            self._last = (group[-1], received[group[-1]])
+
+    def _exchange(self, mine: dict[str, Tensor] | None, group: list[int]) -> dict[int, dict[str, Tensor]]:
+        """Every hookpoint's rows of the forward batches in `group` (rank r ran the r-th) sent to its owner: the
+        rows of the held hookpoints of each batch."""
+        assert self.exchange is not None
+        widths = self._widths()
+        parts = []
+        for owner in range(self.exchange.world_size):
+            owned = [hp for hp in self.hookpoints if self.owners[hp] == owner]
+            parts.append(torch.cat([mine[hp].reshape(-1) for hp in owned]) if mine is not None
+                         else torch.empty(0))
+        held_width = sum(widths[hp] for hp in self.held)
+        counts = [self._kept_in(group[r]) * held_width if r < len(group) else 0
+                  for r in range(self.exchange.world_size)]
+        received = self.exchange.all_to_all(parts, counts)
+        out = {}
+        for batch, flat in zip(group, received, strict=False):  # a part: each held hookpoint's [rows, d] in turn
+            n = self._kept_in(batch)
+            parts_of = flat.split([n * widths[hp] for hp in self.held])
+            out[batch] = {hp: part.reshape(n, widths[hp]) for hp, part in zip(self.held, parts_of, strict=True)}
+        return out
+
+    def _widths(self) -> dict[str, int]:
+        """Each hookpoint's width, from a one-context forward (every process can know them without exchanging)."""
+        if self._hookpoint_widths is None:
+            acts = capture(self.model, self.contexts[:1], self.hookpoints, stop_early=True)
+            self._hookpoint_widths = {hp: x.shape[-1] for hp, x in acts.items()}
+        return self._hookpoint_widths
 
     def norm_stats(self) -> dict[str, NormStats]:
         """Each hookpoint's normalisation statistics, estimated on the first block (the store estimates them on
@@ -186,11 +275,14 @@ class ActivationStream:
         """The kept rows of forward batch `batch`, in context order (the latest one is reused, not recomputed)."""
         if self._last is not None and self._last[0] == batch:
             return self._last[1]
-        first = batch * self.per_forward
-        self._catch_up(first)
-        rows = self._run(first, min(first + self.per_forward, self.contexts.shape[0]))
+        rows = self._run_batch(batch)
         self._last = (batch, rows)
         return rows
+
+    def _run_batch(self, batch: int) -> dict[str, Tensor]:
+        first = batch * self.per_forward
+        self._catch_up(first)
+        return self._run(first, min(first + self.per_forward, self.contexts.shape[0]))
 
     def _run(self, first: int, stop: int) -> dict[str, Tensor]:
         """One forward over contexts [first, stop); appended to the cache when it is the cache's next part."""

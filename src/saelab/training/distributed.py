@@ -137,6 +137,28 @@ class Dist:
         with _collective("barrier", self.rank):
             torch_dist.barrier()
 
+    def all_to_all(self, parts: list[Tensor], counts: list[int]) -> list[Tensor]:
+        """Send `parts[r]` (a 1-D tensor) to rank r; returns what each rank sent here, of `counts[r]` elements
+        (every part one dtype; empty parts are fine). What `--distribute-hookpoints` moves its activations with."""
+        flat = torch.cat([p.reshape(-1).to(self.device) for p in parts])
+        out = flat.new_empty(sum(counts))
+        with _collective("all_to_all", self.rank):
+            torch_dist.all_to_all_single(out, flat.contiguous(), list(counts), [p.numel() for p in parts])
+        return list(out.split(list(counts)))
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's picklable `value`, in rank order (small things: steps held, final metrics)."""
+        out: list[Any] = [None] * self.world_size
+        with _collective("all_gather_object", self.rank):
+            torch_dist.all_gather_object(out, value)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank (every rank gets the same answer)."""
+        count = torch.tensor([float(flag)], device=self.device)
+        self.sum_([count])
+        return bool(count.item() > 0)
+
     # ---- agreement -------------------------------------------------------------------------------------------
     def check_same(self, value: Any, what: str) -> None:
         """Raise ConfigError on every rank unless every rank passed the same JSON-able `value` (compared by
@@ -282,3 +304,15 @@ def _first_line(exc: BaseException) -> str:
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= 120 else line[:117] + "..."
+
+
+def hookpoint_owners(hookpoints: list[str], world_size: int) -> dict[str, int]:
+    """Which rank trains the SAE of each hookpoint under `--distribute-hookpoints`: the i-th hookpoint goes to
+    rank i mod N, so every rank owns some as long as there are at least N, and the counts differ by at most one."""
+    if len(hookpoints) < world_size:
+        raise ConfigError(
+            f"--distribute-hookpoints gives each of the {world_size} processes the SAEs of some hookpoints, but only "
+            f"{len(hookpoints)} were given ({hookpoints}); name at least {world_size}, launch fewer processes, or "
+            "train data-parallel without --distribute-hookpoints"
+        )
+    return {hookpoint: i % world_size for i, hookpoint in enumerate(hookpoints)}

@@ -108,6 +108,7 @@ def train_many(
     command: Config | None = None,
     run_dir: str | Path | None = None,
     progress_stats: Callable[[], dict[str, str]] | None = None,
+    peers: distributed.Dist | None = None,
 ) -> list[TrainResult]:
     """Train several SAEs in step on one source of batches (e.g. one forward pass feeding an SAE per hookpoint),
     each into its own run folder exactly as `train` does for one; returns their results in the order of `jobs`.
@@ -121,7 +122,12 @@ def train_many(
     batch, the ranks train each SAE together, and rank 0 alone writes the folders.
     A latent-sharded SAE (`ShardedTopKSAE`) is trained by all ranks together on the same (whole) batches: its
     collectives are its own, and the ranks share only the folder writes.
+    With `peers` (`--distribute-hookpoints`), `jobs` are this process's own SAEs, which it trains alone on whole
+    batches and writes itself; the source shares its work with the `peers`, so every process keeps pulling batches
+    until all are done, the ranks resume from one common step, and rank 0 writes `run_dir`'s summary of all SAEs.
     """
+    if peers is not None:
+        return _train_many(jobs, batches, resume, command, run_dir, progress_stats, None, None, peers)
     with distributed.session(jobs[0].cfg.device if jobs else "cpu") as group:
         sharded = any(job.sae.sharded for job in jobs)
         if group is not None:
@@ -144,28 +150,31 @@ def _train_many(
     progress_stats: Callable[[], dict[str, str]] | None,
     dist: distributed.Dist | None,
     files: distributed.Dist | None,
+    peers: distributed.Dist | None = None,
 ) -> list[TrainResult]:
-    """`train_many` for data-parallel ranks (`dist`), or alone; `files` is the group whose rank 0 writes."""
+    """`train_many` for data-parallel ranks (`dist`), or alone; `files` is the group whose rank 0 writes the SAE
+    folders; `peers` the group of a run whose hookpoints are distributed (see `train_many`)."""
     if len({Path(job.out_dir).resolve() for job in jobs}) != len(jobs):
         raise ConfigError("two SAEs of one run share an output folder; give each its own")
     sizes = {job.cfg.batch_size for job in jobs}
     if len(sizes) != 1:
         raise ConfigError(f"SAEs fed from one source need one batch size, got {sorted(sizes)}")
     combined = len(jobs) > 1 or progress_stats is not None  # then one bar for all SAEs, not one each
-    opened = [_open_job(job, resume, command, combined, dist, files) for job in jobs]
+    opened = [_open_job(job, resume, command, combined, dist, files, owned=peers is not None) for job in jobs]
     trainers = [t for t in opened if isinstance(t, Trainer)]
-    step = _restore_together(trainers) if resume else 0
+    step = _restore_together(trainers, peers) if resume else 0
+    writer = files if peers is None else peers  # whose rank 0 writes run_dir
     if run_dir is not None:
-        _on_main(files, lambda: RunFolder(run_dir).save_config(command.to_dict() if command is not None else {}))
+        _on_main(writer, lambda: RunFolder(run_dir).save_config(command.to_dict() if command is not None else {}))
     started = time.perf_counter()
-    shown = combined and any(j.cfg.progress for j in jobs) and (files is None or files.is_main)
+    shown = combined and any(j.cfg.progress for j in jobs) and (writer is None or writer.is_main)
     bar = tqdm(total=max((t.cfg.total_tokens for t in trainers), default=0), initial=step * sizes.pop(),
                unit="tok", unit_scale=True, desc="train", disable=not shown)
     for trainer in trainers:
         trainer.begin()
     active = [(job, t) for job, t in zip(jobs, opened, strict=True) if isinstance(t, Trainer) and not t.done]
     try:
-        stream = _from_step(batches, step) if active else iter(())
+        stream = _from_step(batches, step) if _any_active(active, peers) else iter(())
         window_start, window_tokens = time.perf_counter(), 0
         for batch in stream:
             for job, trainer in active:
@@ -178,7 +187,7 @@ def _train_many(
                 bar.set_postfix({"train_tok/s": f"{window_tokens / elapsed:.3g}", **(progress_stats or dict)()})
                 window_start, window_tokens = time.perf_counter(), 0
             active = [(job, t) for job, t in active if not t.done]
-            if not active:
+            if not _any_active(active, peers):
                 break  # before pulling another batch from the (possibly expensive) source
     except BaseException:
         for trainer in trainers:
@@ -193,11 +202,16 @@ def _train_many(
         side_by_side = {job.name: {**{k: r.final.get(k) for k in ("fvu", "l0", "dead_fraction")}, "steps": r.steps,
                                    "tokens_seen": r.tokens_seen, "completed": r.completed}
                         for job, r in zip(jobs, results, strict=True)}
+        if peers is not None:  # every process's SAEs, in the order of the command's hookpoints
+            side_by_side = {name: entry for part in peers.gather_objects(side_by_side) for name, entry in part.items()}
+            side_by_side = dict(sorted(side_by_side.items(), key=lambda item: _order(command, item[0])))
         folder = RunFolder(run_dir)
         folder.timings[TRAIN_STAGE] = elapsed
-        summary = {"saes": side_by_side, "completed": all(r.completed for r in results),
-                   "world_size": 1 if files is None else files.world_size}
-        _on_main(files, lambda: folder.write_summary(summary, command))
+        summary = {"saes": side_by_side, "completed": all(entry["completed"] for entry in side_by_side.values()),
+                   "world_size": 1 if writer is None else writer.world_size}
+        if peers is not None:
+            summary["distribute_hookpoints"] = True
+        _on_main(writer, lambda: folder.write_summary(summary, command))
     return results
 
 
@@ -209,7 +223,7 @@ def _request(job: TrainJob) -> dict[str, Any]:
 
 def _open_job(
     job: TrainJob, resume: bool, command: Config | None, quiet: bool, dist: distributed.Dist | None,
-    files: distributed.Dist | None,
+    files: distributed.Dist | None, owned: bool = False,
 ) -> Trainer | TrainResult:
     """A fresh trainer for the job's folder, or the result of the finished run it holds (loaded into `job.sae`);
     a folder of another request, or an earlier run without `resume`, is refused (on every rank)."""
@@ -232,7 +246,8 @@ def _open_job(
         records = read_records(folder.path / METRICS_FILE)
         return TrainResult(records=records, sae_dir=folder.path / FINAL_SAE_DIR,
                            metrics_path=folder.path / METRICS_FILE, **finished)
-    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path, dist=dist)
+    return Trainer(job.sae, dataclasses.replace(job.cfg, progress=False) if quiet else job.cfg, folder.path, dist=dist,
+                   owned=owned)
 
 
 def _refuse_earlier_run(folder: RunFolder) -> None:
@@ -242,16 +257,18 @@ def _refuse_earlier_run(folder: RunFolder) -> None:
         )
 
 
-def _restore_together(trainers: list[Trainer]) -> int:
+def _restore_together(trainers: list[Trainer], peers: distributed.Dist | None = None) -> int:
     """Restore every trainer to the newest checkpoint step all of them hold (a crash between two SAEs'
-    checkpoints leaves one a step ahead); returns that step, where the shared source continues."""
-    if len(trainers) == 1:
+    checkpoints leaves one a step ahead), with `peers` those of every process too; returns that step, where the
+    shared source continues."""
+    if len(trainers) == 1 and peers is None:
         trainers[0].restore()
         return trainers[0].step
     held = [ckpt.checkpoint_steps(t.out_dir) for t in trainers]
-    if not any(held):
+    everywhere = held if peers is None else [steps for part in peers.gather_objects(held) for steps in part]
+    if not any(everywhere):
         return 0
-    common = set.intersection(*(set(steps) for steps in held))
+    common = set.intersection(*(set(steps) for steps in everywhere))
     if not common:
         raise CheckpointError(
             "the SAEs of this run hold checkpoints of different steps "
@@ -262,6 +279,16 @@ def _restore_together(trainers: list[Trainer]) -> int:
     for trainer, steps in zip(trainers, held, strict=True):
         trainer.restore(steps[step])
     return step
+
+
+def _any_active(active: Sequence[Any], peers: distributed.Dist | None) -> bool:
+    """Whether some SAE still trains: here, or with `peers` on any process (they all pull the source together)."""
+    return bool(active) if peers is None else peers.any(bool(active))
+
+
+def _order(command: Config | None, name: str) -> int:
+    hookpoints = getattr(command, "streamed_hookpoints", [])
+    return hookpoints.index(name) if name in hookpoints else len(hookpoints)
 
 
 def _from_step(batches: BatchSource, step: int) -> Iterator[Mapping[str, Tensor]]:
@@ -460,6 +487,11 @@ class TrainConfig(PresetConfig):
         metadata={"help": "split a top-k SAE's latents across the processes of a torchrun launch (each reads the "
                           "same batches; NCCL on CUDA, else gloo)"},
     )
+    distribute_hookpoints: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "--model under torchrun: each process trains the SAEs of some of the hookpoints on whole "
+                          "batches, the forward passes shared out and the activations sent to their owners"},
+    )
 
     def check_source(self) -> None:
         """Exactly one of --store / --model (checked when the command runs: a config may name its source later)."""
@@ -470,6 +502,13 @@ class TrainConfig(PresetConfig):
             )
 
     def validate(self) -> None:
+        if self.distribute_hookpoints and (self.model is None or self.multilayer or self.cache_to is not None
+                                           or self.shard_latents):
+            raise ConfigError(
+                "--distribute-hookpoints shares the SAEs of a streamed run's hookpoints out over the processes: it "
+                "needs --model with --hookpoints, and cannot be combined with --store (one SAE), --multilayer (one "
+                "SAE over every hookpoint), --cache-to (no process sees every hookpoint) or --shard-latents"
+            )
         if self.model is None:
             if len(self.hookpoints) > 1 or self.multilayer or self.cache_to is not None:
                 raise ConfigError(
@@ -529,7 +568,28 @@ def train_streamed(
     Nothing is written before the hookpoints are checked against the model. Input scales (preprocessing="scale",
     and the multi-layer SAE's per-layer scales) are estimated on the stream's first block once and kept in the run
     folder's `done/norm_stats.json`, so a resumed run rebuilds the same SAEs.
+
+    With `distribute_hookpoints` (under torchrun), process r trains the SAEs of hookpoints r, r + N, ... alone on
+    whole batches: each runs a share of the forward passes and sends every hookpoint's rows to its owner
+    (`ActivationStream`'s exchange), so an SAE sees exactly the batches of a one-process run and each process holds
+    only its SAEs, their optimiser state and their shuffle buffers. Each process returns only its own SAEs.
     """
+    if cfg.distribute_hookpoints:
+        if distributed.launched_world_size() <= 1:
+            raise ConfigError("--distribute-hookpoints shares hookpoints between processes: launch with torchrun "
+                              "--nproc-per-node N (N ≤ the number of hookpoints), or drop the flag")
+        with distributed.session(cfg.trainer.device) as peers:
+            assert peers is not None
+            return _train_streamed(cfg, model, tokenizer, peers)
+    return _train_streamed(cfg, model, tokenizer, None)
+
+
+def _train_streamed(
+    cfg: TrainConfig, model: nn.Module | None, tokenizer: PreTrainedTokenizerBase | None,
+    peers: distributed.Dist | None,
+) -> dict[str, tuple[SparseAutoencoder, TrainResult]]:
+    """`train_streamed`, with `peers` the process group its hookpoints are distributed over (returns this
+    process's SAEs only)."""
     from saelab.activations.harvest import HarvestConfig, store_writer
     from saelab.activations.stream import ActivationStream
     from saelab.models.hookpoints import resolve_hookpoint as resolve_model_hookpoint
@@ -538,6 +598,7 @@ def train_streamed(
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
     hookpoints = cfg.streamed_hookpoints
+    owners = distributed.hookpoint_owners(hookpoints, peers.world_size) if peers is not None else None
     for hookpoint in hookpoints:  # a bad name fails here, before anything is read or written
         resolve_model_hookpoint(model, hookpoint)
     if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
@@ -557,9 +618,8 @@ def train_streamed(
         cache = functools.partial(store_writer, harvest_cfg, contexts)
     stream = ActivationStream(model, tokenizer, contexts, hookpoints, cfg.data, batch_size=cfg.trainer.batch_size,
                               buffer_tokens=cfg.buffer_tokens, contexts_per_forward=cfg.contexts_per_forward,
-                              seed=cfg.shuffle_seed, writer=cache)
-    stats = {hp: NormStats.from_dict(d) for hp, d in out.once(
-        NORM_STATS_STAGE, lambda: {hp: s.to_dict() for hp, s in stream.norm_stats().items()}).items()}
+                              seed=cfg.shuffle_seed, writer=cache, exchange=peers, owners=owners)
+    stats = {hp: NormStats.from_dict(d) for hp, d in _norm_stats(out, stream, peers).items()}
     if set(stats) != set(hookpoints):
         raise CheckpointError(
             f"{out.path} holds a run on hookpoints {sorted(stats)}, not {hookpoints}; resume it with those, or "
@@ -569,11 +629,18 @@ def train_streamed(
               "contexts_sha256": hashlib.sha256(contexts.numpy().tobytes()).hexdigest(),
               "buffer_tokens": cfg.buffer_tokens, "contexts_per_forward": cfg.contexts_per_forward,
               "seed": cfg.shuffle_seed}
-    jobs = []
+    jobs, requests = [], []
     for hp in hookpoints:
         scale = stats[hp].scale if cfg.sae.preprocessing == "scale" else 1.0
         sae = sae_from_spec(cfg.sae, stats[hp].mean.numel(), scale, hp, cfg.model, seed=cfg.trainer.seed)
-        jobs.append(TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp]}))
+        job = TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp]})
+        requests.append(_request(job))
+        if owners is None or owners[hp] == peers.rank:  # type: ignore[union-attr]
+            jobs.append(job)  # another process's SAE is built only for its request, then dropped
+    if peers is not None:
+        peers.check_same({"jobs": requests, "resume": cfg.resume, "command": cfg.to_dict()},
+                         "training requests (SAE, trainer settings, data, command line or --resume)")
+        jobs = [dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, device=str(peers.device))) for job in jobs]
     if cfg.multilayer:
         layered = sorted(hookpoints, key=_layer_of)
         widths = [stats[hp].mean.numel() for hp in layered]
@@ -592,10 +659,25 @@ def train_streamed(
         return {"forward_tok/s": f"{stream.forward_tokens / max(stream.forward_seconds, 1e-9):.3g}"}
 
     results = train_many(jobs, stream.batches, resume=cfg.resume, command=cfg, run_dir=out.path,
-                         progress_stats=speed)
+                         progress_stats=speed, peers=peers)
     if cache is not None:
         stream.finish_cache()
     return {job.name: (job.sae, result) for job, result in zip(jobs, results, strict=True)}
+
+
+def _norm_stats(out: RunFolder, stream: Any, peers: distributed.Dist | None) -> dict[str, dict[str, Any]]:
+    """The stream's input statistics per hookpoint, estimated once and kept in the run folder; with `peers` each
+    process estimates those of its own hookpoints, rank 0 records them all."""
+    def estimate() -> dict[str, dict[str, Any]]:
+        return {hp: s.to_dict() for hp, s in stream.norm_stats().items()}
+
+    if peers is None:
+        return out.once(NORM_STATS_STAGE, estimate)
+    recorded = peers.on_main(lambda: out.result(NORM_STATS_STAGE))  # one answer for every rank: all estimate, or none
+    if recorded is not None:
+        return recorded
+    merged = {hp: d for part in peers.gather_objects(estimate()) for hp, d in part.items()}
+    return peers.on_main(lambda: out.once(NORM_STATS_STAGE, lambda: merged))
 
 
 def _layer_of(hookpoint: str) -> int | None:

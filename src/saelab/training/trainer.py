@@ -84,10 +84,13 @@ class Trainer:
     collective), feeds it its slice of each global batch, and `cfg.batch_size` is the global batch."""
 
     def __init__(
-        self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path, dist: Dist | None = None
+        self, sae: SparseAutoencoder, cfg: TrainerConfig, out_dir: str | Path, dist: Dist | None = None,
+        owned: bool = False,
     ) -> None:
+        """`owned`: under torchrun, this process alone trains this SAE (on whole batches) and writes its folder,
+        as with `--distribute-hookpoints`; otherwise a torchrun process must be given its `dist`."""
         cfg.validate()
-        if dist is None and launched_world_size() > 1 and not sae.sharded:
+        if dist is None and not owned and launched_world_size() > 1 and not sae.sharded:
             raise ConfigError(
                 f"this process is one of {launched_world_size()} launched by torchrun, but its Trainer was given no "
                 "`dist`: every process would train alone into the same folder. Train through "
