@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from saelab.errors import DataError
-from saelab.evaluation import evaluate_downstream, evaluate_reconstruction
+from saelab.errors import ConfigError, DataError
+from saelab.evaluation import ALL_SITES, evaluate_downstream, evaluate_downstream_together, evaluate_reconstruction
 from saelab.metrics import cross_entropy, fraction_of_variance_unexplained, per_slice_fvu
 from saelab.models.hooks import forward_with
 from saelab.saes.base import SAEConfig, SparseAutoencoder
@@ -145,3 +145,59 @@ def test_replaced_passes_run_only_the_layers_from_the_hookpoint_on(gpt2, context
             handle.remove()
     n_batches = 3
     assert calls == {0: n_batches, 1: 3 * n_batches}  # block 0 only in the clean pass; block 1 clean, spliced, zeroed
+
+
+def test_several_saes_spliced_alone_and_together(gpt2, contexts) -> None:
+    saes = {"resid_post.0": scale_sae(32, 0.5), "resid_post.1": scale_sae(32, 0.8)}
+    rows = evaluate_downstream_together(gpt2, saes, contexts, batch_size=2, drop_first=1)
+    assert list(rows) == ["resid_post.0", "resid_post.1", ALL_SITES]
+    for hookpoint, sae in saes.items():  # each alone is exactly the one-SAE evaluation
+        alone = evaluate_downstream(gpt2, sae, hookpoint, contexts, batch_size=2, drop_first=1, mean_ablation=False)
+        assert rows[hookpoint] == pytest.approx(alone, rel=1e-6)
+    mask = torch.ones_like(contexts, dtype=torch.bool)
+    mask[:, :1] = False
+
+    def scaled(factor: float):
+        return lambda act: torch.where(mask[..., None], factor * act, act)
+
+    clean, _ = forward_with(gpt2, contexts)
+    both, _ = forward_with(gpt2, contexts, {"resid_post.0": scaled(0.5), "resid_post.1": scaled(0.8)})
+    zeroed, _ = forward_with(gpt2, contexts, {"resid_post.0": scaled(0.0), "resid_post.1": scaled(0.0)})
+    together = rows[ALL_SITES]
+    ce_clean, ce_both, ce_zero = (cross_entropy(logits, contexts, mask).item() for logits in (clean, both, zeroed))
+    assert together["ce_clean"] == pytest.approx(ce_clean, rel=1e-6)
+    assert together["ce_spliced"] == pytest.approx(ce_both, rel=1e-6)
+    assert together["ce_zero_ablated"] == pytest.approx(ce_zero, rel=1e-6)
+    assert together["ce_loss_recovered"] == pytest.approx((ce_zero - ce_both) / (ce_zero - ce_clean), rel=1e-5)
+    assert together["ce_spliced"] > max(rows["resid_post.0"]["ce_spliced"], rows["resid_post.1"]["ce_spliced"])
+    with pytest.raises(ConfigError, match="keyed by their hookpoints"):
+        evaluate_downstream_together(gpt2, {}, contexts)
+
+
+def test_evaluate_command_splices_several_saes(saved_tiny_llama, tmp_path) -> None:
+    import json
+
+    from saelab.cli import main
+    from saelab.saes import create_sae
+
+    model_dir, corpus = saved_tiny_llama()
+    data = ["--data.source", str(corpus), "--data.context-length", "16"]
+    assert main(["harvest", "--model", str(model_dir), "--hookpoints", "resid_post.0", *data,
+                 "--data.n-tokens", "300", "--out-dir", str(tmp_path / "store")]) == 0
+    dirs = []
+    for layer in (0, 2):
+        sae = create_sae("topk", d_in=32, n_latents=64, k=8, hookpoint=f"resid_post.{layer}")
+        sae.save(tmp_path / f"sae{layer}")
+        dirs.append(str(tmp_path / f"sae{layer}"))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--sae-dirs", ",".join(dirs), "--store", str(tmp_path / "store"), "--model",
+                 str(model_dir), *data, "--data.n-tokens", "120", "--out-dir", str(out), "--device", "cpu"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["saes"]
+    assert list(rows) == ["resid_post.0", "resid_post.2", ALL_SITES]
+    assert "fvu" in rows["resid_post.0"] and "fvu" not in rows["resid_post.2"]  # the store holds only layer 0
+    for row in rows.values():
+        assert row["ce_spliced"] != row["ce_clean"] and row["kl_divergence"] > 0
+    assert rows[ALL_SITES]["ce_zero_ablated"] >= max(rows[hp]["ce_zero_ablated"] for hp in ("resid_post.0",
+                                                                                           "resid_post.2")) - 1e-6
+    assert main(["evaluate", "--sae-dirs", f"{dirs[0]},{dirs[0]}", "--store", str(tmp_path / "store"),
+                 "--out-dir", str(tmp_path / "twice"), "--downstream", "false"]) != 0

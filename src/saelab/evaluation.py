@@ -174,15 +174,7 @@ def evaluate_downstream(
         replacements["zero_ablated"] = torch.zeros_like
     masking = dict(batch_size=batch_size, drop_first=drop_first, exclude_token_ids=exclude_token_ids)
     losses = splice_losses(model, hookpoint, contexts, replacements, progress=progress, **masking)
-    result = {"ce_clean": losses.ce["clean"], "ce_spliced": losses.ce["spliced"]}
-    result["ce_delta"] = result["ce_spliced"] - result["ce_clean"]
-    result["kl_divergence"] = losses.kl["spliced"]
-    if zero_ablation:
-        result["ce_zero_ablated"] = losses.ce["zero_ablated"]
-        result["ce_loss_recovered"] = ce_loss_recovered(
-            result["ce_clean"], result["ce_spliced"], result["ce_zero_ablated"]
-        )
-        result["kl_zero_ablated"] = losses.kl["zero_ablated"]
+    result = _downstream_row(losses, "spliced", "zero_ablated" if zero_ablation else None)
     if mean_ablation:
         mean = losses.activation_mean
 
@@ -196,6 +188,51 @@ def evaluate_downstream(
             result["ce_clean"], result["ce_spliced"], result["ce_mean_ablated"]
         )
     return result
+
+
+ALL_SITES = "all"  # the row of `evaluate_downstream_together` with every SAE spliced in at once
+
+
+def evaluate_downstream_together(
+    model: nn.Module,
+    saes: Mapping[str, SparseAutoencoder],
+    contexts: Tensor,
+    batch_size: int = 8,
+    drop_first: int = 0,
+    exclude_token_ids: Sequence[int] = (),
+    zero_ablation: bool = True,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """SAEs on several hookpoints ({hookpoint: sae}, e.g. every layer's resid_post) spliced into the model: the row
+    of `evaluate_downstream` (CE, CE delta, KL, and with `zero_ablation` CE recovered against zero ablation) for
+    each SAE alone, keyed by its hookpoint, and for all of them at once in one pass, keyed `ALL_SITES`, whose CE
+    recovered is measured against every site zero-ablated at once. All passes of a batch share one clean pass.
+    """
+    if not saes or ALL_SITES in saes:
+        raise ConfigError(f"give SAEs keyed by their hookpoints (none may be called {ALL_SITES!r})")
+    together = {hp: sae.reconstruct for hp, sae in saes.items()}
+    replacements: dict[str, Mapping[str, Callable[[Tensor], Tensor]]] = {hp: {hp: fn} for hp, fn in together.items()}
+    replacements[ALL_SITES] = together
+    if zero_ablation:
+        for name, edits in list(replacements.items()):
+            replacements[f"{name} zero-ablated"] = {hp: torch.zeros_like for hp in edits}
+    losses = splice_losses(model, next(iter(saes)), contexts, replacements, batch_size=batch_size,
+                           drop_first=drop_first, exclude_token_ids=exclude_token_ids, progress=progress)
+    return {name: _downstream_row(losses, name, f"{name} zero-ablated" if zero_ablation else None)
+            for name in [*saes, ALL_SITES]}
+
+
+def _downstream_row(losses: SpliceLosses, spliced: str, zero_ablated: str | None) -> dict[str, float]:
+    """CE clean and spliced, their difference and KL(clean || spliced); with a zero-ablated pass, its CE and KL and
+    the CE recovered."""
+    row = {"ce_clean": losses.ce["clean"], "ce_spliced": losses.ce[spliced]}
+    row["ce_delta"] = row["ce_spliced"] - row["ce_clean"]
+    row["kl_divergence"] = losses.kl[spliced]
+    if zero_ablated is not None:
+        row["ce_zero_ablated"] = losses.ce[zero_ablated]
+        row["ce_loss_recovered"] = ce_loss_recovered(row["ce_clean"], row["ce_spliced"], row["ce_zero_ablated"])
+        row["kl_zero_ablated"] = losses.kl[zero_ablated]
+    return row
 
 
 def _splice(mask: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -217,6 +254,11 @@ def _splice(mask: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable[[Tens
 @dataclasses.dataclass
 class EvaluateConfig(Config):
     sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": "folder written by SAE.save"})
+    sae_dirs: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "several SAEs (one per hookpoint) spliced in at once: CE/KL for each alone and all "
+                          "together (replaces --sae-dir; reconstruction metrics for those the store holds)"},
+    )
     store: str = dataclasses.field(default="runs/activations-eval", metadata={"help": "held-out activation store"})
     out_dir: str = dataclasses.field(default="runs/evaluate", metadata={"help": "run folder (summary.json)"})
     max_tokens: int | None = dataclasses.field(default=None, metadata={"help": "cap on stored tokens evaluated"})
@@ -276,6 +318,8 @@ def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
     from saelab.models.loading import load_model
 
     folder = RunFolder.start(cfg)
+    if cfg.sae_dirs:
+        return _evaluate_together(cfg, folder)
     sae = load_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)
@@ -288,3 +332,37 @@ def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
     folder.lap("evaluate")
     folder.write_summary({**metrics, "sae_dir": cfg.sae_dir, "hookpoint": hookpoint}, cfg)
     return metrics
+
+
+def _evaluate_together(cfg: EvaluateConfig, folder: RunFolder) -> dict[str, Any]:
+    """`saelab evaluate --sae-dirs A,B,...`: each SAE's reconstruction metrics (where the store holds its
+    hookpoint) and the CE/KL rows of `evaluate_downstream_together`, written to `summary.json`."""
+    from saelab.models.loading import load_model
+
+    saes: dict[str, SparseAutoencoder] = {}
+    for sae_dir in cfg.sae_dirs:
+        sae = load_sae(sae_dir, device=cfg.device)
+        if sae.cfg.hookpoint is None or sae.cfg.hookpoint in saes:
+            raise ConfigError(
+                f"{sae_dir}: splicing several SAEs needs each to name its own hookpoint (got {sae.cfg.hookpoint!r}"
+                f"{' twice' if sae.cfg.hookpoint in saes else ''}); give one SAE per hookpoint"
+            )
+        saes[sae.cfg.hookpoint] = sae
+    store = ActivationStore(cfg.store)
+    rows: dict[str, dict[str, Any]] = {
+        hp: (reconstruction_metrics(sae, store, check_compatible(sae, store), cfg.batch_size, cfg.max_tokens)
+             if hp in store.hookpoints else {})
+        for hp, sae in saes.items()
+    }
+    if cfg.downstream:
+        model, tokenizer = load_model(cfg.model or store.model_name, cfg.device, torch.float32)
+        contexts = build_contexts(cfg.data, tokenizer, skip_contexts=cfg.skip_contexts)
+        excluded = tokenizer.all_special_ids if cfg.data.exclude_special_tokens else ()
+        spliced = evaluate_downstream_together(model, saes, contexts, batch_size=cfg.context_batch_size,
+                                               drop_first=cfg.data.drop_first_positions,
+                                               exclude_token_ids=excluded, progress=True)
+        rows = {name: {**rows.get(name, {}), **row} for name, row in spliced.items()}
+    folder.lap("evaluate")
+    summary = {"saes": rows, "sae_dirs": cfg.sae_dirs, "hookpoints": list(saes)}
+    folder.write_summary(summary, cfg)
+    return summary
