@@ -12,6 +12,7 @@ from saelab.saes.base import (
     register,
     to_dense,
 )
+from saelab.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary, seeded
 from saelab.saes.kernels import TopKSelection, release_workspace, sparse_decode, topk_encode, topk_encode_dense
@@ -23,6 +24,8 @@ from saelab.saes.topk import TopKSAE, TopKSAEConfig
 from saelab.saes.transcoder import TopKTranscoder, TopKTranscoderConfig
 
 __all__ = [
+    "BatchTopKSAE",
+    "BatchTopKSAEConfig",
     "DeepSAE",
     "DeepSAEConfig",
     "ForwardOutput",

@@ -19,6 +19,8 @@ Training. An SAE owns its training behaviour, so the trainer stays generic and a
 - `check_training(ctx)`: refuse, before training starts, options the architecture cannot honour;
 - `initialize_from_batch(x_n)`: data-dependent init on the first (normalised) batch of a fresh run;
 - `decoder_matrices()`: the matrices kept at unit norm per unit;
+- `self.training`: the trainer puts the SAE in training mode while it trains and in eval mode after (`load_sae`
+  returns eval mode), for architectures whose encoding differs in training (BatchTopK selects over the batch);
 - optional protocols: `SupportsL1` (`decoder_norms`), `SupportsAuxK` (`auxk_latents`), `SupportsResampling`
   (`latent_parameters`).
 
@@ -348,7 +350,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu", **expect: A
     if wrong:
         raise CheckpointError(f"{weights} has tensors of the wrong shape for its cfg.json ({'; '.join(wrong)})")
     sae.load_state_dict(state)
-    return sae.to(device)
+    return sae.to(device).eval()  # inference mode: the trainer switches to training mode itself
 
 
 def create_sae(architecture: str, **fields: Any) -> SparseAutoencoder:

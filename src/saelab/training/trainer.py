@@ -244,6 +244,7 @@ class Trainer:
             self._records = self.logger.keep_until(0)
         if self.dist is not None and self.step == 0:  # replicas start identical whatever each rank built
             self.dist.broadcast_([p.data for p in self.sae.parameters()])
+        self.sae.train()  # an SAE whose encoding differs in training (BatchTopK) learns in training mode
         self._bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
                          disable=not (self.cfg.progress and self.is_main and self.sae.primary), desc="train")
         self._window = _Window()
@@ -266,6 +267,7 @@ class Trainer:
         """Log the last partial window, checkpoint an unfinished run, save the final SAE (a sharded SAE gathers
         itself on every process and the primary one writes it)."""
         self._close(flush=True)
+        self.sae.eval()  # as `load_sae` returns it: what evaluation and splicing use
         if not self.done and self._last_checkpoint != self.step:
             self.save_checkpoint()
         sae_dir = self.out_dir / FINAL_SAE_DIR
@@ -279,6 +281,7 @@ class Trainer:
         """Close the progress bar and logger after a failure, logging and checkpointing nothing: the newest
         checkpoint stays the one a resumed run continues from."""
         self._close(flush=False)
+        self.sae.eval()
 
     def _close(self, flush: bool) -> None:
         """Close the progress bar and logger, logging the last partial window first when `flush` (idempotent)."""
