@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from saelab.errors import CheckpointError
 from saelab.saes.base import load_sae
-from saelab.saes.pretrained import JumpReLUSAE, load_saelens
+from saelab.saes.jumprelu import JumpReLUSAE
+from saelab.saes.pretrained import load_saelens
 from saelab.saes.relu import ReluSAE
 from saelab.saes.topk import TopKSAE
 

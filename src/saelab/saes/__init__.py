@@ -15,9 +15,10 @@ from saelab.saes.base import (
 from saelab.saes.batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary, seeded
+from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.kernels import TopKSelection, release_workspace, sparse_decode, topk_encode, topk_encode_dense
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
-from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig, load_saelens
+from saelab.saes.pretrained import load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from saelab.errors import ConfigError
 from saelab.saes.base import ForwardOutput, LossTerm, SparseLatents, TrainingContext, register
+from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.kernels import topk_encode
-from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
 FIRST_CANDIDATES = 4  # candidates per token to start from, in multiples of k

@@ -32,6 +32,16 @@ class SAESpec(Config):
         default=None, metadata={"help": "deep SAEs: subtract the output bias before encoding (top-k convention)"}
     )
 
+    l0_coefficient: float | None = dataclasses.field(
+        default=None, metadata={"help": "jumprelu: weight of the L0 penalty (of its target form with target_l0)"}
+    )
+    target_l0: float | None = dataclasses.field(
+        default=None, metadata={"help": "jumprelu: steer the mean L0 to this (penalty (L0/target - 1)^2)"}
+    )
+    bandwidth: float | None = dataclasses.field(
+        default=None, metadata={"help": "jumprelu: straight-through estimator bandwidth (normalised input units)"}
+    )
+
     def validate(self) -> None:
         if self.architecture not in architectures():
             raise ConfigError(f"unknown SAE architecture {self.architecture!r}; choose one of {architectures()}")

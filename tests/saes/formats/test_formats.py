@@ -14,8 +14,8 @@ from saelab.saes import DeepSAE, DeepSAEConfig, JumpReLUSAE, MultiLayerSAE, Mult
 from saelab.saes.formats import detect_format, load_any, write
 from saelab.saes.formats import saelens as saelens_format
 from saelab.saes.initialization import seeded
+from saelab.saes.jumprelu import JumpReLUSAEConfig
 from saelab.saes.latents import to_dense
-from saelab.saes.pretrained import JumpReLUSAEConfig
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.topk import TopKSAEConfig
 

@@ -10,7 +10,7 @@ import torch
 
 from saelab.errors import CheckpointError
 from saelab.saes.formats import detect_format, load_any
-from saelab.saes.pretrained import JumpReLUSAE
+from saelab.saes.jumprelu import JumpReLUSAE
 
 
 def _params(**changes: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from torch import Tensor
 from saelab.errors import CheckpointError
 from saelab.saes.base import SparseAutoencoder
 from saelab.saes.formats.common import positive_int, read_json, refuse_leftovers, take
-from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig
+from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 

@@ -12,7 +12,7 @@ import torch
 
 from saelab.errors import CheckpointError
 from saelab.saes.formats.common import refuse_leftovers, take
-from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig
+from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 
 NAME = "gemma_scope"
 WEIGHTS = "params.npz"

@@ -44,7 +44,7 @@ from saelab.saes.formats.common import (
     take,
     unscaled_state,
 )
-from saelab.saes.pretrained import JumpReLUSAE, JumpReLUSAEConfig
+from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 from saelab.saes.shallow import ShallowSAE
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
