@@ -10,8 +10,6 @@ from saelab.errors import ConfigError
 from saelab.metrics import fraction_of_variance_unexplained, l0
 from saelab.saes import BatchTopKSAE, create_sae, load_sae, to_dense
 from saelab.saes.base import BatchShare, TrainingContext
-from saelab.training.config import TrainerConfig
-from saelab.training.trainer import Trainer
 
 
 def _sae(d: int = 8, n: int = 32, k: int = 2, dtype: torch.dtype = torch.float64, seed: int = 0) -> BatchTopKSAE:
@@ -72,17 +70,11 @@ def test_autograd_through_the_sparse_path_matches_the_dense_definition() -> None
         torch.testing.assert_close(getattr(sae, name).grad, getattr(ref, name).grad, msg=name)
 
 
-def _fit(sae, data, tmp_path, **kw):
-    cfg = TrainerConfig(total_tokens=len(data) * data[0].shape[0], batch_size=data[0].shape[0], warmup_steps=2,
-                        progress=False, log_every_steps=20, checkpoint_every_steps=None, lr=1e-2, **kw)
-    return Trainer(sae, cfg, tmp_path).fit(data)
-
-
-def test_trains_and_its_threshold_gives_about_k_latents_on_held_out_tokens(planted, tmp_path) -> None:
+def test_trains_and_its_threshold_gives_about_k_latents_on_held_out_tokens(fit, planted, tmp_path) -> None:
     torch.manual_seed(0)
     # 150 steps: a running average that forgets within the run (the default 0.999 suits runs of thousands)
     sae = create_sae("batchtopk", d_in=16, n_latents=64, k=3, threshold_beta=0.9)
-    result = _fit(sae, planted(150, 128), tmp_path)
+    result = fit(sae, planted(150, 128), tmp_path)
     assert result.completed and not sae.training  # eval mode after training: the threshold decides
     held_out = torch.cat(planted(4, 128, seed=0, sample_seed=1))
     with torch.no_grad():
@@ -138,7 +130,7 @@ def test_exports_to_saelens_as_jumprelu_and_round_trips(tmp_path) -> None:
     assert isinstance(formats.load_any(tmp_path / "own"), BatchTopKSAE)
 
 
-def test_two_identical_runs_give_identical_weights_at_two_threads(planted, tmp_path) -> None:
+def test_two_identical_runs_give_identical_weights_at_two_threads(fit, planted, tmp_path) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -146,7 +138,7 @@ def test_two_identical_runs_give_identical_weights_at_two_threads(planted, tmp_p
         for name in ("a", "b"):
             torch.manual_seed(0)
             sae = create_sae("batchtopk", d_in=16, n_latents=64, k=3)
-            _fit(sae, planted(20, 128), tmp_path / name)
+            fit(sae, planted(20, 128), tmp_path / name)
             runs.append(sae.state_dict())
     finally:
         torch.set_num_threads(previous)

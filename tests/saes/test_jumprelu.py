@@ -12,8 +12,6 @@ from saelab.metrics import fraction_of_variance_unexplained, l0
 from saelab.saes import JumpReLUSAE, create_sae, load_sae
 from saelab.saes.base import TrainingContext
 from saelab.saes.jumprelu import jumprelu, step
-from saelab.training.config import TrainerConfig
-from saelab.training.trainer import Trainer
 
 
 def test_forward_is_the_definition() -> None:
@@ -62,16 +60,10 @@ def test_gradcheck_in_the_weights_away_from_the_jump() -> None:
     torch.autograd.gradcheck(x_hat, tuple(getattr(sae, n).detach().clone().requires_grad_() for n in names))
 
 
-def _fit(sae, data, tmp_path):
-    cfg = TrainerConfig(total_tokens=len(data) * data[0].shape[0], batch_size=data[0].shape[0], warmup_steps=2,
-                        progress=False, log_every_steps=20, checkpoint_every_steps=None, lr=1e-2)
-    return Trainer(sae, cfg, tmp_path).fit(data)
-
-
-def test_trains_to_a_target_l0(planted, tmp_path) -> None:
+def test_trains_to_a_target_l0(fit, planted, tmp_path) -> None:
     torch.manual_seed(0)
     sae = create_sae("jumprelu", d_in=16, n_latents=64, initial_threshold=0.1, bandwidth=0.1, target_l0=3.0)
-    result = _fit(sae, planted(200, 128), tmp_path)
+    result = fit(sae, planted(200, 128), tmp_path)
     assert "l0_target" in result.final and result.completed
     held_out = torch.cat(planted(4, 128, seed=0, sample_seed=1))
     with torch.no_grad():
@@ -85,13 +77,13 @@ def test_trains_to_a_target_l0(planted, tmp_path) -> None:
         torch.testing.assert_close(loaded(held_out).x_hat, out.x_hat)
 
 
-def test_l0_coefficient_trades_sparsity_for_reconstruction(planted, tmp_path) -> None:
+def test_l0_coefficient_trades_sparsity_for_reconstruction(fit, planted, tmp_path) -> None:
     l0s = []
     for coefficient in (1e-4, 3e-2):
         torch.manual_seed(0)
         sae = create_sae("jumprelu", d_in=16, n_latents=64, initial_threshold=0.1, bandwidth=0.1,
                          l0_coefficient=coefficient)
-        result = _fit(sae, planted(60, 128), tmp_path / str(coefficient))
+        result = fit(sae, planted(60, 128), tmp_path / str(coefficient))
         l0s.append(result.final["l0"])
     assert l0s[1] < l0s[0]
 

@@ -17,6 +17,7 @@ from saelab.saes.deep import DeepSAE, DeepSAEConfig
 from saelab.saes.initialization import geometric_median, init_dictionary, seeded
 from saelab.saes.jumprelu import JumpReLUSAE, JumpReLUSAEConfig
 from saelab.saes.kernels import TopKSelection, release_workspace, sparse_decode, topk_encode, topk_encode_dense
+from saelab.saes.matryoshka import MatryoshkaSAE, MatryoshkaSAEConfig
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.pretrained import load_saelens
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
@@ -33,6 +34,8 @@ __all__ = [
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
     "Latents",
+    "MatryoshkaSAE",
+    "MatryoshkaSAEConfig",
     "MultiLayerSAE",
     "MultiLayerSAEConfig",
     "ReluSAE",

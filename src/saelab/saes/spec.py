@@ -42,6 +42,13 @@ class SAESpec(Config):
         default=None, metadata={"help": "jumprelu: straight-through estimator bandwidth (normalised input units)"}
     )
 
+    prefixes: list[int] | None = dataclasses.field(
+        default=None, metadata={"help": "matryoshka: nested latent prefix sizes, e.g. 128,512,2048"}
+    )
+    batch_topk: bool | None = dataclasses.field(
+        default=None, metadata={"help": "matryoshka: select BatchTopK (default) or plain top-k per token (false)"}
+    )
+
     def validate(self) -> None:
         if self.architecture not in architectures():
             raise ConfigError(f"unknown SAE architecture {self.architecture!r}; choose one of {architectures()}")
