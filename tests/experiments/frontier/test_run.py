@@ -120,3 +120,19 @@ def test_writeup_setting_is_one_flag_away() -> None:
     cfg = FrontierConfig.from_dict({"preset": "writeup", "ks": [64]})
     assert (cfg.model, cfg.hookpoint, cfg.n_latents, cfg.ks) == ("gpt2", "resid_post.8", 12288, [64])
     assert cfg.trainer.optimizer == "masked_adam" and cfg.trainer.dead_window_tokens == 1_500_000
+
+
+def test_architectures_axis_compares_families_at_each_k(tiny_setup) -> None:
+    families = ["topk", "batchtopk", "jumprelu", "matryoshka"]
+    summary = frontier.run(_cfg(tiny_setup, "families", architectures=families, ks=[8]))
+    rows = {row["architecture"]: row for row in summary["rows"]}
+    assert sorted(rows) == sorted(families)  # no deep sweep unless asked for
+    assert rows["topk"]["l0"] == pytest.approx(8.0)
+    assert rows["batchtopk"]["l0"] > 0 and rows["matryoshka"]["l0"] > 0 and rows["jumprelu"]["l0"] > 0
+    for row in rows.values():
+        assert row["nmse"] < 1.5 and "ce_loss_recovered" in row["downstream"] and row["dense_widths"] == []
+    saved = json.loads((tiny_setup / "families" / "saes" / "jumprelu-k8" / "sae" / "cfg.json").read_text())
+    assert saved["architecture"] == "jumprelu" and saved["target_l0"] == 8.0
+    assert "batchtopk" in (tiny_setup / "families" / "report.html").read_text()
+    with pytest.raises(ConfigError, match="choose from"):
+        FrontierConfig.from_dict({"architectures": ["gated"]})

@@ -8,6 +8,11 @@ sparse width lowered until its parameter count matches the shallow SAE's). Each 
 (NMSE = pooled FVU in the SAE's space, L0, dead latents) and spliced into the model (CE loss recovered, KL), and
 the run folder gets `summary.json`, the plots and `report.html`.
 
+`--architectures` sets which families are compared at each k on the same store and budget: "deep" is the sweep
+above (shallow, deep, parameter-matched); "topk", "batchtopk", "matryoshka" (BatchTopK selection, prefixes at 1/16
+and 1/4 of the width) select k latents per token (on average over the batch for the last two), and "jumprelu"
+trains with its L0 steered to k (target-L0 mode), so every row sits at the same sparsity.
+
 Everything is resumable: the stores resume, each SAE trains in its own folder `saes/<variant>/` (checkpoints) and
 is trained and evaluated once (done-markers `done/saes/<variant>/train.json` and `.../evaluate.json`). `--store`
 reuses a harvested store; the held-out contexts are then the ones following it in the same corpus.
@@ -101,12 +106,20 @@ class FrontierConfig(PresetConfig):
     resample_depths: list[int] = dataclasses.field(
         default_factory=lambda: [0], metadata={"help": "depths with dead-latent resampling (write-up: shallow only)"}
     )
+    architectures: list[str] = dataclasses.field(
+        default_factory=lambda: ["deep"],
+        metadata={"help": "families compared at each k: deep (the shallow/deep sweep), topk, batchtopk, jumprelu "
+                          "(L0 steered to k), matryoshka"},
+    )
     preprocessing: str = dataclasses.field(default="token_l2", metadata={"help": "SAE input preprocessing"})
     trainer: TrainerConfig = dataclasses.field(default_factory=_default_trainer)
     shuffle_seed: int = dataclasses.field(default=0, metadata={"help": "seed of the store's batch order"})
     device: str = dataclasses.field(default="cpu", metadata={"help": "device the model and the SAEs run on"})
 
     def validate(self) -> None:
+        unknown = sorted(set(self.architectures) - set(FAMILIES))
+        if not self.architectures or unknown:
+            raise ConfigError(f"architectures={self.architectures}: choose from {list(FAMILIES)}")
         if not self.ks or min(self.ks) < 1:
             raise ConfigError(f"ks={self.ks} must name at least one k >= 1")
         if not self.depths or not all(0 <= d <= len(self.dense_multiples) for d in self.depths):
@@ -119,6 +132,9 @@ class FrontierConfig(PresetConfig):
                 raise ConfigError(f"{name} has depths {stray} that are not in depths={self.depths}")
         if 0 in self.matched_depths:
             raise ConfigError("matched_depths cannot hold 0: the shallow SAE is what the others are matched to")
+
+
+FAMILIES = ("deep", "topk", "batchtopk", "jumprelu", "matryoshka")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +179,12 @@ def matched_width(cfg: FrontierConfig, d_in: int, depth: int) -> int:
 
 
 def plan_variants(cfg: FrontierConfig, d_in: int) -> list[Variant]:
-    widths = {depth: matched_width(cfg, d_in, depth) for depth in cfg.matched_depths}
+    deep = "deep" in cfg.architectures
+    widths = {depth: matched_width(cfg, d_in, depth) for depth in cfg.matched_depths} if deep else {}
     variants = []
     for k in cfg.ks:
-        for depth in cfg.depths:
+        variants += [Variant(name, 0, k, cfg.n_latents, False) for name in cfg.architectures if name != "deep"]
+        for depth in cfg.depths if deep else ():
             resample = depth in cfg.resample_depths
             variants.append(Variant(architecture_name(depth), depth, k, cfg.n_latents, resample))
             if depth in widths:
@@ -179,14 +197,27 @@ def stage(variant: Variant, step: str) -> str:
     return f"saes/{variant.name}/{step}"
 
 
+def sae_spec(cfg: FrontierConfig, variant: Variant) -> SAESpec:
+    """What `saelab train` builds for one variant: a deep SAE of its depth, or a family at sparsity k."""
+    if variant.architecture not in FAMILIES[1:]:
+        return SAESpec(architecture="deep", n_latents=variant.n_latents, k=variant.k,
+                       preprocessing=cfg.preprocessing, encoder_multiples=cfg.dense_multiples[: variant.depth])
+    extra: dict[str, Any] = {"k": variant.k}
+    if variant.architecture == "jumprelu":
+        extra = {"target_l0": float(variant.k)}
+    if variant.architecture == "matryoshka":
+        extra["prefixes"] = [max(variant.k, variant.n_latents // 16), max(variant.k, variant.n_latents // 4)]
+    return SAESpec.from_dict({"architecture": variant.architecture, "n_latents": variant.n_latents,
+                              "preprocessing": cfg.preprocessing, **extra})
+
+
 def train_variant(cfg: FrontierConfig, folder: RunFolder, variant: Variant, store: ActivationStore
                   ) -> SparseAutoencoder:
     """Train one SAE in `saes/<name>/` (resuming its checkpoints), or load it once its train stage is done."""
     sae_folder = folder.path / "saes" / variant.name
     if folder.is_done(stage(variant, "train")):
         return load_sae(sae_folder / FINAL_SAE_DIR, device=cfg.device, preprocessing=cfg.preprocessing)
-    spec = SAESpec(architecture="deep", n_latents=variant.n_latents, k=variant.k, preprocessing=cfg.preprocessing,
-                   encoder_multiples=cfg.dense_multiples[: variant.depth])
+    spec = sae_spec(cfg, variant)
     trainer = dataclasses.replace(cfg.trainer, device=cfg.device,
                                   resample_every_steps=cfg.trainer.resample_every_steps if variant.resample else None)
     train_cfg = TrainConfig(store=str(store.path), hookpoint=cfg.hookpoint, out_dir=str(sae_folder), sae=spec,
