@@ -31,6 +31,7 @@ from saelab.metrics import (
     token_cross_entropy,
     token_kl_divergence,
 )
+from saelab.models.hookpoints import canonical_hookpoint
 from saelab.models.hooks import forward_with
 from saelab.models.prefix import SharedPrefix
 from saelab.run_folder import RunFolder
@@ -278,7 +279,8 @@ class EvaluateConfig(Config):
 
 def check_compatible(sae: SparseAutoencoder, store: ActivationStore) -> str:
     """The hookpoint the SAE reads, after checking that the store holds it at the SAE's width."""
-    hookpoint = sae.cfg.hookpoint or (store.hookpoints[0] if len(store.hookpoints) == 1 else None)
+    named = canonical_hookpoint(sae.cfg.hookpoint) if sae.cfg.hookpoint else None  # e.g. a SAELens hook name
+    hookpoint = named or (store.hookpoints[0] if len(store.hookpoints) == 1 else None)
     if hookpoint is None or hookpoint not in store.hookpoints:
         raise ConfigError(
             f"the SAE was trained on hookpoint {sae.cfg.hookpoint!r} but the store holds {store.hookpoints}; "
@@ -342,12 +344,13 @@ def _evaluate_together(cfg: EvaluateConfig, folder: RunFolder) -> dict[str, Any]
     saes: dict[str, SparseAutoencoder] = {}
     for sae_dir in cfg.sae_dirs:
         sae = load_sae(sae_dir, device=cfg.device)
-        if sae.cfg.hookpoint is None or sae.cfg.hookpoint in saes:
+        hookpoint = canonical_hookpoint(sae.cfg.hookpoint) if sae.cfg.hookpoint else None
+        if hookpoint is None or hookpoint in saes:
             raise ConfigError(
                 f"{sae_dir}: splicing several SAEs needs each to name its own hookpoint (got {sae.cfg.hookpoint!r}"
-                f"{' twice' if sae.cfg.hookpoint in saes else ''}); give one SAE per hookpoint"
+                f"{' twice' if hookpoint in saes else ''}); give one SAE per hookpoint"
             )
-        saes[sae.cfg.hookpoint] = sae
+        saes[hookpoint] = sae
     store = ActivationStore(cfg.store)
     rows: dict[str, dict[str, Any]] = {
         hp: (reconstruction_metrics(sae, store, check_compatible(sae, store), cfg.batch_size, cfg.max_tokens)

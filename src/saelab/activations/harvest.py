@@ -81,8 +81,9 @@ def harvest(
         )
     contexts = contexts.detach().to("cpu", torch.long)
     n_contexts, length = contexts.shape
-    for hookpoint in cfg.hookpoints:  # a bad name fails here, before any store folder is written
-        resolve_hookpoint(model, hookpoint)
+    # a bad name fails here, before any store folder is written; aliases are stored by their canonical names
+    cfg = dataclasses.replace(cfg, hookpoints=list(dict.fromkeys(resolve_hookpoint(model, hp).name
+                                                                   for hp in cfg.hookpoints)))
     writer = store_writer(cfg, contexts)
     if writer.complete:
         return writer.finish()

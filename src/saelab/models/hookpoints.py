@@ -11,6 +11,20 @@ and `resid_post = resid_mid + mlp_out` hold exactly (in eval mode). In Gemma 2/3
 the sandwich norm after the sublayer (`post_attention_layernorm` / `post_feedforward_layernorm`), and the pre-MLP
 norm is `pre_feedforward_layernorm`; in Llama and Gemma 1, `post_attention_layernorm` IS the pre-MLP norm.
 Parallel-residual GPT-NeoX (Pythia) has no `resid_mid`: attention and MLP both read `resid_pre`.
+
+Hugging Face's `output_hidden_states`: `hidden_states[0]` is the embedding output = `resid_pre.0`, and
+`hidden_states[i]` = `resid_pre.i` = `resid_post.(i-1)` for 0 < i < L; the last one, `hidden_states[L]`, is taken
+after the final norm in most families, so it is NOT `resid_post.(L-1)` (reading it as such is the classic
+off-by-one behind FVU > 1).
+
+Names users already type are accepted as aliases (`canonical_hookpoint`):
+
+- TransformerLens `blocks.L.hook_<kind>` (resid_pre, resid_mid, resid_post, attn_out, mlp_out) -> `<kind>.L`, and
+  `blocks.L.ln2.hook_normalized` (the MLP's input) -> `mlp_in.L`;
+- a block's module path, as sparsify names hookpoints (`layers.L`, `model.layers.L`, `gpt_neox.layers.L`,
+  `transformer.h.L`, `h.L`) -> `resid_post.L`, the block's output;
+- a sublayer's module path (`model.layers.L.mlp`, `transformer.h.L.attn`; the model must be at hand) -> the
+  hookpoint whose tensor is that module's output, if there is one.
 """
 
 from __future__ import annotations
@@ -114,6 +128,43 @@ _MODEL_TYPES = {
 }
 
 _NAME = re.compile(r"^([a-z_]+)\.(\d+)$")
+_TL_NAME = re.compile(
+    r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|ln2\.hook_normalized)$"
+)
+_BLOCK_PATH = re.compile(r"^(?:\w+\.)*?(?:layers|h)\.(\d+)(?:\.([\w.]+))?$")
+
+
+def canonical_hookpoint(name: str, model: nn.Module | None = None) -> str:
+    """The canonical name of a hookpoint given by any accepted alias (see the module docstring); other names are
+    returned as they are (`resolve_hookpoint` then says what is wrong with them). A sublayer's module path needs
+    `model`, since which tensor a module outputs depends on the family (Gemma's MLP output is normed again)."""
+    plain = _NAME.match(name)
+    if plain and plain.group(1) in KINDS:
+        return name
+    match = _TL_NAME.match(name)
+    if match:
+        return f"{match.group(2) or 'mlp_in'}.{match.group(1)}"
+    match = _BLOCK_PATH.match(name)
+    if match is None:
+        return name
+    layer, path = int(match.group(1)), match.group(2)
+    if path is None:
+        return f"resid_post.{layer}"
+    if model is None:
+        return name
+    layers = blocks(model)
+    try:
+        module = layers[layer].get_submodule(path) if layer < len(layers) else None
+    except AttributeError:
+        module = None
+    for kind in ("attn_out", "mlp_out"):
+        site = resolve_hookpoint(model, f"{kind}.{layer}")
+        if module is not None and site.module is module:
+            return site.name
+    raise HookpointError(
+        f"hookpoint {name!r}: that module's output is not one of saelab's hookpoints in this model; name the "
+        f"tensor canonically instead (e.g. mlp_out.{layer}); valid names: {list_hookpoints(model)[:6]}..."
+    )
 
 
 def _model_type(model: nn.Module) -> str:
@@ -192,6 +243,9 @@ def list_hookpoints(model: nn.Module) -> list[str]:
 
 
 def resolve_hookpoint(model: nn.Module, name: str) -> HookSite:
+    """Where `name` (canonical, or an alias: `canonical_hookpoint`) lives in `model`; the site has the canonical
+    name."""
+    name = canonical_hookpoint(name, model)
     layout, blocks = _layout_and_blocks(model)
     kinds = _kinds(blocks)
     valid = f"valid names are <kind>.<layer> with kind in {list(kinds)} and layer in 0..{len(blocks) - 1}"

@@ -33,6 +33,7 @@ from saelab.activations.store import ActivationStore
 from saelab.config import Config, PresetConfig
 from saelab.data.tokenize import DataConfig, build_contexts
 from saelab.errors import CheckpointError, ConfigError, DataError, StoreError
+from saelab.models.hookpoints import canonical_hookpoint
 from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseAutoencoder, load_sae
 from saelab.saes.initialization import seeded
@@ -421,6 +422,7 @@ def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
         if len(store.hookpoints) != 1:
             raise ConfigError(f"the store holds several hookpoints {store.hookpoints}; choose one with --hookpoint")
         return store.hookpoints[0]
+    hookpoint = canonical_hookpoint(hookpoint)
     if hookpoint not in store.hookpoints:
         raise ConfigError(f"hookpoint {hookpoint!r} is not in the store; it holds {store.hookpoints}")
     return hookpoint
@@ -597,10 +599,9 @@ def _train_streamed(
 
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
-    hookpoints = cfg.streamed_hookpoints
+    # a bad name fails here, before anything is read or written; aliases become canonical names
+    hookpoints = list(dict.fromkeys(resolve_model_hookpoint(model, hp).name for hp in cfg.streamed_hookpoints))
     owners = distributed.hookpoint_owners(hookpoints, peers.world_size) if peers is not None else None
-    for hookpoint in hookpoints:  # a bad name fails here, before anything is read or written
-        resolve_model_hookpoint(model, hookpoint)
     if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
         raise StoreError(f"--cache-to {cfg.cache_to} already holds a store; pass --resume true to continue it, or "
                          "choose another folder")
