@@ -273,6 +273,6 @@ def test_an_sae_adds_its_own_loss_term_without_trainer_changes(tiny_topk, plante
 def test_a_loaded_only_architecture_is_refused_before_training(tmp_path) -> None:
     from saelab.saes import create_sae
 
-    sae = create_sae("jumprelu", d_in=8, n_latents=16)
+    sae = create_sae("topk_transcoder", d_in=8, n_latents=16, k=2)  # read from sparsify files, not trained here
     with pytest.raises(ConfigError, match="can be loaded but not trained"):
         Trainer(sae, _cfg(2, 8), tmp_path)
