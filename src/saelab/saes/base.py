@@ -247,7 +247,7 @@ class SparseAutoencoder(nn.Module, ABC):
         flat = x.reshape(-1, shape[-1]).to(self.device, next(self.parameters()).dtype)
         x_n, stats = self.normalize(flat)
         x_hat = self.denormalize(self(x_n).x_hat, stats)
-        return x_hat.reshape(shape).to(x.dtype)
+        return x_hat.reshape(*shape[:-1], x_hat.shape[-1]).to(x.dtype)
 
     # ---- decoder geometry (the trainer's unit-norm constraint uses these) ------------------------------
     def decoder_matrices(self) -> list[Tensor]:
