@@ -9,9 +9,9 @@ import torch
 
 from saelab.activations.store import ActivationStore
 from saelab.activations.stream import ActivationStream
-from saelab.data.tokenize import DataConfig
 from saelab.activations.writer import StoreWriter
 from saelab.cli import main
+from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
 from saelab.metrics import fraction_of_variance_unexplained
 from saelab.models.hooks import capture

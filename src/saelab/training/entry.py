@@ -648,7 +648,8 @@ def _train_streamed(
     # a bad name fails here, before anything is read or written; aliases become canonical names
     hookpoints = list(dict.fromkeys(resolve_model_hookpoint(model, hp).name for hp in cfg.streamed_hookpoints))
     # transcoders: input hookpoint -> the hookpoint it predicts; the stream reads both
-    targets = {hp: resolve_model_hookpoint(model, t).name for hp, t in zip(hookpoints, cfg.target_hookpoint)}
+    paired = zip(hookpoints, cfg.target_hookpoint, strict=True) if cfg.target_hookpoint else ()
+    targets = {hp: resolve_model_hookpoint(model, t).name for hp, t in paired}
     read = list(dict.fromkeys([*hookpoints, *targets.values()]))
     owners = distributed.hookpoint_owners(hookpoints, peers.world_size) if peers is not None else None
     if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
