@@ -192,6 +192,12 @@ class SparseAutoencoder(nn.Module, ABC):
         return self.cfg.d_in
 
     @property
+    def target_hookpoint(self) -> str | None:
+        """The hookpoint the output predicts when it is not the one read (a transcoder's target); None for an
+        autoencoder. Splicing replaces this site, computed from the one read."""
+        return None
+
+    @property
     def output_scale(self) -> float:
         """The factor `denormalize` divides the output by under preprocessing="scale" (the target's own scale for a
         transcoder)."""

@@ -71,6 +71,10 @@ class TopKTranscoder(TopKSAE):
         return self.cfg.d_out if self.cfg.d_out is not None else self.cfg.d_in
 
     @property
+    def target_hookpoint(self) -> str | None:
+        return self.cfg.target_hookpoint
+
+    @property
     def output_scale(self) -> float:
         return self.cfg.target_scale if self.cfg.transcode else self.cfg.input_scale
 
