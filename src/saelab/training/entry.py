@@ -423,13 +423,24 @@ def train_on_tensor(
     hookpoint: str | None = None,
     model_name: str | None = None,
     seed: int = 0,
+    target: Tensor | None = None,
+    target_hookpoint: str | None = None,
 ) -> tuple[SparseAutoencoder, TrainResult]:
     """An SAE of `spec` trained on the rows of `x` (activations held in memory, or quantities derived from them that
-    no store holds), its input scale (preprocessing="scale") estimated on `x` itself; resumable like `train`."""
+    no store holds), its input scale (preprocessing="scale") estimated on `x` itself; resumable like `train`. With
+    `target` (rows paired with x's), the transcoder predicting it (`target_hookpoint`), its target scale estimated
+    on `target`."""
     scale = estimate_norm_stats(x).scale if spec.preprocessing == "scale" else 1.0
-    sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed)
-    result = train(sae, tensor_batches(x, cfg.batch_size, seed), cfg, out_dir, data=describe_tensor(x, seed))
-    return sae, result
+    if target is None:
+        sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed)
+        return sae, train(sae, tensor_batches(x, cfg.batch_size, seed), cfg, out_dir, data=describe_tensor(x, seed))
+    if target.shape[0] != x.shape[0]:
+        raise DataError(f"the target has {target.shape[0]} rows, the input {x.shape[0]}; pair them row by row")
+    goal = Target(target_hookpoint or "target", target.shape[1], estimate_norm_stats(target).scale)
+    sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed, target=goal)
+    pairs = torch.cat([x, target.to(x.dtype)], dim=1)
+    batches = TargetPairs(tensor_batches(pairs, cfg.batch_size, seed), x.shape[1])
+    return sae, train(sae, batches, cfg, out_dir, data=describe_tensor(pairs, seed))
 
 
 def sae_for_store(
