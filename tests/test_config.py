@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from saelab.config import Config, PresetConfig, add_config_arguments, config_from_args
+from saelab.config import BudgetConfig, Config, PresetConfig, add_config_arguments, config_from_args
 from saelab.errors import ConfigError
 
 
@@ -91,6 +91,29 @@ def test_preset_applies_under_given_fields_and_survives_a_round_trip(tmp_path) -
 def test_unknown_preset_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown preset 'slow'; choose one of \['fast'\]"):
         WithPresets.from_dict({"preset": "slow"})
+
+
+@dataclasses.dataclass
+class WithBudgets(BudgetConfig, PresetConfig):
+    BUDGETS = {"small": {}, "full": {"inner": {"steps": 1000}, "name": "big"}}
+    PRESETS = {"fast": {"inner": {"lr": 0.1}}}
+
+    name: str = "x"
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_budget_applies_under_given_fields_beside_a_preset(tmp_path) -> None:
+    assert WithBudgets.from_dict({}).inner == Inner() and WithBudgets.from_dict({}).budget == "small"
+    cfg = WithBudgets.from_dict({"budget": "full", "preset": "fast", "name": "mine"})
+    assert (cfg.name, cfg.inner.steps, cfg.inner.lr) == ("mine", 1000, 0.1)
+    cfg.save(tmp_path / "c.json")
+    assert WithBudgets.load(tmp_path / "c.json") == cfg
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, WithBudgets)
+    from_flags = config_from_args(WithBudgets, parser.parse_args(["--budget", "full", "--inner.steps", "7"]))
+    assert (from_flags.name, from_flags.inner.steps) == ("big", 7)
+    with pytest.raises(ConfigError, match=r"unknown budget 'huge'; choose one of \['full', 'small'\]"):
+        WithBudgets.from_dict({"budget": "huge"})
 
 
 @dataclasses.dataclass

@@ -170,6 +170,28 @@ class PresetConfig(Config):
         return super().from_dict(data, where)
 
 
+@dataclasses.dataclass
+class BudgetConfig(Config):
+    """A config with compute budgets: `budget` picks "small" (the field defaults, sized so the run fits about
+    half an hour on two CPU cores) or a larger named budget from `BUDGETS` (e.g. "full", the write-up's scale),
+    applied under whatever else is given exactly as a preset is. A class can have both presets and budgets."""
+
+    BUDGETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {"small": {}}
+
+    budget: str = dataclasses.field(
+        default="small", metadata={"help": "small (the defaults: ~30 min on 2 CPU cores) | full (the write-up's scale)"}
+    )
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C:
+        name = data.get("budget", "small")
+        budgets = cls.BUDGETS  # type: ignore[attr-defined]
+        if name not in budgets:
+            raise ConfigError(f"{where or cls.__name__}.budget: unknown budget {name!r}; choose one of "
+                              f"{sorted(budgets)}")
+        return super().from_dict(_under(budgets[name], data), where)  # type: ignore[misc]
+
+
 def _under(base: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
     """`given` on top of `base`, nested mappings merged key by key (a given value always wins)."""
     merged = dict(base)
