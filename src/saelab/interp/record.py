@@ -201,6 +201,7 @@ class LatentRecord:
             if problem is not None:
                 raise StoreError(f"latent record {self.folder}: {problem}; delete the folder and record again")
         self._counts: np.ndarray | None = None
+        self._maxima: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -224,6 +225,20 @@ class LatentRecord:
                     counts += np.diff(handle.get_tensor("offsets"))
             self._counts = counts
         return self._counts.copy()
+
+    @property
+    def maxima(self) -> np.ndarray:
+        """Each latent's largest recorded activation, `[n_latents]` float32 (0 for a latent that never fires)."""
+        if self._maxima is None:
+            maxima = np.zeros(self.n_latents, dtype=np.float32)
+            for shard in self._manifest["shards"]:
+                with safe_open(str(self.folder / shard["file"]), framework="np") as handle:
+                    offsets, values = handle.get_tensor("offsets"), handle.get_tensor("values")
+                fired = np.flatnonzero(np.diff(offsets) > 0)
+                if len(fired):  # empty latents between two that fired add nothing to the segments between them
+                    np.maximum.at(maxima, fired, np.maximum.reduceat(values, offsets[fired]))
+            self._maxima = maxima
+        return self._maxima.copy()
 
     @property
     def frequency(self) -> np.ndarray:

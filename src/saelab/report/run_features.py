@@ -1,0 +1,43 @@
+"""The feature browser of one SAE in a run folder: record its latents over a store, compute the browser data and
+write the site (`<run>/features/index.html`). What every run that trains or loads an SAE calls at its end."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from saelab.activations.store import ActivationStore
+from saelab.interp.examples import TokenText
+from saelab.interp.feature_data import FeatureData, FeatureDataConfig
+from saelab.interp.record import record_latents
+from saelab.report.feature_browser import write_feature_browser
+from saelab.saes.base import SparseAutoencoder
+
+FEATURES_FOLDER = "features"
+
+
+def write_run_features(
+    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, run_dir: str | Path, text: TokenText, *,
+    cfg: FeatureDataConfig | None = None, max_tokens: int | None = None, unembedding: Tensor | None = None,
+    title: str = "", notes: Sequence[str] = (), explanations: Mapping[int, str] | None = None,
+    scores: Mapping[str, Mapping[int, float | None]] | None = None, batch_size: int = 4096,
+    record_dir: str | Path | None = None,
+) -> tuple[Path, FeatureData]:
+    """Record `sae` over the first `max_tokens` tokens of `store` (in `record_dir`, default `<run>/features/record`,
+    resumed if present) and write the browser to `<run>/features`; returns (index.html, the data)."""
+    folder = Path(run_dir) / FEATURES_FOLDER
+    record = record_latents(sae, store, record_dir or folder / "record", hookpoint, max_tokens, batch_size=batch_size,
+                            show_progress=False)
+    data = FeatureData(sae, record, store, text, cfg, title=title, unembedding=unembedding, notes=notes,
+                       explanations=explanations, scores=scores)
+    return write_feature_browser(folder, data.index(), data.chunks()), data
+
+
+def summary_of(data: FeatureData, index_path: Path, run_dir: str | Path) -> dict[str, Any]:
+    """What a run's summary.json records about its browser."""
+    density = data.index()["density"]
+    return {"index": str(index_path.relative_to(Path(run_dir))), "recorded_tokens": data.record.n_tokens,
+            "dead": density["dead"], "alive": density["alive"], "n_latents": data.record.n_latents}
