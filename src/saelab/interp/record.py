@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def record_latents(
     sae: SparseAutoencoder,
     store: ActivationStore,
     folder: str | Path,
-    hookpoint: str,
+    hookpoint: str | Sequence[str],
     max_tokens: int | None = None,
     chunk_tokens: int = 65_536,
     batch_size: int = 4096,
@@ -74,7 +75,9 @@ def record_latents(
 ) -> LatentRecord:
     """Encode the store's first `max_tokens` tokens (whole contexts) with `sae` into a record at `folder`.
 
-    Re-running on a complete record returns it; on a partial one it continues after the last published shard.
+    Several hookpoints are read concatenated in the order given (a multi-layer SAE's input); the record names them
+    joined by commas. Re-running on a complete record returns it; on a partial one it continues after the last
+    published shard.
     A record written by a different SAE or from a different store is an error (choose another folder).
     """
     if chunk_tokens < 1 or batch_size < 1:
@@ -86,7 +89,7 @@ def record_latents(
         "format_version": FORMAT_VERSION,
         "sae": sae_fingerprint(sae),
         "store": {"source": store.manifest["source"], "n_tokens": store.n_tokens, "model": store.model_name},
-        "hookpoint": hookpoint,
+        "hookpoint": hookpoint if isinstance(hookpoint, str) else ",".join(hookpoint),
         "n_tokens": n_tokens,
         "n_latents": sae.n_latents,
         "chunk_tokens": chunk_tokens,
@@ -135,7 +138,8 @@ def _resume_manifest(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _encode_chunk(
-    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, start: int, stop: int, batch_size: int
+    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str | Sequence[str], start: int, stop: int,
+    batch_size: int,
 ) -> dict[str, np.ndarray]:
     """CSR-by-latent arrays of the nonzero activations of tokens [start, stop)."""
     dtype = next(sae.parameters()).dtype

@@ -238,6 +238,7 @@
       parts.push(el("p", {"class": "note", text: "This latent never fires on the " + index.n_tokens +
         " recorded tokens (dead)."}));
       $("panel").replaceChildren.apply($("panel"), parts);
+      $("panel").setAttribute("data-latent", String(latent));
       return;
     }
     parts.push(el("h3", {text: "Activation histogram"}),

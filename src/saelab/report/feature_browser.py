@@ -44,8 +44,10 @@ padding:.3em .5em;margin:.25em 0}.tok{white-space:pre-wrap}.act{border-radius:2p
 
 
 def js_data(function: str, data: Any) -> str:
-    """`function(<data as JSON>);`: a data file a page can load with <script src> even from file://."""
-    return f"{function}({json.dumps(data, ensure_ascii=True, separators=(',', ':'), allow_nan=False)});\n"
+    """`function(<data as JSON>);`: a data file a page can load with <script src> even from file://. "<" is
+    written as \\u003c, so no text in it can close a script element even if the data is ever inlined."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    return f"{function}({text});\n"
 
 
 def density_svg(density: Mapping[str, Any], width: int = 640, height: int = 150) -> str:
