@@ -165,6 +165,22 @@ class FeatureData:
             "logits": self.has_logits, "layers": self._layers[0] if self._layers else None,
         }
 
+    def spread_of_densities(self, n: int) -> list[int]:
+        """`n` latents that fire, evenly spaced in firing frequency rank (rarest to most frequent): a fair sample
+        to show inline."""
+        alive = np.flatnonzero(self._counts > 0)
+        order = alive[np.argsort(self._counts[alive], kind="stable")]
+        if len(order) <= n:
+            return order.tolist()
+        return order[np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))].tolist()
+
+    def entries(self, latents: Sequence[int]) -> tuple[list[str], dict[int, dict[str, Any]]]:
+        """(string table, entries) of a few chosen latents, as in a chunk."""
+        strings = _Strings()
+        logits = self._logits([latent for latent in latents if self._counts[latent] > 0], strings)
+        entries = {latent: self.latent(latent, strings, logits.get(latent)) for latent in latents}
+        return strings.table, entries
+
     # ---- the chunks ---------------------------------------------------------------------------------------
 
     def chunks(self) -> Iterator[tuple[int, dict[str, Any]]]:

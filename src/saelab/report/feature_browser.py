@@ -22,6 +22,7 @@ from typing import Any
 
 from saelab.io import atomic_write_text
 from saelab.report.feature_pages import ContextView, context_html
+from saelab.report.html import format_value
 
 ASSETS = Path(__file__).parent
 INDEX_NAME = "index.html"
@@ -99,6 +100,17 @@ def window_views(entry: Mapping[str, Any], strings: Sequence[str], windows: Sequ
 
 def windows_html(entry: Mapping[str, Any], strings: Sequence[str], windows: Sequence[Mapping[str, Any]]) -> str:
     return "".join(context_html(view) for view in window_views(entry, strings, windows))
+
+
+def latent_html(latent: int, entry: Mapping[str, Any], strings: Sequence[str], n_tokens: int, href: str,
+                windows: int = 3) -> str:
+    """One latent inline: its numbers, a link to its panel in the browser, and its strongest windows."""
+    count = int(entry["count"])
+    line = (f'<p class="latent" data-latent="{latent}" data-count="{count}" data-max="{entry["max"]}">'
+            f'<a href="{html.escape(href, quote=True)}">latent {latent}</a>: density '
+            f"{format_value(count / n_tokens)} ({count:,} of {n_tokens:,} tokens), max activation "
+            f"{format_value(float(entry['max']))}</p>")
+    return line + windows_html(entry, strings, entry.get("top", [])[:windows])
 
 
 def write_feature_browser(folder: str | Path, index: Mapping[str, Any],

@@ -13,7 +13,8 @@ from saelab.activations.store import ActivationStore
 from saelab.interp.examples import TokenText
 from saelab.interp.feature_data import FeatureData, FeatureDataConfig
 from saelab.interp.record import record_latents
-from saelab.report.feature_browser import write_feature_browser
+from saelab.report.feature_browser import density_svg, latent_html, write_feature_browser
+from saelab.report.html import Report
 from saelab.saes.base import SparseAutoencoder
 
 FEATURES_FOLDER = "features"
@@ -41,3 +42,20 @@ def summary_of(data: FeatureData, index_path: Path, run_dir: str | Path) -> dict
     density = data.index()["density"]
     return {"index": str(index_path.relative_to(Path(run_dir))), "recorded_tokens": data.record.n_tokens,
             "dead": density["dead"], "alive": density["alive"], "n_latents": data.record.n_latents}
+
+
+def add_features_section(report: Report, data: FeatureData, href: str, n_latents: int = 12, windows: int = 3) -> None:
+    """A "Features" section: the density histogram and `n_latents` latents spread over densities with their top
+    `windows` windows inline, each linking to its panel in the browser at `href` (relative to the report)."""
+    index = data.index()
+    report.heading("Features")
+    report.link(href, "Open the feature browser", after=(
+        f" to see every latent ({index['n_latents']:,}): top-activating contexts, quantile samples, activation "
+        "histograms and logit effects. From a local folder it opens directly; `saelab view RUN_DIR` serves it."))
+    report.fragment(density_svg(index["density"]))
+    chosen = data.spread_of_densities(n_latents)
+    strings, entries = data.entries(chosen)
+    report.paragraph(f"{len(chosen)} latents from the rarest to the most frequent, each with its {windows} "
+                     "strongest windows; tokens are shaded by activation (hover for the value).", note=True)
+    report.fragment("".join(latent_html(latent, entries[latent], strings, index["n_tokens"], f"{href}#latent={latent}",
+                                        windows) for latent in chosen))
