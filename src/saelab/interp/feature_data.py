@@ -110,6 +110,9 @@ class _Strings:
         return list(self.ids)
 
 
+LOGIT_BLOCK = 512  # latents whose logit effects are computed together
+
+
 class FeatureData:
     """The browser data of one SAE over one latent record (see the module docstring)."""
 
@@ -136,6 +139,8 @@ class FeatureData:
                        and unembedding.shape[1] == sae.d_in)
         self._unembedding = unembedding.detach().cpu() if uses_logits and unembedding is not None else None
         self._layers: tuple[list[int], Tensor, Tensor] | None = None
+        self._logit_cache: dict[int, tuple[list[int], list[float], list[int], list[float]]] = {}
+        self._token_pieces: dict[int, str] = {}
         if isinstance(sae, MultiLayerSAE):
             with torch.no_grad():
                 self._layers = (sae.layers, segment_norms(sae.W_enc.detach().cpu(), sae.slices),
@@ -223,19 +228,38 @@ class FeatureData:
 
     def _window(self, example: Example, strings: _Strings) -> dict[str, Any]:
         pieces = self._pieces.window(example.context, example.start, len(example.token_ids))
-        return {"context": example.context, "start": example.start, "tokens": [strings(p) for p in pieces],
-                "acts": [rounded(a) for a in example.activations]}
+        table = strings.ids
+        return {"context": example.context, "start": example.start,
+                "tokens": [table.setdefault(p, len(table)) for p in pieces],
+                "acts": [0.0 if a == 0 else rounded(a) for a in example.activations]}
 
     def _logits(self, latents: list[int], strings: _Strings) -> dict[int, dict[str, Any]]:
-        if self._unembedding is None or not latents or self.cfg.logit_tokens == 0:
+        """Promoted and suppressed tokens of `latents`, computed `LOGIT_BLOCK` latents at a time (one large
+        product with the unembedding is several times faster than many small ones)."""
+        if self._unembedding is None or self.cfg.logit_tokens == 0:
             return {}
+        missing = [latent for latent in latents if latent not in self._logit_cache]
+        if missing:
+            block = [i for i in range(missing[0], min(missing[0] + LOGIT_BLOCK, self.record.n_latents))
+                     if self._counts[i] > 0]
+            block = sorted(set(block) | set(missing))
+            self._logit_cache = dict(zip(block, self._logit_rows(block), strict=True))
+
+        def named(ids: list[int], values: list[float]) -> list[list[Any]]:
+            return [[strings(self._piece(i)), rounded(v)] for i, v in zip(ids, values, strict=True)]
+
+        return {latent: {"top": named(*self._logit_cache[latent][:2]), "bottom": named(*self._logit_cache[latent][2:])}
+                for latent in latents}
+
+    def _logit_rows(self, latents: list[int]) -> list[tuple[list[int], list[float], list[int], list[float]]]:
+        assert self._unembedding is not None
         k = min(self.cfg.logit_tokens, self._unembedding.shape[0])
         directions = decoder_directions(self.sae, latents, [max(float(self._maxima[i]), 1e-6) for i in latents])
-        top_v, top_i, bottom_v, bottom_i = logit_effects(directions, self._unembedding, k)
+        top_v, top_i, bottom_v, bottom_i = (t.tolist() for t in logit_effects(directions, self._unembedding, k))
+        return [(top_i[row], top_v[row], bottom_i[row], bottom_v[row]) for row in range(len(latents))]
 
-        def named(values: Tensor, ids: Tensor) -> list[list[Any]]:
-            return [[strings(self._text.piece(i)), rounded(v)] for i, v in zip(ids.tolist(), values.tolist(),
-                                                                              strict=True)]
-
-        return {latent: {"top": named(top_v[row], top_i[row]), "bottom": named(bottom_v[row], bottom_i[row])}
-                for row, latent in enumerate(latents)}
+    def _piece(self, token_id: int) -> str:
+        piece = self._token_pieces.get(token_id)
+        if piece is None:
+            piece = self._token_pieces[token_id] = self._text.piece(token_id)
+        return piece

@@ -206,6 +206,7 @@ class LatentRecord:
                 raise StoreError(f"latent record {self.folder}: {problem}; delete the folder and record again")
         self._counts: np.ndarray | None = None
         self._maxima: np.ndarray | None = None
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -253,6 +254,11 @@ class LatentRecord:
         """(global token indices ascending int64, activation values float32) of every token where `latent` fires."""
         if not 0 <= latent < self.n_latents:
             raise IndexError(f"latent {latent} is out of range for a record of {self.n_latents} latents")
+        if self._last is None or self._last[0] != latent:  # readers often ask for one latent several times
+            self._last = (latent, *self._read_activations(latent))
+        return self._last[1].copy(), self._last[2].copy()
+
+    def _read_activations(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         tokens, values = [], []
         for shard in self._manifest["shards"]:
             with safe_open(str(self.folder / shard["file"]), framework="np") as handle:
