@@ -68,6 +68,8 @@ COMMANDS: dict[str, Command] = {
                        "Gemma Scope; writes saelab, SAELens, sparsify)",
                        "saelab.saes.formats.convert:ConvertConfig", "saelab.saes.formats.convert:convert",
                        prints=True),
+    "view": Command("serve a run folder (reports, feature browser) on 127.0.0.1 at a free port until Ctrl-C",
+                    "saelab.view:ViewConfig", "saelab.view:view"),
 }
 
 
