@@ -63,6 +63,23 @@ def open_page(chromium):
         page.close()
 
 
+@pytest.fixture
+def shows_values():
+    """`shows_values(page, values)`: every name of `values` is a row of a name/value table on the page, showing the
+    value as the report builder formats it (so the page's numbers are the summary's)."""
+    from saelab.report.html import format_value
+
+    def check(page, values) -> None:
+        rows = page.evaluate("""Array.from(document.querySelectorAll('table'))
+            .filter(t => t.tHead && Array.from(t.tHead.rows[0].cells).map(c => c.textContent).join() === 'name,value')
+            .flatMap(t => Array.from(t.tBodies[0].rows).map(r => [r.cells[0].textContent, r.cells[1].textContent]))""")
+        assert values, "nothing to compare"
+        for name, value in values.items():
+            assert [name, format_value(value)] in rows, f"{name}={format_value(value)} is not shown: {rows}"
+
+    return check
+
+
 # ----------------------------------------------------------- several processes in one gloo group (latent sharding)
 
 
