@@ -97,8 +97,8 @@ def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_serv
     first = json.loads(sorted((out / "shallow" / "latents").glob("latent_*.json"))[0].read_text())
     browser, _ = open_page((out / "shallow" / "features" / "index.html").as_uri() + "#q=w7&sort=detection&dir=desc",
                            ready="document.body.dataset.ready")
-    rows = browser.evaluate("""Array.from(document.querySelectorAll('#latents tbody tr')).map(r =>
-        [+r.dataset.latent, r.cells[2].textContent, r.cells[4].textContent, r.cells[r.cells.length - 1].textContent])""")
+    rows = browser.evaluate("""Array.from(document.querySelectorAll('#latents tbody tr')).map(r => [
+        +r.dataset.latent, r.cells[2].textContent, r.cells[4].textContent, r.cells[r.cells.length - 1].textContent])""")
     assert sorted(row[0] for row in rows) == summary["saes"][0]["latents"]  # the explained ones match the search
     (row,) = [row for row in rows if row[0] == first["latent"]]
     assert row[1:] == [str(first["count"]), f"{first['scores']['llm']['detection']['metrics']['accuracy']:.4g}",

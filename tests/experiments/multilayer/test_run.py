@@ -30,7 +30,8 @@ def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
             "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2", *extra]
 
 
-def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path) -> None:
+def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path, open_page,
+                                                            shows_values) -> None:
     model, corpus = tiny_setup
     out = tmp_path / "run"
     assert main(_args(model, corpus, out)) == 0
@@ -49,6 +50,8 @@ def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path
                     "Compared with the write-up"):
         assert f"<h2>{section}" in html
     assert html.count("<img") == 11  # training, rates, buckets, 4 banding, 2 cosine, 2 flow
+    page, _ = open_page(out / "report.html")
+    shows_values(page, {**saved["activation"], "l0": saved["metrics"]["l0"]})
 
     sae = load_sae(out / "train" / "sae", normalization="per_layer")
     assert isinstance(sae, MultiLayerSAE) and sae.hookpoints == ["resid_post.0", "resid_post.1", "resid_post.3"]
