@@ -21,14 +21,16 @@ FEATURES_FOLDER = "features"
 
 
 def write_run_features(
-    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, run_dir: str | Path, text: TokenText, *,
+    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str | Sequence[str], run_dir: str | Path,
+    text: TokenText, *,
     cfg: FeatureDataConfig | None = None, max_tokens: int | None = None, unembedding: Tensor | None = None,
     title: str = "", notes: Sequence[str] = (), explanations: Mapping[int, str] | None = None,
     scores: Mapping[str, Mapping[int, float | None]] | None = None, batch_size: int = 4096,
     record_dir: str | Path | None = None,
 ) -> tuple[Path, FeatureData]:
     """Record `sae` over the first `max_tokens` tokens of `store` (in `record_dir`, default `<run>/features/record`,
-    resumed if present) and write the browser to `<run>/features`; returns (index.html, the data)."""
+    resumed if present) and write the browser to `<run>/features`; returns (index.html, the data). A multi-layer
+    SAE reads several hookpoints, concatenated."""
     folder = Path(run_dir) / FEATURES_FOLDER
     record = record_latents(sae, store, record_dir or folder / "record", hookpoint, max_tokens, batch_size=batch_size,
                             show_progress=False)
