@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saelab.activations.writer import StoreWriter
+from saelab.interp import feature_data
 from saelab.interp.examples import TokenText
 from saelab.interp.feature_data import FeatureData, FeatureDataConfig, density_histogram, rounded
 from saelab.interp.record import record_latents
@@ -66,7 +67,7 @@ def test_index_and_chunks_equal_the_record(make_record, word_tokenizer) -> None:
     assert [len(q) for q in entry["quantiles"]] == [1, 1]
 
 
-def test_logits_are_the_unembedding_of_the_decoder_row(make_record, word_tokenizer) -> None:
+def test_logits_are_the_unembedding_of_the_decoder_row(make_record, word_tokenizer, monkeypatch) -> None:
     synthetic = _synthetic(make_record)  # identity SAE at resid_post.0: latent i's direction is e_i
     unembedding = torch.randn(len(word_tokenizer), 5)
     data = FeatureData(synthetic.sae, synthetic.record, synthetic.store, TokenText(word_tokenizer),
@@ -79,6 +80,10 @@ def test_logits_are_the_unembedding_of_the_decoder_row(make_record, word_tokeniz
         assert [chunk["strings"][t] for t, _ in logits["top"]] == [word_tokenizer.decode([i]) for i in top.indices]
         assert [v for _, v in logits["bottom"]] == pytest.approx(bottom.values.tolist(), rel=1e-3)
     assert "logits" not in data.chunk(2)["latents"]["4"]  # a dead latent has no direction worth reading
+    monkeypatch.setattr(feature_data, "LOGIT_BLOCK", 3)  # chunks of 2 straddle the blocks of 3
+    blocked = FeatureData(synthetic.sae, synthetic.record, synthetic.store, TokenText(word_tokenizer),
+                          FeatureDataConfig(logit_tokens=3, chunk_size=2), unembedding=unembedding)
+    assert dict(blocked.chunks()) == dict(data.chunks())
 
 
 def test_multilayer_latents_show_their_norm_in_each_layer(word_tokenizer, tmp_path) -> None:

@@ -243,7 +243,8 @@ class FeatureData:
             block = [i for i in range(missing[0], min(missing[0] + LOGIT_BLOCK, self.record.n_latents))
                      if self._counts[i] > 0]
             block = sorted(set(block) | set(missing))
-            self._logit_cache = dict(zip(block, self._logit_rows(block), strict=True))
+            kept = {latent: self._logit_cache[latent] for latent in latents if latent in self._logit_cache}
+            self._logit_cache = {**kept, **dict(zip(block, self._logit_rows(block), strict=True))}
 
         def named(ids: list[int], values: list[float]) -> list[list[Any]]:
             return [[strings(self._piece(i)), rounded(v)] for i, v in zip(ids, values, strict=True)]
