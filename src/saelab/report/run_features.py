@@ -53,7 +53,8 @@ def add_features_section(report: Report, data: FeatureData, href: str, n_latents
     report.heading("Features")
     report.link(href, "Open the feature browser", after=(
         f" to see every latent ({index['n_latents']:,}): top-activating contexts, quantile samples, activation "
-        "histograms and logit effects. From a local folder it opens directly; `saelab view RUN_DIR` serves it."))
+        "histograms and logit effects. It opens from the folder directly; saelab view RUN_DIR serves it for "
+        "browsers that refuse local pages."))
     report.fragment(density_svg(index["density"]))
     chosen = data.spread_of_densities(n_latents)
     strings, entries = data.entries(chosen)
