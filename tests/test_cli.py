@@ -36,7 +36,7 @@ def test_every_command_resolves_to_a_config_and_an_entry_point(name: str) -> Non
     config_cls, run = load_command(name)
     assert callable(run) and issubclass(config_cls, Config)
     help_text = build_parser(name)._subparsers._group_actions[0].choices[name].format_help()
-    writes = "--out-dir" in help_text or "--out" in help_text or "DST" in help_text  # where it writes
+    writes = any(flag in help_text for flag in ("--out-dir", "--out", "DST", "OUT"))  # where it writes
     assert writes or (name == "view" and "RUN_DIR" in help_text)  # view only reads a run folder
 
 

@@ -201,3 +201,99 @@ def test_evaluate_command_splices_several_saes(saved_tiny_llama, tmp_path) -> No
                                                                                            "resid_post.2")) - 1e-6
     assert main(["evaluate", "--sae-dirs", f"{dirs[0]},{dirs[0]}", "--store", str(tmp_path / "store"),
                  "--out-dir", str(tmp_path / "twice"), "--downstream", "false"]) != 0
+
+
+def _transcoder(layer: int, seed: int):
+    from saelab.saes.initialization import seeded
+    from saelab.saes.transcoder import TopKTranscoder, TopKTranscoderConfig
+
+    with seeded(seed):
+        tc = TopKTranscoder(TopKTranscoderConfig(d_in=32, n_latents=48, k=6, skip_connection=True,
+                                                 preprocessing="scale", input_scale=0.7, target_scale=1.3,
+                                                 hookpoint=f"mlp_in.{layer}", target_hookpoint=f"mlp_out.{layer}"))
+        with torch.no_grad():
+            tc.W_skip.normal_(std=0.1)
+            tc.b_enc.normal_(std=0.1)
+    return tc
+
+
+def test_transcoder_reconstruction_is_measured_against_the_target() -> None:
+    tc = _transcoder(0, 0)
+    x, y = torch.randn(40, 32), torch.randn(40, 32)
+    result = evaluate_reconstruction(tc, [(x[:25], y[:25]), (x[25:], y[25:])])
+    with torch.no_grad():
+        assert result["fvu_raw"] == pytest.approx(fraction_of_variance_unexplained(y, tc.reconstruct(x)).item(),
+                                                  rel=1e-5)
+        want = fraction_of_variance_unexplained(1.3 * y, tc(0.7 * x).x_hat).item()
+    assert result["fvu"] == pytest.approx(want, rel=1e-5) and result["n_tokens"] == 40
+
+
+def test_transcoders_and_saes_spliced_alone_and_together_match_hand_built_hooks(gpt2, contexts) -> None:
+    # every MLP replaced by its transcoder (output predicted from the MLP's input), plus an SAE on resid_post.0
+    # in between them
+    saes = {"mlp_out.0": _transcoder(0, 0), "resid_post.0": scale_sae(32, 0.8), "mlp_out.1": _transcoder(1, 1)}
+    rows = evaluate_downstream_together(gpt2, saes, contexts, batch_size=2, drop_first=1)
+    assert list(rows) == [*saes, ALL_SITES]
+    for hookpoint, sae in saes.items():  # each alone is exactly the one-SAE evaluation
+        alone = evaluate_downstream(gpt2, sae, hookpoint, contexts, batch_size=2, drop_first=1, mean_ablation=False)
+        assert rows[hookpoint] == pytest.approx(alone, rel=1e-6)
+    mask = torch.ones_like(contexts, dtype=torch.bool)
+    mask[:, :1] = False
+
+    def hand_built(transcoders: dict[int, SparseAutoencoder], resid_factor: float | None) -> Tensor:
+        """Logits with the MLP modules' outputs replaced by hooks of our own, at the counted positions."""
+        handles = [gpt2.transformer.h[layer].mlp.register_forward_hook(
+            lambda module, args, out, tc=tc: torch.where(mask[..., None], tc.reconstruct(args[0]), out))
+            for layer, tc in transcoders.items()]
+        try:
+            with torch.no_grad():
+                edits = {} if resid_factor is None else {
+                    "resid_post.0": lambda act: torch.where(mask[..., None], resid_factor * act, act)}
+                return forward_with(gpt2, contexts, edits)[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    clean = hand_built({}, None)
+    ce = {name: cross_entropy(logits, contexts, mask).item() for name, logits in {
+        "clean": clean,
+        "mlp_out.0": hand_built({0: saes["mlp_out.0"]}, None),
+        "mlp_out.1": hand_built({1: saes["mlp_out.1"]}, None),
+        ALL_SITES: hand_built({0: saes["mlp_out.0"], 1: saes["mlp_out.1"]}, 0.8),
+    }.items()}
+    for name in ("mlp_out.0", "mlp_out.1", ALL_SITES):
+        assert rows[name]["ce_clean"] == pytest.approx(ce["clean"], rel=1e-6)
+        assert rows[name]["ce_spliced"] == pytest.approx(ce[name], rel=1e-5)
+        assert rows[name]["ce_spliced"] != pytest.approx(ce["clean"], rel=1e-4)
+    zeroed, _ = forward_with(gpt2, contexts, {"mlp_out.0": lambda a: a.masked_fill(mask[..., None], 0.0)})
+    assert rows["mlp_out.0"]["ce_zero_ablated"] == pytest.approx(cross_entropy(zeroed, contexts, mask).item(),
+                                                                rel=1e-6)
+
+
+def test_evaluate_command_splices_transcoders(saved_tiny_llama, tmp_path) -> None:
+    import json
+
+    from saelab.cli import main
+    from saelab.saes.transcoder import TopKTranscoder, TopKTranscoderConfig
+
+    model_dir, corpus = saved_tiny_llama()
+    data = ["--data.source", str(corpus), "--data.context-length", "16"]
+    assert main(["harvest", "--model", str(model_dir), "--hookpoints", "mlp_in.0,mlp_out.0", *data,
+                 "--data.n-tokens", "300", "--out-dir", str(tmp_path / "store")]) == 0
+    dirs = []
+    for layer in (0, 2):
+        TopKTranscoder(TopKTranscoderConfig(d_in=32, n_latents=64, k=8, hookpoint=f"mlp_in.{layer}",
+                                            target_hookpoint=f"mlp_out.{layer}")).save(tmp_path / f"tc{layer}")
+        dirs.append(str(tmp_path / f"tc{layer}"))
+    common = ["--store", str(tmp_path / "store"), "--model", str(model_dir), *data, "--data.n-tokens", "120",
+              "--device", "cpu"]
+    assert main(["evaluate", "--sae-dirs", ",".join(dirs), *common, "--out-dir", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "summary.json").read_text())["saes"]
+    assert list(rows) == ["mlp_out.0", "mlp_out.2", ALL_SITES]
+    assert "fvu" in rows["mlp_out.0"] and "fvu" not in rows["mlp_out.2"]  # the store holds only layer 0's pair
+    assert all(row["kl_divergence"] > 0 for row in rows.values())
+    assert main(["evaluate", "--sae-dir", dirs[0], *common, "--out-dir", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert (one["hookpoint"], one["target_hookpoint"]) == ("mlp_in.0", "mlp_out.0")
+    assert one["fvu"] == pytest.approx(rows["mlp_out.0"]["fvu"]) and one["ce_spliced"] == pytest.approx(
+        rows["mlp_out.0"]["ce_spliced"], rel=1e-6)

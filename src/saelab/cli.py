@@ -68,6 +68,10 @@ COMMANDS: dict[str, Command] = {
                        "Gemma Scope; writes saelab, SAELens, sparsify)",
                        "saelab.saes.formats.convert:ConvertConfig", "saelab.saes.formats.convert:convert",
                        prints=True),
+    "export-transcoders": Command("write a run's per-layer transcoders as the transcoder set circuit-tracer loads "
+                                 "(config.yaml + layer_L.safetensors)",
+                                 "saelab.saes.formats.circuit_tracer:ExportTranscodersConfig",
+                                 "saelab.saes.formats.circuit_tracer:export_transcoders", prints=True),
     "view": Command("serve a run folder (reports, feature browser) on 127.0.0.1 at a free port until Ctrl-C",
                     "saelab.view:ViewConfig", "saelab.view:view"),
 }

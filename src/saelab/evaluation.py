@@ -40,9 +40,10 @@ from saelab.saes.base import SparseAutoencoder, load_sae
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    sae: SparseAutoencoder, batches: Iterable[Tensor], slices: Sequence[SliceSpec] | None = None
+    sae: SparseAutoencoder, batches: Iterable[Tensor | tuple[Tensor, Tensor]], slices: Sequence[SliceSpec] | None = None
 ) -> dict[str, Any]:
-    """Reconstruction metrics over all tokens of `batches` (raw `[B, d_in]` activations).
+    """Reconstruction metrics over all tokens of `batches` (raw `[B, d_in]` activations, or for an SAE that predicts
+    another activation (a transcoder) raw (input, target) pairs: every metric then compares with the target).
 
     `fvu`, `mse`, `cosine` and `per_slice_fvu` are measured in the SAE's own (preprocessed) space, the space it was
     trained in (the deep-SAE write-up's NMSE); `fvu_raw` is measured on the raw activations against the
@@ -53,14 +54,17 @@ def evaluate_reconstruction(
     latent_stats = LatentAccumulator(sae.n_latents)
     dtype = next(sae.parameters()).dtype
     for batch in batches:
-        if batch.ndim != 2 or batch.shape[1] != sae.d_in:
-            raise DataError(f"expected activations of shape [B, {sae.d_in}], got {tuple(batch.shape)}")
-        x = batch.to(sae.device, dtype)
+        raw, target = (batch, None) if isinstance(batch, Tensor) else batch
+        if raw.ndim != 2 or raw.shape[1] != sae.d_in:
+            raise DataError(f"expected activations of shape [B, {sae.d_in}], got {tuple(raw.shape)}")
+        x = raw.to(sae.device, dtype)
         x_n, stats = sae.normalize(x)
         x_hat_n, latents = sae(x_n)
-        fvu.update(x_n, x_hat_n)
-        fvu_raw.update(x, sae.denormalize(x_hat_n, stats))
-        cosine.update(cosine_similarity(x_n, x_hat_n))
+        y = x if target is None else target.to(sae.device, dtype)
+        y_n = x_n if target is None else sae.normalize_target(y)
+        fvu.update(y_n, x_hat_n)
+        fvu_raw.update(y, sae.denormalize(x_hat_n, stats))
+        cosine.update(cosine_similarity(y_n, x_hat_n))
         latent_stats.update(latents)
     if fvu.n == 0:
         raise DataError("evaluate_reconstruction got no activations; pass at least one non-empty batch")
@@ -161,7 +165,8 @@ def evaluate_downstream(
     mean_ablation: bool = True,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Next-token CE of the model clean, with `sae.reconstruct` spliced in at `hookpoint`, and with the site
+    """Next-token CE of the model clean, with `sae.reconstruct` spliced in at `hookpoint` (a transcoder: its
+    prediction from its input site replacing `hookpoint`, its target; see `splice_edits`), and with the site
     zero- or mean-ablated; KL(clean || spliced) and KL(clean || zero-ablated). Positions are masked and counted as
     in `splice_losses`.
 
@@ -170,7 +175,9 @@ def evaluate_downstream(
     ablation uses the mean of the clean activation over all evaluated positions, so its passes run after all the
     others (a second sweep over `contexts`, of full forwards).
     """
-    replacements: dict[str, Callable[[Tensor], Tensor]] = {"spliced": sae.reconstruct}
+    replacements: dict[str, Callable[[Tensor], Tensor] | Mapping[str, Callable[[Tensor], Tensor]]] = {
+        "spliced": sae.reconstruct if sae.target_hookpoint is None else splice_edits(sae, hookpoint)
+    }
     if zero_ablation:
         replacements["zero_ablated"] = torch.zeros_like
     masking = dict(batch_size=batch_size, drop_first=drop_first, exclude_token_ids=exclude_token_ids)
@@ -204,23 +211,68 @@ def evaluate_downstream_together(
     zero_ablation: bool = True,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """SAEs on several hookpoints ({hookpoint: sae}, e.g. every layer's resid_post) spliced into the model: the row
+    """SAEs on several hookpoints ({hookpoint: sae}, e.g. every layer's resid_post, or every MLP output keyed to its
+    transcoder, which predicts it from the MLP input: `splice_edits`) spliced into the model: the row
     of `evaluate_downstream` (CE, CE delta, KL, and with `zero_ablation` CE recovered against zero ablation) for
     each SAE alone, keyed by its hookpoint, and for all of them at once in one pass, keyed `ALL_SITES`, whose CE
     recovered is measured against every site zero-ablated at once. All passes of a batch share one clean pass.
     """
     if not saes or ALL_SITES in saes:
         raise ConfigError(f"give SAEs keyed by their hookpoints (none may be called {ALL_SITES!r})")
-    together = {hp: sae.reconstruct for hp, sae in saes.items()}
-    replacements: dict[str, Mapping[str, Callable[[Tensor], Tensor]]] = {hp: {hp: fn} for hp, fn in together.items()}
-    replacements[ALL_SITES] = together
+    replacements: dict[str, Mapping[str, Callable[[Tensor], Tensor]]] = {
+        hp: splice_edits(sae, hp) for hp, sae in saes.items()
+    }
+    replacements[ALL_SITES] = _chained([splice_edits(sae, hp) for hp, sae in saes.items()])
     if zero_ablation:
-        for name, edits in list(replacements.items()):
-            replacements[f"{name} zero-ablated"] = {hp: torch.zeros_like for hp in edits}
+        for name in [*saes, ALL_SITES]:
+            replacements[f"{name} zero-ablated"] = {hp: torch.zeros_like for hp in (saes if name == ALL_SITES
+                                                                                  else [name])}
     losses = splice_losses(model, next(iter(saes)), contexts, replacements, batch_size=batch_size,
                            drop_first=drop_first, exclude_token_ids=exclude_token_ids, progress=progress)
     return {name: _downstream_row(losses, name, f"{name} zero-ablated" if zero_ablation else None)
             for name in [*saes, ALL_SITES]}
+
+
+def splice_edits(sae: SparseAutoencoder, hookpoint: str) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The sites that splicing `sae` in at `hookpoint` rewrites, {site: replacement} for `splice_losses`: an
+    autoencoder replaces `hookpoint` by its reconstruction; a transcoder replaces `hookpoint` (its target) by its
+    prediction from what its input site (`sae.cfg.hookpoint`) holds in the same pass, leaving that site as it is."""
+    if sae.target_hookpoint is None:
+        return {hookpoint: sae.reconstruct}
+    if not sae.cfg.hookpoint:
+        raise ConfigError("the transcoder names no input hookpoint (cfg.hookpoint); set it to the site it reads")
+    source = canonical_hookpoint(sae.cfg.hookpoint)
+    if source == hookpoint:
+        raise ConfigError(f"a transcoder reading {source} cannot also replace it; splice it at its target")
+    seen: list[Tensor] = []
+
+    def read(act: Tensor) -> Tensor:
+        seen.append(act)
+        return act
+
+    def predict(act: Tensor) -> Tensor:
+        return sae.reconstruct(seen.pop())
+
+    return {source: read, hookpoint: predict}
+
+
+def _chained(edits: Sequence[Mapping[str, Callable[[Tensor], Tensor]]]) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Several SAEs' edits in one pass; two at one site apply in the order given (e.g. an SAE's reconstruction at
+    an MLP's input, then a transcoder reading it)."""
+    merged: dict[str, list[Callable[[Tensor], Tensor]]] = {}
+    for edit in edits:
+        for site, fn in edit.items():
+            merged.setdefault(site, []).append(fn)
+
+    def chain(fns: list[Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+        def apply(act: Tensor) -> Tensor:
+            for fn in fns:
+                act = fn(act)
+            return act
+
+        return apply
+
+    return {site: fns[0] if len(fns) == 1 else chain(fns) for site, fns in merged.items()}
 
 
 def _downstream_row(losses: SpliceLosses, spliced: str, zero_ablated: str | None) -> dict[str, float]:
@@ -291,16 +343,26 @@ def check_compatible(sae: SparseAutoencoder, store: ActivationStore) -> str:
             f"dimension mismatch: the store's {hookpoint} has width {store.dims[hookpoint]} but the SAE expects "
             f"d_in={sae.d_in}; evaluate on activations of the model/hookpoint the SAE was trained on"
         )
+    target = sae.target_hookpoint
+    if target is not None and (target not in store.hookpoints or store.dims[target] != sae.d_out):
+        raise ConfigError(
+            f"the transcoder predicts {target} (width {sae.d_out}) from {hookpoint}, but the store holds "
+            f"{store.dims}; evaluate it on a store holding both hookpoints"
+        )
     return hookpoint
 
 
 def reconstruction_metrics(sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, batch_size: int,
                            max_tokens: int | None = None) -> dict[str, Any]:
+    """`evaluate_reconstruction` on the store's tokens of `hookpoint` (paired with a transcoder's target)."""
     n = store.n_tokens if max_tokens is None else min(max_tokens, store.n_tokens)
+
+    target = sae.target_hookpoint
 
     def batches():
         for start in range(0, n, batch_size):
-            yield store.load(hookpoint, start, min(start + batch_size, n))
+            x = store.load(hookpoint, start, min(start + batch_size, n))
+            yield x if target is None else (x, store.load(target, start, min(start + batch_size, n)))
 
     return evaluate_reconstruction(sae, batches())
 
@@ -329,10 +391,11 @@ def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.downstream:
         model, tokenizer = load_model(cfg.model or store.model_name, cfg.device, torch.float32)
         contexts = build_contexts(cfg.data, tokenizer, skip_contexts=cfg.skip_contexts)
-        metrics.update(downstream_metrics(model, tokenizer, sae, hookpoint, contexts, cfg.data,
-                                          cfg.context_batch_size, cfg.mean_ablation))
+        metrics.update(downstream_metrics(model, tokenizer, sae, sae.target_hookpoint or hookpoint, contexts,
+                                          cfg.data, cfg.context_batch_size, cfg.mean_ablation))
     folder.lap("evaluate")
-    folder.write_summary({**metrics, "sae_dir": cfg.sae_dir, "hookpoint": hookpoint}, cfg)
+    target = {} if sae.target_hookpoint is None else {"target_hookpoint": sae.target_hookpoint}
+    folder.write_summary({**metrics, "sae_dir": cfg.sae_dir, "hookpoint": hookpoint, **target}, cfg)
     return metrics
 
 
@@ -344,17 +407,18 @@ def _evaluate_together(cfg: EvaluateConfig, folder: RunFolder) -> dict[str, Any]
     saes: dict[str, SparseAutoencoder] = {}
     for sae_dir in cfg.sae_dirs:
         sae = load_sae(sae_dir, device=cfg.device)
-        hookpoint = canonical_hookpoint(sae.cfg.hookpoint) if sae.cfg.hookpoint else None
+        replaced = sae.target_hookpoint or sae.cfg.hookpoint  # a transcoder replaces its target
+        hookpoint = canonical_hookpoint(replaced) if replaced else None
         if hookpoint is None or hookpoint in saes:
             raise ConfigError(
-                f"{sae_dir}: splicing several SAEs needs each to name its own hookpoint (got {sae.cfg.hookpoint!r}"
+                f"{sae_dir}: splicing several SAEs needs each to name its own hookpoint (got {replaced!r}"
                 f"{' twice' if hookpoint in saes else ''}); give one SAE per hookpoint"
             )
         saes[hookpoint] = sae
     store = ActivationStore(cfg.store)
     rows: dict[str, dict[str, Any]] = {
         hp: (reconstruction_metrics(sae, store, check_compatible(sae, store), cfg.batch_size, cfg.max_tokens)
-             if hp in store.hookpoints else {})
+             if {canonical_hookpoint(sae.cfg.hookpoint or hp), hp} <= set(store.hookpoints) else {})
         for hp, sae in saes.items()
     }
     if cfg.downstream:

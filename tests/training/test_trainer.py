@@ -271,8 +271,31 @@ def test_an_sae_adds_its_own_loss_term_without_trainer_changes(tiny_topk, plante
 
 
 def test_a_loaded_only_architecture_is_refused_before_training(tmp_path) -> None:
-    from saelab.saes import create_sae
+    from saelab.saes import TopKSAE, TopKSAEConfig
 
-    sae = create_sae("topk_transcoder", d_in=8, n_latents=16, k=2)  # read from sparsify files, not trained here
+    class LoadedOnly(TopKSAE):  # e.g. a format's architecture with no training loss here
+        trainable = False
+
+    sae = LoadedOnly(TopKSAEConfig(d_in=8, n_latents=16, k=2))
     with pytest.raises(ConfigError, match="can be loaded but not trained"):
         Trainer(sae, _cfg(2, 8), tmp_path)
+
+
+def test_pair_batches_train_against_the_target_and_are_checked(tmp_path) -> None:
+    from saelab.saes import TopKSAE, TopKSAEConfig
+    from saelab.saes.transcoder import TopKTranscoder, TopKTranscoderConfig
+
+    x, y = torch.randn(32, 8), torch.randn(32, 3)
+    tc = TopKTranscoder(TopKTranscoderConfig(d_in=8, n_latents=16, k=2, d_out=3))
+    before = {name: t.clone() for name, t in tc.state_dict().items()}
+    result = Trainer(tc, _cfg(1, 32, log_every_steps=1), tmp_path / "tc").fit([(x, y)])
+    probe = TopKTranscoder(tc.cfg)
+    probe.load_state_dict(before)
+    probe.initialize_from_pair(x, y)  # the first step's state: init from the pair, before the update
+    with torch.no_grad():
+        want = fraction_of_variance_unexplained(y, probe(x).x_hat)
+    assert result.records[0]["fvu"] == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(DataError, match=r"expected targets of shape \[32, 3\]"):
+        Trainer(TopKTranscoder(tc.cfg), _cfg(1, 32), tmp_path / "bad").fit([(x, torch.randn(32, 4))])
+    with pytest.raises(ConfigError, match="takes no separate target"):
+        Trainer(TopKSAE(TopKSAEConfig(d_in=8, n_latents=16, k=2)), _cfg(1, 32), tmp_path / "ae").fit([(x, x)])

@@ -18,6 +18,10 @@ Training. An SAE owns its training behaviour, so the trainer stays generic and a
   loss (`recon` always; the shared terms below when `ctx` asks for them; an architecture adds its own);
 - `check_training(ctx)`: refuse, before training starts, options the architecture cannot honour;
 - `initialize_from_batch(x_n)`: data-dependent init on the first (normalised) batch of a fresh run;
+- `normalize_target(y)`, `initialize_from_pair(x_n, y_n)`: for SAEs that predict another activation from their
+  input (transcoders). Batches may then be (input, target) pairs: the target is normalised by the SAE's own target
+  scale, `ctx.target` carries it to `training_loss`, and the recon (and AuxK) terms compare the output with it.
+  The default `normalize_target` refuses: an autoencoder reconstructs its own input;
 - `decoder_matrices()`: the matrices kept at unit norm per unit;
 - `self.training`: the trainer puts the SAE in training mode while it trains and in eval mode after (`load_sae`
   returns eval mode), for architectures whose encoding differs in training (BatchTopK selects over the batch);
@@ -92,6 +96,9 @@ class TrainingContext:
     k_aux: int = 1
     resample: bool = False  # dead latents are resampled
     share: BatchShare | None = None
+    # This step's normalised target when the batch is an (input, target) pair (`normalize_target`); None: the
+    # output should match the input itself.
+    target: Tensor | None = None
 
 
 @runtime_checkable
@@ -180,6 +187,23 @@ class SparseAutoencoder(nn.Module, ABC):
         return self.cfg.n_latents
 
     @property
+    def d_out(self) -> int:
+        """Width of the output: the input's, except for SAEs that predict another activation (transcoders)."""
+        return self.cfg.d_in
+
+    @property
+    def target_hookpoint(self) -> str | None:
+        """The hookpoint the output predicts when it is not the one read (a transcoder's target); None for an
+        autoencoder. Splicing replaces this site, computed from the one read."""
+        return None
+
+    @property
+    def output_scale(self) -> float:
+        """The factor `denormalize` divides the output by under preprocessing="scale" (the target's own scale for a
+        transcoder)."""
+        return self.cfg.input_scale
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -199,8 +223,16 @@ class SparseAutoencoder(nn.Module, ABC):
             mean, norm = stats
             return x_hat * norm + mean
         if self.cfg.preprocessing == "scale":
-            return x_hat / self.cfg.input_scale
+            return x_hat / self.output_scale
         return x_hat
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """A raw target activation -> the space the output is compared in (SAEs that predict another activation
+        override this; see the module docstring)."""
+        raise ConfigError(
+            f"{type(self).__name__} reconstructs its own input, so it takes no separate target; train a transcoder "
+            "(--target-hookpoint) to predict another activation"
+        )
 
     # ---- the dictionary --------------------------------------------------------------------------------
     @abstractmethod
@@ -221,7 +253,7 @@ class SparseAutoencoder(nn.Module, ABC):
         flat = x.reshape(-1, shape[-1]).to(self.device, next(self.parameters()).dtype)
         x_n, stats = self.normalize(flat)
         x_hat = self.denormalize(self(x_n).x_hat, stats)
-        return x_hat.reshape(shape).to(x.dtype)
+        return x_hat.reshape(*shape[:-1], x_hat.shape[-1]).to(x.dtype)
 
     # ---- decoder geometry (the trainer's unit-norm constraint uses these) ------------------------------
     def decoder_matrices(self) -> list[Tensor]:
@@ -239,7 +271,8 @@ class SparseAutoencoder(nn.Module, ABC):
 
         x_hat, latents = output
         share = ctx.share
-        terms = {"recon": LossTerm(losses.reconstruction_loss(x_n, x_hat, ctx.loss, share))}
+        target = x_n if ctx.target is None else ctx.target
+        terms = {"recon": LossTerm(losses.reconstruction_loss(target, x_hat, ctx.loss, share))}
         if ctx.l1_coefficient > 0:
             assert isinstance(self, SupportsL1)
             terms["l1"] = LossTerm(losses.l1_penalty(latents, self.decoder_norms(), share), ctx.l1_coefficient)
@@ -248,7 +281,7 @@ class SparseAutoencoder(nn.Module, ABC):
                                                  ctx.activation_decay)
         if ctx.auxk_coefficient > 0:
             assert isinstance(self, SupportsAuxK)
-            terms["auxk"] = LossTerm(losses.auxk_loss(self, x_n, x_hat, dead_mask(), ctx.k_aux, share),
+            terms["auxk"] = LossTerm(losses.auxk_loss(self, x_n, x_hat, dead_mask(), ctx.k_aux, share, target),
                                      ctx.auxk_coefficient)
         return terms
 
@@ -270,6 +303,10 @@ class SparseAutoencoder(nn.Module, ABC):
     def initialize_from_batch(self, x_n: Tensor) -> None:  # noqa: B027 (a hook: most SAEs need no data init)
         """Data-dependent init from the first normalised batch of a fresh run (after the decoder constraint is
         applied, so an init that measures the output sees the decoder it will train). Default: nothing."""
+
+    def initialize_from_pair(self, x_n: Tensor, y_n: Tensor) -> None:
+        """`initialize_from_batch` for a first batch of (input, normalised target) pairs; default: from the input."""
+        self.initialize_from_batch(x_n)
 
     # ---- what the trainer asks of an SAE split across processes (`saelab.saes.sharded`) -----------------
     # True where the parameters are shards of one SAE spread over a process group: every process trains on the

@@ -35,12 +35,17 @@ def init_dictionary(w_enc: Tensor, w_dec: Tensor | None, generator: torch.Genera
 
     Starting the decoder at the encoder's directions makes every latent reconstruct along what it detects, which
     avoids most early dead latents. With `w_dec=None` (tied weights) the encoder rows themselves are normalised.
-    Draws from `generator` (default: torch's global one; see `seeded`).
+    A decoder of another width than the encoder (a transcoder's, into another activation) has no such copy: its rows
+    are drawn the same way on their own, then normalised. Draws from `generator` (default: torch's global one; see
+    `seeded`).
     """
     bound = 1.0 / math.sqrt(w_enc.shape[1])
     w_enc.uniform_(-bound, bound, generator=generator)
+    source = w_enc
+    if w_dec is not None and w_dec.shape != w_enc.shape:
+        source = w_dec.uniform_(-bound, bound, generator=generator)
     target = w_enc if w_dec is None else w_dec
-    target.copy_(w_enc / w_enc.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    target.copy_(source / source.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()

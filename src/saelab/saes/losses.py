@@ -55,7 +55,8 @@ def activation_decay_penalty(latents: Latents, n_latents: int, share: BatchShare
 
 
 def auxk_loss(
-    sae: SparseAutoencoder, x_n: Tensor, x_hat: Tensor, dead: Tensor, k_aux: int, share: BatchShare | None = None
+    sae: SparseAutoencoder, x_n: Tensor, x_hat: Tensor, dead: Tensor, k_aux: int, share: BatchShare | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
     """AuxK (Gao et al.): the dead latents' top-k_aux reconstruct the residual e = x − x̂, scored like the main
     loss: ||e − ê||² / ||e − mean(e)||², scaled by min(n_dead / k_aux, 1).
@@ -63,12 +64,13 @@ def auxk_loss(
     ê is the decoder's linear part only, decode(z_aux) − decode(0): the residual already excludes b_dec, so
     adding it again (a known bug in some implementations) would make AuxK fit b_dec instead of the residual.
     With `share`, the denominator is the whole batch's residual variance (`dead` is the same on every process).
+    `target`: what x̂ predicts when it is not the input x_n itself (a transcoder's target); the residual is its.
     """
     n_dead = int(dead.sum().item())
     if n_dead == 0:
         return x_hat.new_zeros(())
     k = min(k_aux, n_dead)
-    residual = (x_n - x_hat).detach()
+    residual = ((x_n if target is None else target) - x_hat).detach()
     aux = sae.auxk_latents(x_n, dead, k)
     offset = sae.decode(SparseLatents(aux.values.new_zeros(1, 1), aux.indices.new_zeros(1, 1), aux.n_latents))
     e_hat = sae.decode(aux) - offset

@@ -1,6 +1,7 @@
 """What the one-encoder-matrix, one-decoder-matrix SAEs (top-k, ReLU) share: parameters, init, decoding.
 
-Layout: `W_enc [n_latents, d_in]`, `b_enc [n_latents]`, `W_dec [n_latents, d_in]`, `b_dec [d_in]`. Decoder rows are
+Layout: `W_enc [n_latents, d_in]`, `b_enc [n_latents]`, `W_dec [n_latents, d_out]`, `b_dec [d_out]` (d_out = d_in
+except for a transcoder, which predicts another activation). Decoder rows are
 the atoms, so a sparse decode is an `embedding_bag` over rows and the unit-norm constraint is per row. b_dec is
 subtracted before encoding and added after decoding: the dictionary models deviations from the data's centre.
 """
@@ -20,16 +21,16 @@ class ShallowSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig, tied: bool = False):
         super().__init__(cfg)
-        n, d = cfg.n_latents, cfg.d_in
+        n, d, d_out = cfg.n_latents, cfg.d_in, self.d_out
         self.W_enc = nn.Parameter(torch.empty(n, d))
         self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = None if tied else nn.Parameter(torch.empty(n, d))
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_dec = None if tied else nn.Parameter(torch.empty(n, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
         init_dictionary(self.W_enc, self.W_dec)
 
     @property
     def decoder_weight(self) -> Tensor:
-        """[n_latents, d_in], row = a latent's atom; the encoder matrix when tied."""
+        """[n_latents, d_out], row = a latent's atom; the encoder matrix when tied."""
         return self.W_enc if self.W_dec is None else self.W_dec
 
     def decoder_matrices(self) -> list[Tensor]:
@@ -57,4 +58,4 @@ class ShallowSAE(SparseAutoencoder):
     @torch.no_grad()
     def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:
         """Set b_dec to the geometric median of a (normalised) batch."""
-        self.b_dec.copy_(geometric_median(x.reshape(-1, self.d_in), iters=iters))
+        self.b_dec.copy_(geometric_median(x.reshape(-1, x.shape[-1]), iters=iters))

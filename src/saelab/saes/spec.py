@@ -48,6 +48,9 @@ class SAESpec(Config):
     batch_topk: bool | None = dataclasses.field(
         default=None, metadata={"help": "matryoshka: select BatchTopK (default) or plain top-k per token (false)"}
     )
+    skip_connection: bool | None = dataclasses.field(
+        default=None, metadata={"help": "transcoders (--target-hookpoint): add a linear skip x @ W_skip.T"}
+    )
 
     def validate(self) -> None:
         if self.architecture not in architectures():
@@ -59,6 +62,18 @@ class SAESpec(Config):
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The activation a transcoder predicts: its hookpoint, width and (preprocessing="scale") its own scale."""
+
+    hookpoint: str
+    d_out: int
+    scale: float = 1.0
+
+
+TRANSCODERS = {"topk": "topk_transcoder", "topk_transcoder": "topk_transcoder"}
+
+
 def sae_from_spec(
     spec: SAESpec,
     d_in: int,
@@ -66,11 +81,23 @@ def sae_from_spec(
     hookpoint: str | None = None,
     model_name: str | None = None,
     seed: int = 0,
+    target: Target | None = None,
 ) -> SparseAutoencoder:
     """A fresh SAE of width `d_in`, its initial weights drawn from `seed` alone; `input_scale` (E||scale·x|| =
-    sqrt(d_in)) is built in when the spec asks for preprocessing="scale"."""
+    sqrt(d_in)) is built in when the spec asks for preprocessing="scale". With `target`, the transcoder of the
+    spec's architecture that reads `hookpoint` and predicts the target."""
     fields = {name: value for name, value in spec.to_dict().items() if value is not None}
     architecture = fields.pop("architecture")
+    if target is not None:
+        if architecture not in TRANSCODERS:
+            raise ConfigError(
+                f"--target-hookpoint trains a transcoder, which is top-k here; architecture {architecture!r} has "
+                "none (use --sae.architecture topk)"
+            )
+        architecture = TRANSCODERS[architecture]
+        fields.update(d_out=target.d_out, target_hookpoint=target.hookpoint)
+        if spec.preprocessing == "scale":
+            fields["target_scale"] = target.scale
     config_fields = {f.name for f in dataclasses.fields(architecture_class(architecture).config_class)}
     defaults = SAESpec().to_dict()
     for name in list(fields):

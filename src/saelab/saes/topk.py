@@ -36,6 +36,11 @@ class TopKSAE(ShallowSAE):
     def k(self) -> int:
         return self.cfg.k
 
+    @property
+    def pre_encoder_bias(self) -> Tensor | None:
+        """What the encoder subtracts from its input: b_dec, so the dictionary models deviations from the centre."""
+        return self.b_dec
+
     def encode(self, x: Tensor) -> SparseLatents:
         return self._select(x, self.W_enc, self.b_enc, self.k, latent_ids=None)
 
@@ -51,10 +56,10 @@ class TopKSAE(ShallowSAE):
 
     def _select(self, x: Tensor, weight: Tensor, bias: Tensor, k: int, latent_ids: Tensor | None) -> SparseLatents:
         lead = x.shape[:-1]
-        values, indices = topk_encode(x.reshape(-1, self.d_in), weight, bias, k, pre_bias=self.b_dec)
+        values, indices = topk_encode(x.reshape(-1, self.d_in), weight, bias, k, pre_bias=self.pre_encoder_bias)
         if latent_ids is not None:
             indices = latent_ids[indices]
         return SparseLatents(values.reshape(*lead, k), indices.reshape(*lead, k), self.n_latents)
 
     def flops_per_token(self) -> int:
-        return 2 * self.d_in * self.n_latents + 2 * self.k * self.d_in
+        return 2 * self.d_in * self.n_latents + 2 * self.k * self.d_out

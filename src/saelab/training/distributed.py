@@ -232,9 +232,10 @@ def shard_batches(batches: Iterable[Tensor], dist: Dist | None) -> Iterable[Tens
 
 
 def _sliced(batches: Iterable[Tensor], dist: Dist) -> Iterator[Tensor]:
+    """Rows of each batch, or of both members of each (input, target) pair."""
     for batch in batches:
-        lo, hi = dist.bounds(batch.shape[0])
-        yield batch[lo:hi]
+        lo, hi = dist.bounds((batch if isinstance(batch, Tensor) else batch[0]).shape[0])
+        yield batch[lo:hi] if isinstance(batch, Tensor) else tuple(t[lo:hi] for t in batch)
 
 
 def device_for(device: str, local_rank: int) -> str:

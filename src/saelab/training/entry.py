@@ -39,7 +39,7 @@ from saelab.saes.base import SparseAutoencoder, load_sae
 from saelab.saes.initialization import seeded
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.sharded import ShardedTopKSAE
-from saelab.saes.spec import SAESpec, sae_from_spec
+from saelab.saes.spec import SAESpec, Target, sae_from_spec
 from saelab.saes.topk import TopKSAE
 from saelab.training import checkpoint as ckpt
 from saelab.training import distributed
@@ -64,6 +64,9 @@ class TrainJob:
     out_dir: str | Path
     inputs: tuple[str, ...] = ("x",)
     data: dict[str, Any] | None = None
+    # The key of the activation the SAE predicts (a transcoder's target), when the source's batches carry one: the
+    # trainer then gets (input, target) pairs.
+    target: str | None = None
 
     @property
     def name(self) -> str:
@@ -86,7 +89,8 @@ def train(
     command: Config | None = None,
 ) -> TrainResult:
     """Train `sae` in place on `batches` (an iterable of `[B, d_in]` tensors that yields the same sequence on every
-    call, e.g. `ActivationStore.batches` or `tensor_batches`) into the run folder `out_dir`.
+    call, e.g. `ActivationStore.batches` or `tensor_batches`; or of (input, target) pairs for a transcoder, e.g.
+    `TargetPairs`) into the run folder `out_dir`.
 
     `data` describes what the batches are (a store and hookpoint, or a tensor's fingerprint) so that a folder is
     never reused for other data. With `resume`, a folder with checkpoints continues from the newest one and a
@@ -96,7 +100,7 @@ def train(
     In a torchrun job of several processes, every rank calls this with the same arguments and the same `batches`
     (the global ones; `cfg.batch_size` is the global batch size); the ranks train one SAE together.
     """
-    job = TrainJob(sae, cfg, out_dir, data=data)
+    job = TrainJob(sae, cfg, out_dir, data=data, target=_Named.TARGET)
     (result,) = train_many([job], _Named(batches, "x"), resume=resume, command=command)
     return result
 
@@ -179,7 +183,7 @@ def _train_many(
         window_start, window_tokens = time.perf_counter(), 0
         for batch in stream:
             for job, trainer in active:
-                trainer.train_on(_job_input(batch, job.inputs))
+                trainer.train_on(_job_input(batch, job.inputs, job.target))
             rows = next(iter(batch.values())).shape[0]
             bar.update(rows)
             window_tokens += rows
@@ -298,10 +302,12 @@ def _from_step(batches: BatchSource, step: int) -> Iterator[Mapping[str, Tensor]
     return itertools.islice(iter(batches), step, None)
 
 
-def _job_input(batch: Mapping[str, Tensor], inputs: Sequence[str]) -> Tensor:
-    if len(inputs) == 1:
-        return batch[inputs[0]]
-    return torch.cat([batch[name] for name in inputs], dim=1)
+def _job_input(
+    batch: Mapping[str, Tensor], inputs: Sequence[str], target: str | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The job's input (its inputs concatenated), paired with its target when the batch carries one."""
+    x = batch[inputs[0]] if len(inputs) == 1 else torch.cat([batch[name] for name in inputs], dim=1)
+    return (x, batch[target]) if target is not None and target in batch else x
 
 
 def _finish_job(job: TrainJob, trainer: Trainer, elapsed: float, dist: distributed.Dist | None) -> TrainResult:
@@ -357,13 +363,28 @@ class _Rows:
 
 
 class _Named:
-    """Plain `[B, d]` batches as `{name: batch}` dicts, re-iterable like the batches they wrap."""
+    """Plain `[B, d]` batches as `{name: batch}` dicts (an (input, target) pair as `{name: input, TARGET:
+    target}`), re-iterable like the batches they wrap."""
 
-    def __init__(self, batches: Iterable[Tensor], name: str) -> None:
+    TARGET = "target"
+
+    def __init__(self, batches: Iterable[Tensor | tuple[Tensor, Tensor]], name: str) -> None:
         self.batches, self.name = batches, name
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return ({self.name: batch} for batch in self.batches)
+        return ({self.name: batch} if isinstance(batch, Tensor) else {self.name: batch[0], self.TARGET: batch[1]}
+                for batch in self.batches)
+
+
+class TargetPairs:
+    """(input, target) pairs from batches of the two hookpoints concatenated (`store.batches([input, target])`,
+    one row = one token at both sites): the first `d_in` features are the input. Re-iterable like the batches."""
+
+    def __init__(self, batches: Iterable[Tensor], d_in: int) -> None:
+        self.batches, self.d_in = batches, d_in
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return ((batch[:, : self.d_in], batch[:, self.d_in :]) for batch in self.batches)
 
 
 # ---- data sources -----------------------------------------------------------------------------------------------
@@ -402,19 +423,36 @@ def train_on_tensor(
     hookpoint: str | None = None,
     model_name: str | None = None,
     seed: int = 0,
+    target: Tensor | None = None,
+    target_hookpoint: str | None = None,
 ) -> tuple[SparseAutoencoder, TrainResult]:
     """An SAE of `spec` trained on the rows of `x` (activations held in memory, or quantities derived from them that
-    no store holds), its input scale (preprocessing="scale") estimated on `x` itself; resumable like `train`."""
+    no store holds), its input scale (preprocessing="scale") estimated on `x` itself; resumable like `train`. With
+    `target` (rows paired with x's), the transcoder predicting it (`target_hookpoint`), its target scale estimated
+    on `target`."""
     scale = estimate_norm_stats(x).scale if spec.preprocessing == "scale" else 1.0
-    sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed)
-    result = train(sae, tensor_batches(x, cfg.batch_size, seed), cfg, out_dir, data=describe_tensor(x, seed))
-    return sae, result
+    if target is None:
+        sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed)
+        return sae, train(sae, tensor_batches(x, cfg.batch_size, seed), cfg, out_dir, data=describe_tensor(x, seed))
+    if target.shape[0] != x.shape[0]:
+        raise DataError(f"the target has {target.shape[0]} rows, the input {x.shape[0]}; pair them row by row")
+    goal = Target(target_hookpoint or "target", target.shape[1], estimate_norm_stats(target).scale)
+    sae = sae_from_spec(spec, x.shape[1], scale, hookpoint, model_name, seed=cfg.seed, target=goal)
+    pairs = torch.cat([x, target.to(x.dtype)], dim=1)
+    batches = TargetPairs(tensor_batches(pairs, cfg.batch_size, seed), x.shape[1])
+    return sae, train(sae, batches, cfg, out_dir, data=describe_tensor(pairs, seed))
 
 
-def sae_for_store(spec: SAESpec, store: ActivationStore, hookpoint: str, seed: int = 0) -> SparseAutoencoder:
-    """A fresh SAE sized for `hookpoint` of `store`, with the store's normalisation built in when asked."""
+def sae_for_store(
+    spec: SAESpec, store: ActivationStore, hookpoint: str, seed: int = 0, target_hookpoint: str | None = None
+) -> SparseAutoencoder:
+    """A fresh SAE sized for `hookpoint` of `store` (a transcoder predicting `target_hookpoint`, when given), with
+    the store's normalisation of each hookpoint built in when asked."""
     scale = store.norm_stats(hookpoint).scale if spec.preprocessing == "scale" else 1.0
-    return sae_from_spec(spec, store.dims[hookpoint], scale, hookpoint, store.model_name, seed=seed)
+    target = None
+    if target_hookpoint is not None:
+        target = Target(target_hookpoint, store.dims[target_hookpoint], store.norm_stats(target_hookpoint).scale)
+    return sae_from_spec(spec, store.dims[hookpoint], scale, hookpoint, store.model_name, seed=seed, target=target)
 
 
 def resolve_hookpoint(store: ActivationStore, hookpoint: str | None) -> str:
@@ -457,6 +495,11 @@ class TrainConfig(PresetConfig):
     )
     hookpoints: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "--model: comma-separated hookpoints, one SAE each"}
+    )
+    target_hookpoint: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "train transcoders: the hookpoint each predicts from its input hookpoint (e.g. mlp_out.3 "
+                          "from mlp_in.3); with --model one per --hookpoints entry, in order"},
     )
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     multilayer: bool = dataclasses.field(
@@ -509,6 +552,14 @@ class TrainConfig(PresetConfig):
             )
 
     def validate(self) -> None:
+        if self.target_hookpoint:
+            inputs = self.streamed_hookpoints if self.model is not None else [self.hookpoint or "the store's"]
+            if len(self.target_hookpoint) != len(inputs) or self.multilayer or self.distribute_hookpoints:
+                raise ConfigError(
+                    f"--target-hookpoint names one target per input hookpoint ({len(inputs)} given: {inputs}; got "
+                    f"{self.target_hookpoint}), and transcoders train without --multilayer and "
+                    "--distribute-hookpoints"
+                )
         if self.distribute_hookpoints and (self.model is None or self.multilayer or self.cache_to is not None
                                            or self.shard_latents):
             raise ConfigError(
@@ -555,12 +606,16 @@ def train_from_config(
         return train_streamed(cfg)
     store = store or ActivationStore(cfg.store)
     hookpoint = resolve_hookpoint(store, cfg.hookpoint or (cfg.hookpoints[0] if cfg.hookpoints else None))
+    target = resolve_hookpoint(store, cfg.target_hookpoint[0]) if cfg.target_hookpoint else None
     trainer_cfg = cfg.trainer
-    sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed)
+    sae = sae_for_store(cfg.sae, store, hookpoint, seed=cfg.trainer.seed, target_hookpoint=target)
     if cfg.shard_latents:
         sae, trainer_cfg = _shard(sae, trainer_cfg)
-    batches = store.batches(hookpoint, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
-    data = describe_store(store, hookpoint, cfg.shuffle_seed)
+    read = hookpoint if target is None else [hookpoint, target]
+    batches = store.batches(read, cfg.trainer.batch_size, shuffle=True, seed=cfg.shuffle_seed, epochs=None)
+    if target is not None:
+        batches = TargetPairs(batches, store.dims[hookpoint])
+    data = describe_store(store, read, cfg.shuffle_seed)
     result = train(sae, batches, trainer_cfg, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
     if cfg.features_tokens:
         write_store_features(sae, store, hookpoint, cfg)
@@ -590,7 +645,9 @@ def train_streamed(
 ) -> dict[str, tuple[SparseAutoencoder, TrainResult]]:
     """`saelab train --model`: one SAE per hookpoint (and with `multilayer` one over their concatenation), all
     trained in step on one stream of the model's activations (`ActivationStream`), each into
-    `cfg.out_dir/<hookpoint>/` (`multilayer/`); returns {folder name: (sae, result)}.
+    `cfg.out_dir/<hookpoint>/` (`multilayer/`); returns {folder name: (sae, result)}. With `target_hookpoint`,
+    the SAE of each input hookpoint is a transcoder predicting its target, which the stream reads in the same
+    forward pass (same tokens, same shuffle), in the folder of its input hookpoint.
 
     Nothing is written before the hookpoints are checked against the model. Input scales (preprocessing="scale",
     and the multi-layer SAE's per-layer scales) are estimated on the stream's first block once and kept in the run
@@ -626,6 +683,10 @@ def _train_streamed(
         model, tokenizer = load_model(cfg.model, cfg.device, getattr(torch, cfg.model_dtype))
     # a bad name fails here, before anything is read or written; aliases become canonical names
     hookpoints = list(dict.fromkeys(resolve_model_hookpoint(model, hp).name for hp in cfg.streamed_hookpoints))
+    # transcoders: input hookpoint -> the hookpoint it predicts; the stream reads both
+    paired = zip(hookpoints, cfg.target_hookpoint, strict=True) if cfg.target_hookpoint else ()
+    targets = {hp: resolve_model_hookpoint(model, t).name for hp, t in paired}
+    read = list(dict.fromkeys([*hookpoints, *targets.values()]))
     owners = distributed.hookpoint_owners(hookpoints, peers.world_size) if peers is not None else None
     if cfg.cache_to is not None and not cfg.resume and (Path(cfg.cache_to) / MANIFEST_NAME).exists():
         raise StoreError(f"--cache-to {cfg.cache_to} already holds a store; pass --resume true to continue it, or "
@@ -637,18 +698,18 @@ def _train_streamed(
     contexts = build_contexts(cfg.data, tokenizer, show_progress=cfg.trainer.progress)
     cache = None
     if cfg.cache_to is not None:
-        harvest_cfg = HarvestConfig(out_dir=cfg.cache_to, model=cfg.model, hookpoints=hookpoints, data=cfg.data,
+        harvest_cfg = HarvestConfig(out_dir=cfg.cache_to, model=cfg.model, hookpoints=read, data=cfg.data,
                                     batch_size=cfg.contexts_per_forward, dtype=cfg.cache_dtype,
                                     model_dtype=cfg.model_dtype, shard_tokens=cfg.cache_shard_tokens,
                                     device=cfg.device, resume=cfg.resume)
         cache = functools.partial(store_writer, harvest_cfg, contexts)
-    stream = ActivationStream(model, tokenizer, contexts, hookpoints, cfg.data, batch_size=cfg.trainer.batch_size,
+    stream = ActivationStream(model, tokenizer, contexts, read, cfg.data, batch_size=cfg.trainer.batch_size,
                               buffer_tokens=cfg.buffer_tokens, contexts_per_forward=cfg.contexts_per_forward,
                               seed=cfg.shuffle_seed, writer=cache, exchange=peers, owners=owners)
     stats = {hp: NormStats.from_dict(d) for hp, d in _norm_stats(out, stream, peers).items()}
-    if set(stats) != set(hookpoints):
+    if set(stats) != set(read):
         raise CheckpointError(
-            f"{out.path} holds a run on hookpoints {sorted(stats)}, not {hookpoints}; resume it with those, or "
+            f"{out.path} holds a run on hookpoints {sorted(stats)}, not {read}; resume it with those, or "
             "train into a new folder"
         )
     source = {"model": cfg.model, "model_dtype": cfg.model_dtype, "data": cfg.data.to_dict(),
@@ -658,8 +719,12 @@ def _train_streamed(
     jobs, requests = [], []
     for hp in hookpoints:
         scale = stats[hp].scale if cfg.sae.preprocessing == "scale" else 1.0
-        sae = sae_from_spec(cfg.sae, stats[hp].mean.numel(), scale, hp, cfg.model, seed=cfg.trainer.seed)
-        job = TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp]})
+        t = targets.get(hp)
+        target = None if t is None else Target(t, stats[t].mean.numel(), stats[t].scale)
+        sae = sae_from_spec(cfg.sae, stats[hp].mean.numel(), scale, hp, cfg.model, seed=cfg.trainer.seed,
+                            target=target)
+        job = TrainJob(sae, cfg.trainer, out.path / hp, (hp,), {**source, "hookpoints": [hp, *([t] if t else [])]},
+                       target=t)
         requests.append(_request(job))
         if owners is None or owners[hp] == peers.rank:  # type: ignore[union-attr]
             jobs.append(job)  # another process's SAE is built only for its request, then dropped

@@ -7,8 +7,12 @@ here.
 The trainer keeps what is the same for every SAE: the lr schedule, the decoder constraint, gradient clipping, the
 optimiser, dead-latent tracking and resampling, checkpoints and logging. One step: normalise → forward → loss terms
 → backward → project decoder gradients → clip → optimiser step → renormalise decoders → count fired latents.
-Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`); `saelab.training.entry.train`
-is the entry point that wraps a run folder around this loop.
+Batches are any iterable of `[B, d_in]` float tensors (e.g. `ActivationStore.batches`), or of (input `[B, d_in]`,
+target `[B, d_out]`) pairs for an SAE that predicts another activation from its input (a transcoder): the SAE
+normalises the target (`normalize_target`, which an autoencoder refuses), the loss terms get it as `ctx.target`,
+and the logged FVU, the data-parallel FVU denominator and the first-batch init (`initialize_from_pair`) use it in
+place of the input. That is the loop's only difference between the two. `saelab.training.entry.train` is the entry
+point that wraps a run folder around this loop.
 
 Data-parallel (`dist`, see `saelab.training.distributed`): each rank's batches are its slice of the global batch;
 the step gets the whole batch's statistics before the loss (`TrainingContext.share`), sums gradients, fire counts
@@ -250,12 +254,13 @@ class Trainer:
         self._window = _Window()
         self._last_checkpoint = self.step
 
-    def train_on(self, batch: Tensor) -> None:
-        """One optimiser step on `batch`, with the logging and checkpoints that fall due after it."""
+    def train_on(self, batch: Tensor | tuple[Tensor, Tensor]) -> None:
+        """One optimiser step on `batch` (inputs, or (input, target) pairs), with the logging and checkpoints that
+        fall due after it."""
         cfg = self.cfg
-        x = self._prepare(batch)
+        x, y = self._prepare(batch)
         tokens_before = self.tokens_seen
-        self._window.add(self._train_step(x), self.tokens_seen - tokens_before)
+        self._window.add(self._train_step(x, y), self.tokens_seen - tokens_before)
         self._bar.update(self.tokens_seen - tokens_before)
         if self.step % cfg.log_every_steps == 0:
             self._log(self._window, self._bar)
@@ -292,15 +297,22 @@ class Trainer:
         self._window = self._bar = None
         self.logger.close()
 
-    def _prepare(self, batch: Tensor) -> Tensor:
-        if batch.ndim != 2 or batch.shape[1] != self.sae.d_in:
+    def _prepare(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        x, y = (batch, None) if isinstance(batch, Tensor) else batch
+        if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise DataError(
-                f"batch {self.step}: expected activations of shape [B, {self.sae.d_in}], got {tuple(batch.shape)}; "
+                f"batch {self.step}: expected activations of shape [B, {self.sae.d_in}], got {tuple(x.shape)}; "
                 "the store's hookpoint/dimension does not match the SAE's d_in"
             )
+        if y is not None and (y.ndim != 2 or y.shape != (x.shape[0], self.sae.d_out)):
+            raise DataError(
+                f"batch {self.step}: expected targets of shape [{x.shape[0]}, {self.sae.d_out}], got "
+                f"{tuple(y.shape)}; the target hookpoint's dimension does not match the SAE's d_out"
+            )
         if self.dist is None:
-            self._check_rows(batch.shape[0])
-        return batch.to(self.sae.device, next(self.sae.parameters()).dtype)
+            self._check_rows(x.shape[0])
+        dtype = next(self.sae.parameters()).dtype
+        return x.to(self.sae.device, dtype), None if y is None else y.to(self.sae.device, dtype)
 
     def _check_rows(self, rows: int) -> None:
         """Full batches of `batch_size` rows (global rows in a data-parallel job), at most one short one last."""
@@ -312,16 +324,21 @@ class Trainer:
             )
         self._short_batch_seen = rows < self.cfg.batch_size
 
-    def _train_step(self, x: Tensor) -> dict[str, Tensor]:
+    def _train_step(self, x: Tensor, y: Tensor | None) -> dict[str, Tensor]:
         sae, cfg, dist = self.sae, self.cfg, self.dist
         x_n, _ = sae.normalize(x)
+        y_n = None if y is None else sae.normalize_target(y)
+        target = x_n if y_n is None else y_n  # what the output should match
         context, share = self.context, None
+        if y_n is not None:
+            context = dataclasses.replace(context, target=y_n)
         if dist is not None:
-            share = dist.share(x_n)
+            share = dist.share(target)
             context = dataclasses.replace(context, share=share)
             self._check_rows(share.n_tokens)
         if self.step == 0:
-            self._initialize(x_n if dist is None else dist.gather_rows(x_n))
+            gather = (lambda t: t) if dist is None else dist.gather_rows
+            self._initialize(gather(x_n), None if y_n is None else gather(y_n))
         lr = self.base_lr * lr_factor(self.step, cfg.total_steps, cfg.warmup_steps, cfg.decay_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -340,7 +357,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if dist is not None:
-            stats, counts = self._sum_over_ranks(dist, share, terms, loss, x_n, x_hat, latents)
+            stats, counts = self._sum_over_ranks(dist, share, terms, loss, target, x_hat, latents)
             self._check_finite(stats["loss"], x)
         decoders = self._decoders()
         if cfg.unit_norm_decoder:
@@ -357,7 +374,7 @@ class Trainer:
                 self.tracker.update(fire_counts(latents), n_tokens)
                 stats = {name: term.value.detach() for name, term in terms.items()}
                 stats["loss"] = loss.detach()
-                stats["fvu"] = stats["recon"] if cfg.loss == "fvu" else fraction_of_variance_unexplained(x_n, x_hat)
+                stats["fvu"] = stats["recon"] if cfg.loss == "fvu" else fraction_of_variance_unexplained(target, x_hat)
                 stats["l0"] = l0(latents)
             else:
                 n_tokens = share.n_tokens
@@ -371,21 +388,21 @@ class Trainer:
 
     @torch.no_grad()
     def _sum_over_ranks(
-        self, dist: Dist, share: BatchShare, terms: dict[str, LossTerm], loss: Tensor, x_n: Tensor, x_hat: Tensor,
+        self, dist: Dist, share: BatchShare, terms: dict[str, LossTerm], loss: Tensor, target: Tensor, x_hat: Tensor,
         latents: Latents,
     ) -> tuple[dict[str, Tensor], Tensor]:
         """One all_reduce SUM of every gradient, the fire counts and the statistics' shares: the summed share
         gradients are the global loss's gradient, and the statistics become the global batch's (see
         `saelab.training.distributed`). A gradient that is None on every rank stays None (Adam skips it)."""
-        rows = x_n.shape[0]
+        rows = target.shape[0]
         stats = {name: term.value.detach().float() for name, term in terms.items()}
         stats["loss"] = loss.detach().float()
         stats["fvu"] = (stats["recon"].clone() if self.cfg.loss == "fvu"
-                        else ((x_hat - x_n).float().pow(2).sum() / share.x_sq_dev).float())
-        stats["l0"] = l0(latents) * (rows / share.n_tokens) if rows else x_n.new_zeros(())
+                        else ((x_hat - target).float().pow(2).sum() / share.x_sq_dev).float())
+        stats["l0"] = l0(latents) * (rows / share.n_tokens) if rows else target.new_zeros(())
         counts = fire_counts(latents).float()
         params = [p for p in self.sae.parameters()]
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=x_n.device)
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=target.device)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -409,13 +426,16 @@ class Trainer:
         with torch.no_grad():
             return self.sae.decoder_matrices()
 
-    def _initialize(self, x_n: Tensor) -> None:
+    def _initialize(self, x_n: Tensor, y_n: Tensor | None) -> None:
         """Fresh run only: the decoder constraint from the start, then the data-dependent init on the first batch
         (after the constraint, so an init that measures the SAE's output sees the decoder it will train)."""
         if self.cfg.unit_norm_decoder:
             normalize_decoder(self._decoders(), self.cfg.decoder_norm_axis)
         with torch.no_grad():
-            self.sae.initialize_from_batch(x_n)
+            if y_n is None:
+                self.sae.initialize_from_batch(x_n)
+            else:
+                self.sae.initialize_from_pair(x_n, y_n)
 
     def _resample(self) -> int:
         dead = self.tracker.dead_mask()

@@ -40,8 +40,12 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     assert set(saved["connectors"]) == {"linear", "relu", "mlp"}
     assert set(saved["cross_entropy"]["ce"]) == {"clean", "sae_on_mlp_input", "sae_on_mlp_output", "both_saes",
                                                  "connector_linear", "connector_relu", "connector_mlp",
-                                                 "mlp_zero_ablated"}
+                                                 "transcoder", "mlp_zero_ablated"}
     assert set(saved["cross_entropy"]["kl"]) == set(saved["cross_entropy"]["ce"]) - {"clean"}
+    # the transcoder row: the MLP's output predicted from its input, trained on the SAEs' tokens, FVU vs the output
+    assert saved["transcoder"]["n_latents"] == saved["saes"]["out"]["n_latents"]
+    assert 0 < saved["transcoder"]["heldout_fvu"] < 1.5
+    assert (out / "saes" / "transcoder" / "done" / "train.json").exists()
     linearity = saved["linearity"]
     assert 0.0 <= linearity["fraction_linear_absolute"] <= 1.0 and 0.0 <= linearity["fraction_linear_relative"] <= 1
     assert 0 < linearity["alive_output_features"] <= 64
@@ -54,7 +58,7 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
         assert Path(saved["figures"][name]).exists()
     assert (out / "connectors" / "linear.safetensors").exists()
     html = (out / "report.html").read_text()
-    assert "Readable connections" in html and "mlp_zero_ablated" in html
+    assert "Readable connections" in html and "mlp_zero_ablated" in html and "transcoder" in html
     page, _ = open_page(out / "report.html")
     shows_values(page, {k: v for k, v in saved["linearity"].items() if k != "median_variance_explained"})
     assert results["cross_entropy"] == saved["cross_entropy"]

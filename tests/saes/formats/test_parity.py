@@ -45,7 +45,7 @@ def _outputs(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_every_fixture_is_listed() -> None:
     found = {str(p.parent.relative_to(FIXTURES)) for p in FIXTURES.rglob("io.safetensors")}
-    assert found == set(EXPECTED)
+    assert found - {"circuit_tracer"} == set(EXPECTED)  # circuit-tracer's set: tests/saes/formats/test_circuit_tracer
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

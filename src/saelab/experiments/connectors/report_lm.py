@@ -95,6 +95,11 @@ def write_report(summary: dict[str, Any], path: Path) -> Path:
     report.heading("Cross-entropy with the MLP (partly) replaced")
     ce = summary["cross_entropy"]
     report.table([{"pass": name, "ce": value, "kl_from_clean": ce["kl"].get(name)} for name, value in ce["ce"].items()])
+    if "transcoder" in summary:
+        report.paragraph(
+            "transcoder: the MLP's output predicted from its input by one top-k transcoder (the SAEs' width and k, "
+            "trained on the same tokens), against connector_*: input SAE, connector, output SAE."
+        )
     report.figure(Path(summary["figures"]["cross_entropy"]), "held-out next-token cross-entropy")
     report.heading("Connectors")
     report.table([{"form": form, "test_mse_alive": r["test_mse_alive"], "large_weights": r["large_weights"],
@@ -109,7 +114,8 @@ def write_report(summary: dict[str, Any], path: Path) -> Path:
     report.heading("SAEs")
     report.table([{"role": role, "n_latents": s["n_latents"], "k": s["k"], "heldout_fvu": s["heldout_fvu"],
                    "train_fvu": s["training"].get("fvu"), "dead_fraction": s["training"].get("dead_fraction")}
-                  for role, s in summary["saes"].items()])
+                  for role, s in {**summary["saes"], **({"transcoder": summary["transcoder"]}
+                                                          if "transcoder" in summary else {})}.items()])
     report.heading("Setup, timings (s), config and provenance")
     report.key_values(summary["timings_s"])
     report.code({"setup": setup, "config": summary["config"], "provenance": summary["provenance"]})

@@ -30,7 +30,7 @@ from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
-from saelab.evaluation import evaluate_reconstruction, splice_losses
+from saelab.evaluation import evaluate_reconstruction, splice_edits, splice_losses
 from saelab.experiments.connectors import report_lm
 from saelab.experiments.connectors.connector import (
     ConnectorConfig,
@@ -96,6 +96,11 @@ class LMConnectorsConfig(Config):
         )
     )
     forms: list[str] = dataclasses.field(default_factory=lambda: list(FORMS), metadata={"help": "connector forms"})
+    transcoder: bool = dataclasses.field(
+        default=True, metadata={"help": "also a transcoder (the SAE settings, mlp_in -> mlp_out, the same tokens) "
+                                        "replacing the MLP in the CE table"})
+    transcoder_skip_connection: bool = dataclasses.field(
+        default=False, metadata={"help": "give the transcoder a linear skip connection"})
     # The write-up found a bias did not help; here it is kept (the SAEs' b_dec offsets need one) and reported.
     connector: ConnectorConfig = dataclasses.field(
         default_factory=lambda: ConnectorConfig(epochs=6, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
@@ -156,6 +161,15 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
                                               model_name=cfg.model)
         sae_logs[role] = trained.records[-1] if trained.records else {}
     folder.lap("train_saes")
+    transcoder = None
+    if cfg.transcoder:  # trained on the SAEs' tokens, its input the MLP's input and its target the MLP's output
+        transcoder, trained = train_on_tensor(
+            cfg.sae.replace(skip_connection=cfg.transcoder_skip_connection),
+            load_half(store, site_in, split.train), cfg.trainer, folder.file("saes") / "transcoder",
+            hookpoint=site_in, model_name=cfg.model, target=load_half(store, site_out, split.train),
+            target_hookpoint=site_out)
+        sae_logs["transcoder"] = trained.records[-1] if trained.records else {}
+        folder.lap("train_transcoder")
 
     features = {(role, part): _features(saes[role], store, site, tokens)
                 for role, site in (("in", site_in), ("out", site_out))
@@ -181,7 +195,7 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
     per_feature = _save_per_feature(feature_mse, variance, alive, folder.file("per_feature.safetensors"))
     folder.lap("linearity")
 
-    ce = _cross_entropy(cfg, model, data, tokenizer, split, saes, connectors, site_in, site_out)
+    ce = _cross_entropy(cfg, model, data, tokenizer, split, saes, connectors, site_in, site_out, transcoder)
     folder.lap("cross_entropy")
 
     shown = _shown_features(cfg, features["out", "train"], feature_mse["linear"], variance, alive)
@@ -199,6 +213,10 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
         "saes": {role: {"n_latents": sae.n_latents, "k": getattr(sae.cfg, "k", None), "training": sae_logs[role],
                         "heldout_fvu": _heldout_fvu(sae, store, site, split.analysis)}
                  for (role, sae), site in zip(saes.items(), (site_in, site_out), strict=True)},
+        **({} if transcoder is None else {"transcoder": {
+            "n_latents": transcoder.n_latents, "k": transcoder.k, "skip_connection": transcoder.cfg.skip_connection,
+            "training": sae_logs["transcoder"], "heldout_fvu": _heldout_fvu(transcoder, store, site_in, split.analysis,
+                                                                            target=site_out)}}),
         "connectors": connector_results,
         "linearity": linearity,
         "cross_entropy": ce,
@@ -235,9 +253,12 @@ def _features(sae: SparseAutoencoder, store: ActivationStore, site: str, tokens:
 
 
 @torch.no_grad()
-def _heldout_fvu(sae: SparseAutoencoder, store: ActivationStore, site: str, tokens: tuple[int, int]) -> float:
+def _heldout_fvu(sae: SparseAutoencoder, store: ActivationStore, site: str, tokens: tuple[int, int],
+                 target: str | None = None) -> float:
+    """FVU on held-out tokens of `site` (against `target`'s activations for a transcoder)."""
     x = store.load(site, *tokens).float()
-    return float(evaluate_reconstruction(sae, [x])["fvu"])
+    batch = x if target is None else (x, store.load(target, *tokens).float())
+    return float(evaluate_reconstruction(sae, [batch])["fvu"])
 
 
 @torch.no_grad()
@@ -279,14 +300,16 @@ def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor
 
 def _cross_entropy(cfg: LMConnectorsConfig, model: nn.Module, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
                    split: StoreSplit, saes: dict[str, SparseAutoencoder], connectors: dict[str, nn.Module],
-                   site_in: str, site_out: str) -> dict[str, Any]:
-    """CE and KL(clean || x) on the held-out contexts for each way of (partly) replacing the MLP."""
+                   site_in: str, site_out: str, transcoder: SparseAutoencoder | None = None) -> dict[str, Any]:
+    """CE and KL(clean || x) on the held-out contexts for each way of (partly) replacing the MLP (with a
+    `transcoder`, also the MLP's output predicted by it from the MLP's input)."""
     replacements: dict[str, Any] = {
         "sae_on_mlp_input": {site_in: saes["in"].reconstruct},
         "sae_on_mlp_output": {site_out: saes["out"].reconstruct},
         "both_saes": {site_in: saes["in"].reconstruct, site_out: saes["out"].reconstruct},
         **{f"connector_{form}": mlp_replacement(site_in, site_out, through_features(saes["in"], [c], saes["out"]))
            for form, c in connectors.items()},
+        **({} if transcoder is None else {"transcoder": splice_edits(transcoder, site_out)}),
         "mlp_zero_ablated": {site_out: torch.zeros_like},
     }
     excluded = tokenizer.all_special_ids if data.exclude_special_tokens else ()

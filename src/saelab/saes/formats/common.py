@@ -75,18 +75,21 @@ def unscaled_state(sae: SparseAutoencoder, target: str) -> dict[str, Tensor]:
     """The shallow SAE's weights acting on raw activations, for formats that store no input normalisation.
 
     With preprocessing "scale" (x_n = s·x, x̂ = x̂_n / s) the same function is W_enc·s, b_dec/s, W_dec/s (latents
-    unchanged), which is how SAELens folds its own `expected_average_only_in` factor; computed in float64, so it
-    is exact up to float32 rounding. A per-token normalisation has no such folding and is refused.
+    unchanged; a transcoder's output divides by its target scale instead, and its skip becomes W_skip·s/s_out),
+    which is how SAELens folds its own `expected_average_only_in` factor; computed in float64, so it is exact up
+    to float32 rounding. A per-token normalisation has no such folding and is refused.
     """
     check_preprocessing(sae, target)
     state = {name: t.detach().cpu().double() for name, t in sae.state_dict().items()}
     if "W_dec" not in state:  # a tied SAE: the formats store the decoder as its own matrix
         state["W_dec"] = state["W_enc"].clone()
-    if sae.cfg.preprocessing == "scale":
-        s = float(sae.cfg.input_scale)
+    if sae.cfg.preprocessing == "scale":  # a transcoder's output has its own scale (s_out; s_in otherwise)
+        s, s_out = float(sae.cfg.input_scale), float(sae.output_scale)
         state["W_enc"] = state["W_enc"] * s
-        state["b_dec"] = state["b_dec"] / s
-        state["W_dec"] = state["W_dec"] / s
+        state["b_dec"] = state["b_dec"] / s_out
+        state["W_dec"] = state["W_dec"] / s_out
+        if "W_skip" in state:
+            state["W_skip"] = state["W_skip"] * (s / s_out)
     return {name: t.float() for name, t in state.items()}
 
 

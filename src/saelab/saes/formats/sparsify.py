@@ -88,6 +88,9 @@ def check(sae: SparseAutoencoder) -> None:
             f"{describe(sae)} has no sparsify equivalent (sparsify holds top-k SAEs and transcoders only); write "
             f"it {elsewhere}"
         )
+    if sae.d_out != sae.d_in:
+        raise ConfigError(f"{describe(sae)} maps {sae.d_in} features to {sae.d_out}; sparsify's transcoders keep the "
+                          "width, so write it --to saelab")
     check_preprocessing(sae, NAME)
 
 
