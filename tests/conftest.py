@@ -1,5 +1,5 @@
 """Shared test settings: deterministic, one thread (tiny tensors run fastest single-threaded), offline fixtures
-(a tokenizer, and a loopback HTTP server speaking the OpenAI chat-completions protocol)."""
+(a tokenizer, a loopback HTTP server speaking the OpenAI chat-completions protocol, headless Chromium)."""
 
 import dataclasses
 import json
@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,58 @@ def _deterministic() -> None:
 
 
 torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------- pages in a real browser
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for the whole session; tests that need it skip where it is not installed."""
+    from saelab.report.chromium import Chromium, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium; .ci/run does it): pages not "
+                    "checked in a browser")
+    with Chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+def open_page(chromium):
+    """`open_page(path_or_url, ready=None) -> (page, check)`: load a page in headless Chromium and fail on any
+    console error, failed request, broken image or broken link; `page.evaluate(js)` then reads the rendered page."""
+    opened = []
+
+    def open_(target: str | Path, ready: str | None = None, clean: bool = True):
+        url = target if isinstance(target, str) and "://" in target else Path(target).resolve().as_uri()
+        page = chromium.open(url, ready)
+        opened.append(page)
+        check = page.check()
+        if clean:
+            assert check.problems == [], f"{url} is broken in Chromium: {check.problems}"
+        return page, check
+
+    yield open_
+    for page in opened:
+        page.close()
+
+
+@pytest.fixture
+def shows_values():
+    """`shows_values(page, values)`: every name of `values` is a row of a name/value table on the page, showing the
+    value as the report builder formats it (so the page's numbers are the summary's)."""
+    from saelab.report.html import format_value
+
+    def check(page, values) -> None:
+        rows = page.evaluate("""Array.from(document.querySelectorAll('table'))
+            .filter(t => t.tHead && Array.from(t.tHead.rows[0].cells).map(c => c.textContent).join() === 'name,value')
+            .flatMap(t => Array.from(t.tBodies[0].rows).map(r => [r.cells[0].textContent, r.cells[1].textContent]))""")
+        assert values, "nothing to compare"
+        for name, value in values.items():
+            assert [name, format_value(value)] in rows, f"{name}={format_value(value)} is not shown: {rows}"
+
+    return check
 
 
 # ----------------------------------------------------------- several processes in one gloo group (latent sharding)

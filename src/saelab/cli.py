@@ -72,6 +72,8 @@ COMMANDS: dict[str, Command] = {
                                  "(config.yaml + layer_L.safetensors)",
                                  "saelab.saes.formats.circuit_tracer:ExportTranscodersConfig",
                                  "saelab.saes.formats.circuit_tracer:export_transcoders", prints=True),
+    "view": Command("serve a run folder (reports, feature browser) on 127.0.0.1 at a free port until Ctrl-C",
+                    "saelab.view:ViewConfig", "saelab.view:view"),
 }
 
 

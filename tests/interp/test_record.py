@@ -30,6 +30,7 @@ def test_record_holds_every_nonzero_activation_with_its_token(make_record) -> No
         assert tokens.tolist() == expected.tolist()
         np.testing.assert_allclose(values, stored[expected, latent].numpy())
     assert len(record._manifest["shards"]) == 6  # 42 tokens in chunks of 7
+    np.testing.assert_allclose(record.maxima, stored.max(0).values.clamp_min(0).numpy())
 
 
 def test_top_k_latents_are_recorded_sparsely(make_record, tmp_path) -> None:

@@ -91,3 +91,31 @@ def test_two_identical_runs_write_identical_weights(store, tmp_path) -> None:
         assert main(_small_run(store, tmp_path / name)) == 0
     a, b = ((tmp_path / name / "sae" / "sae_weights.safetensors").read_bytes() for name in ("a", "b"))
     assert a == b
+
+
+def test_train_ends_with_the_feature_browser_when_asked(saved_tiny_llama, tmp_path, open_page) -> None:
+    from saelab.activations.harvest import HarvestConfig, harvest
+    from saelab.data.tokenize import DataConfig
+    from saelab.interp.record import LatentRecord
+    from saelab.models.loading import load_model
+
+    folder, _ = saved_tiny_llama(hidden_size=16, num_hidden_layers=2)
+    model, tokenizer = load_model(str(folder), "cpu", torch.float32)
+    contexts = torch.randint(4, 100, (24, 12))
+    contexts[:, 0] = tokenizer.bos_token_id
+    harvest_cfg = HarvestConfig(out_dir=str(tmp_path / "lm-store"), model=str(folder), hookpoints=["resid_post.1"],
+                                data=DataConfig(context_length=12), batch_size=8, dtype="float32")
+    harvest(model, tokenizer, contexts, harvest_cfg, show_progress=False)
+    out = tmp_path / "run"
+    assert main(["train", "--store", harvest_cfg.out_dir, "--out-dir", str(out), "--sae.n-latents", "16",
+                 "--sae.k", "2", "--trainer.total-tokens", "96", "--trainer.batch-size", "32",
+                 "--trainer.progress", "false", "--features-tokens", "120"]) == 0
+    record = LatentRecord(out / "features" / "record")
+    assert record.n_tokens <= 120 and record.n_latents == 16
+    page, _ = open_page((out / "features" / "index.html").as_uri() + "#sort=count&dir=desc",
+                        ready="document.body.dataset.ready")
+    shown = page.evaluate("Array.from(document.querySelectorAll('#latents tbody tr')).map(r => "
+                          "+r.cells[2].textContent)")
+    assert shown == sorted(record.counts.tolist(), reverse=True)
+    with pytest.raises(ConfigError, match="--features-tokens needs --store"):
+        TrainConfig(model="m", hookpoints=["resid_post.0"], features_tokens=10).validate()

@@ -240,8 +240,8 @@ class ExampleSampler:
             kind=kind,
             context=context,
             start=start,
-            token_ids=tuple(int(t) for t in self._contexts[context, start : start + self.length]),
-            activations=tuple(float(a) for a in activations),
+            token_ids=tuple(self._contexts[context, start : start + self.length].tolist()),
+            activations=tuple(activations.tolist()),
         )
 
 

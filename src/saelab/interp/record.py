@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def record_latents(
     sae: SparseAutoencoder,
     store: ActivationStore,
     folder: str | Path,
-    hookpoint: str,
+    hookpoint: str | Sequence[str],
     max_tokens: int | None = None,
     chunk_tokens: int = 65_536,
     batch_size: int = 4096,
@@ -74,7 +75,9 @@ def record_latents(
 ) -> LatentRecord:
     """Encode the store's first `max_tokens` tokens (whole contexts) with `sae` into a record at `folder`.
 
-    Re-running on a complete record returns it; on a partial one it continues after the last published shard.
+    Several hookpoints are read concatenated in the order given (a multi-layer SAE's input); the record names them
+    joined by commas. Re-running on a complete record returns it; on a partial one it continues after the last
+    published shard.
     A record written by a different SAE or from a different store is an error (choose another folder).
     """
     if chunk_tokens < 1 or batch_size < 1:
@@ -86,7 +89,7 @@ def record_latents(
         "format_version": FORMAT_VERSION,
         "sae": sae_fingerprint(sae),
         "store": {"source": store.manifest["source"], "n_tokens": store.n_tokens, "model": store.model_name},
-        "hookpoint": hookpoint,
+        "hookpoint": hookpoint if isinstance(hookpoint, str) else ",".join(hookpoint),
         "n_tokens": n_tokens,
         "n_latents": sae.n_latents,
         "chunk_tokens": chunk_tokens,
@@ -135,7 +138,8 @@ def _resume_manifest(folder: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _encode_chunk(
-    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, start: int, stop: int, batch_size: int
+    sae: SparseAutoencoder, store: ActivationStore, hookpoint: str | Sequence[str], start: int, stop: int,
+    batch_size: int,
 ) -> dict[str, np.ndarray]:
     """CSR-by-latent arrays of the nonzero activations of tokens [start, stop)."""
     dtype = next(sae.parameters()).dtype
@@ -201,6 +205,8 @@ class LatentRecord:
             if problem is not None:
                 raise StoreError(f"latent record {self.folder}: {problem}; delete the folder and record again")
         self._counts: np.ndarray | None = None
+        self._maxima: np.ndarray | None = None
+        self._last: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -226,6 +232,20 @@ class LatentRecord:
         return self._counts.copy()
 
     @property
+    def maxima(self) -> np.ndarray:
+        """Each latent's largest recorded activation, `[n_latents]` float32 (0 for a latent that never fires)."""
+        if self._maxima is None:
+            maxima = np.zeros(self.n_latents, dtype=np.float32)
+            for shard in self._manifest["shards"]:
+                with safe_open(str(self.folder / shard["file"]), framework="np") as handle:
+                    offsets, values = handle.get_tensor("offsets"), handle.get_tensor("values")
+                fired = np.flatnonzero(np.diff(offsets) > 0)
+                if len(fired):  # empty latents between two that fired add nothing to the segments between them
+                    np.maximum.at(maxima, fired, np.maximum.reduceat(values, offsets[fired]))
+            self._maxima = maxima
+        return self._maxima.copy()
+
+    @property
     def frequency(self) -> np.ndarray:
         """Fraction of recorded tokens on which each latent fires."""
         return self.counts / max(self.n_tokens, 1)
@@ -234,6 +254,11 @@ class LatentRecord:
         """(global token indices ascending int64, activation values float32) of every token where `latent` fires."""
         if not 0 <= latent < self.n_latents:
             raise IndexError(f"latent {latent} is out of range for a record of {self.n_latents} latents")
+        if self._last is None or self._last[0] != latent:  # readers often ask for one latent several times
+            self._last = (latent, *self._read_activations(latent))
+        return self._last[1].copy(), self._last[2].copy()
+
+    def _read_activations(self, latent: int) -> tuple[np.ndarray, np.ndarray]:
         tokens, values = [], []
         for shard in self._manifest["shards"]:
             with safe_open(str(self.folder / shard["file"]), framework="np") as handle:

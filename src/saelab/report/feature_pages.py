@@ -188,7 +188,7 @@ def _latent_html(title: str, page: LatentPage, logits_note: str, position: int, 
     parts.append("<h2>Logit effects</h2>" + _logits_html(page, logits_note))
     for section, views in page.contexts:
         parts.append(f"<h2>{_e(section)}</h2>")
-        parts += [_context_html(view) for view in views] or ['<p class="note">no windows</p>']
+        parts += [context_html(view) for view in views] or ['<p class="note">no windows</p>']
     return _document(f"{title}: latent {page.latent}", "\n".join(parts))
 
 
@@ -234,7 +234,7 @@ def _logits_html(page: LatentPage, note: str) -> str:
             + (f'<p class="note">{_e(note)}</p>' if note else ""))
 
 
-def _context_html(view: ContextView) -> str:
+def context_html(view: ContextView) -> str:
     spans = []
     for piece, activation, scaled in zip(view.pieces, view.activations, view.scaled, strict=True):
         text = _e(piece.replace("\n", "↵"))

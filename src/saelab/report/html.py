@@ -24,6 +24,9 @@ table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px so
 text-align:right}th{background:#f3f3f3}td.text,th.text{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.85em}.note{color:#555;font-size:.9em}
+.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.82em;white-space:pre-wrap;border:1px solid #eee;
+padding:.25em .5em;margin:.2em 0}.act{border-radius:2px}.tok{white-space:pre-wrap}svg .bar{fill:#4477aa}
+svg .dead{fill:#aa3377}.latent{margin:1em 0 .3em;font-size:.95em}
 """
 
 
@@ -73,6 +76,15 @@ class Report:
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
+
+    def fragment(self, markup: str) -> None:
+        """Markup built by another builder of this package (which escapes its own text), e.g. an inline SVG."""
+        self._parts.append(markup)
+
+    def link(self, href: str, text: str, before: str = "", after: str = "") -> None:
+        """A paragraph `before <a href>text</a> after`, every part escaped."""
+        self._parts.append(f"<p>{html.escape(before)}<a href=\"{html.escape(href, quote=True)}\">{html.escape(text)}"
+                           f"</a>{html.escape(after)}</p>")
 
     def code(self, obj: Any) -> None:
         text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=str)

@@ -61,6 +61,11 @@ def select_layers(n_layers: int, layers: Sequence[int] = (), stride: int | None 
     return chosen
 
 
+def segment_norms(matrix: Tensor, slices: Sequence[slice]) -> Tensor:
+    """`[n_latents, L]`: the norm of each row's segment in each slice (a latent's encoder or decoder per layer)."""
+    return torch.stack([matrix[:, s].norm(dim=1) for s in slices], dim=1)
+
+
 def layer_hookpoints(layers: Sequence[int], kind: str = "resid_post") -> list[str]:
     return [f"{kind}.{layer}" for layer in layers]
 

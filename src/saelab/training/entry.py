@@ -537,6 +537,11 @@ class TrainConfig(PresetConfig):
         metadata={"help": "--model under torchrun: each process trains the SAEs of some of the hookpoints on whole "
                           "batches, the forward passes shared out and the activations sent to their owners"},
     )
+    features_tokens: int = dataclasses.field(
+        default=0,
+        metadata={"help": "--store: afterwards record this many store tokens and write the feature browser to "
+                          "OUT_DIR/features (loads the store's model for token texts and logit effects); 0: none"},
+    )
 
     def check_source(self) -> None:
         """Exactly one of --store / --model (checked when the command runs: a config may name its source later)."""
@@ -562,6 +567,9 @@ class TrainConfig(PresetConfig):
                 "needs --model with --hookpoints, and cannot be combined with --store (one SAE), --multilayer (one "
                 "SAE over every hookpoint), --cache-to (no process sees every hookpoint) or --shard-latents"
             )
+        if self.features_tokens < 0 or (self.features_tokens and self.model is not None):
+            raise ConfigError("--features-tokens needs --store (a positive count of its tokens to record); for a "
+                              "streamed run, --cache-to a store and browse a trained SAE with `saelab train --store`")
         if self.model is None:
             if len(self.hookpoints) > 1 or self.multilayer or self.cache_to is not None:
                 raise ConfigError(
@@ -608,7 +616,24 @@ def train_from_config(
     if target is not None:
         batches = TargetPairs(batches, store.dims[hookpoint])
     data = describe_store(store, read, cfg.shuffle_seed)
-    return sae, train(sae, batches, trainer_cfg, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+    result = train(sae, batches, trainer_cfg, cfg.out_dir, resume=cfg.resume, data=data, command=cfg)
+    if cfg.features_tokens:
+        write_store_features(sae, store, hookpoint, cfg)
+    return sae, result
+
+
+def write_store_features(sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, cfg: TrainConfig) -> Path:
+    """The feature browser of a trained SAE in `cfg.out_dir/features`, recorded over `cfg.features_tokens` of the
+    store (token texts and the unembedding come from the store's model)."""
+    from saelab.interp.examples import TokenText
+    from saelab.models.loading import load_model
+    from saelab.report.run_features import write_run_features
+
+    model, tokenizer = load_model(store.model_name, "cpu", torch.float32)
+    index, _ = write_run_features(sae, store, hookpoint, cfg.out_dir, TokenText(tokenizer),
+                                  max_tokens=cfg.features_tokens, unembedding=model.get_output_embeddings().weight,
+                                  title=f"{sae.architecture} SAE on {store.model_name} {hookpoint}")
+    return index
 
 
 MULTILAYER_DIR = "multilayer"

@@ -54,7 +54,8 @@ def _config(setup: dict[str, str], out: Path, url: str, **overrides) -> Autointe
     return AutointerpConfig(**{**fields, **overrides})
 
 
-def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_server, tmp_path) -> None:
+def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_server, tmp_path, open_page,
+                                                                shows_values) -> None:
     out = tmp_path / "run"
     summary = run(_config(setup, out, fake_server.url))
     labels = [sae["label"] for sae in summary["saes"]]
@@ -86,6 +87,22 @@ def test_scores_and_compares_two_saes_and_a_rerun_costs_nothing(setup, fake_serv
     assert (out / "report.html").exists() and (out / "comparison.png").exists()
     assert json.loads((out / "summary.json").read_text())["comparison"] == summary["comparison"]
     assert (out / "config.json").exists()
+
+    # In Chromium: the report (its links to both sites), the pages and the browser, with the run's numbers.
+    report, _ = open_page(out / "report.html")
+    shows_values(report, summary["llm"]["usage"])
+    links = report.evaluate("Array.from(document.querySelectorAll('a')).map(a => a.getAttribute('href'))")
+    assert links == [f"{label}/{site}/index.html" for label in labels for site in ("pages", "features")]
+    open_page(out / "shallow" / "pages" / "index.html")
+    first = json.loads(sorted((out / "shallow" / "latents").glob("latent_*.json"))[0].read_text())
+    browser, _ = open_page((out / "shallow" / "features" / "index.html").as_uri() + "#q=w7&sort=detection&dir=desc",
+                           ready="document.body.dataset.ready")
+    rows = browser.evaluate("""Array.from(document.querySelectorAll('#latents tbody tr')).map(r => [
+        +r.dataset.latent, r.cells[2].textContent, r.cells[4].textContent, r.cells[r.cells.length - 1].textContent])""")
+    assert sorted(row[0] for row in rows) == summary["saes"][0]["latents"]  # the explained ones match the search
+    (row,) = [row for row in rows if row[0] == first["latent"]]
+    assert row[1:] == [str(first["count"]), f"{first['scores']['llm']['detection']['metrics']['accuracy']:.4g}",
+                       "the token w7"]
 
     sent = fake_server.count
     again = run(_config(setup, out, fake_server.url))

@@ -29,7 +29,8 @@ def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> LMConnectors
     return cfg.replace(**changes)
 
 
-def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Path) -> None:
+def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Path, open_page,
+                                                  shows_values) -> None:
     model, corpus = saved_tiny_llama(hidden_size=32, num_hidden_layers=3, n_documents=90)
     out = tmp_path / "run"
     results = run(tiny_config(model, corpus, out))
@@ -58,6 +59,8 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     assert (out / "connectors" / "linear.safetensors").exists()
     html = (out / "report.html").read_text()
     assert "Readable connections" in html and "mlp_zero_ablated" in html and "transcoder" in html
+    page, _ = open_page(out / "report.html")
+    shows_values(page, {k: v for k, v in saved["linearity"].items() if k != "median_variance_explained"})
     assert results["cross_entropy"] == saved["cross_entropy"]
 
     # A rerun reuses the store, the trained SAEs and connectors, and reaches the same figures.

@@ -19,7 +19,7 @@ def tiny_config() -> MnistConnectorsConfig:
     )
 
 
-def test_tiny_run_writes_every_result(tmp_path) -> None:
+def test_tiny_run_writes_every_result(tmp_path, open_page, shows_values) -> None:
     cfg = tiny_config()
     results = run(cfg.replace(out_dir=str(tmp_path)))
 
@@ -52,6 +52,8 @@ def test_tiny_run_writes_every_result(tmp_path) -> None:
     for paths in results["figures"].values():
         assert paths and all(path.endswith(".png") and (tmp_path / path.split("/")[-1]).exists() for path in paths)
     assert (tmp_path / "report.html").read_text().count("<img") == 4
+    page, _ = open_page(tmp_path / "report.html")
+    shows_values(page, headline)
     assert (tmp_path / "model" / "model.safetensors").exists()
 
     # A rerun reuses the network, the SAEs and the connectors, and reaches the same results.

@@ -44,7 +44,8 @@ def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> DarkMatterCo
     return cfg.replace(**changes)
 
 
-def test_run_writes_every_experiment_to_the_summary_and_the_report(tiny_setup, tmp_path: Path) -> None:
+def test_run_writes_every_experiment_to_the_summary_and_the_report(tiny_setup, tmp_path: Path, open_page,
+                                                                    shows_values) -> None:
     model, corpus = tiny_setup
     out = tmp_path / "run"
     summary = run(tiny_config(model, corpus, out))
@@ -87,6 +88,8 @@ def test_run_writes_every_experiment_to_the_summary_and_the_report(tiny_setup, t
                "component_sae_training", "downstream", "pursuit", "earlier_components"}
     assert {p.stem for p in (out / "figures").iterdir()} == figures
     assert html.count("<img ") == len(figures)
+    page, _ = open_page(out / "report.html")
+    shows_values(page, {k: v for k, v in saved["timings_s"].items() if k != "report"})  # timed after writing
     assert {p.name for p in (out / "saes").iterdir()} == {
         "resid_post.2-w16", "resid_post.2-w32", "resid_post.2-w64", "32-linear-error", "32-nonlinear-error",
         "resid_post.1-w32", "attn_out.2-w32", "mlp_out.2-w32",

@@ -45,7 +45,7 @@ def _cfg(root, out: str, **fields) -> FrontierConfig:
     return FrontierConfig(**{**base, **fields})
 
 
-def test_frontier_runs_reports_resumes_and_reuses_a_store(tiny_setup, monkeypatch) -> None:
+def test_frontier_runs_reports_resumes_and_reuses_a_store(tiny_setup, monkeypatch, open_page, shows_values) -> None:
     cfg = _cfg(tiny_setup, "run")
     summary = frontier.run(cfg)
     out = tiny_setup / "run"
@@ -66,6 +66,14 @@ def test_frontier_runs_reports_resumes_and_reuses_a_store(tiny_setup, monkeypatc
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
     html = (out / "report.html").read_text()
     assert "Frontier" in html and "deep-1-matched" in html and html.count("<img") == 3
+    page, _ = open_page(out / "report.html")
+    shows_values(page, summary["baseline"])
+    table = page.evaluate("""(() => { const t = Array.from(document.querySelectorAll('table'))[0];
+        const head = Array.from(t.tHead.rows[0].cells).map(c => c.textContent);
+        return Array.from(t.tBodies[0].rows).map(r => Object.fromEntries(
+            Array.from(r.cells).map((c, i) => [head[i], c.textContent]))); })()""")
+    assert [(r["architecture"], r["k"], float(r["nmse"])) for r in table] == [
+        (r["architecture"], str(r["k"]), pytest.approx(r["nmse"], rel=1e-3)) for r in summary["rows"]]
     assert (out / "saes" / "shallow-k4" / "sae" / "cfg.json").exists()
 
     # A second run trains and evaluates nothing: every SAE folder is complete.

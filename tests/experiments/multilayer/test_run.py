@@ -13,7 +13,7 @@ from saelab.cli import main
 from saelab.data.tokenize import DataConfig
 from saelab.experiments.multilayer.run import layer_scales
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
-from saelab.saes.multilayer import layer_hookpoints
+from saelab.saes.multilayer import layer_hookpoints, segment_norms
 
 
 @pytest.fixture
@@ -30,7 +30,8 @@ def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
             "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2", *extra]
 
 
-def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path) -> None:
+def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path, open_page,
+                                                            shows_values) -> None:
     model, corpus = tiny_setup
     out = tmp_path / "run"
     assert main(_args(model, corpus, out)) == 0
@@ -49,9 +50,21 @@ def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path
                     "Compared with the write-up"):
         assert f"<h2>{section}" in html
     assert html.count("<img") == 11  # training, rates, buckets, 4 banding, 2 cosine, 2 flow
-
     sae = load_sae(out / "train" / "sae", normalization="per_layer")
     assert isinstance(sae, MultiLayerSAE) and sae.hookpoints == ["resid_post.0", "resid_post.1", "resid_post.3"]
+    page, _ = open_page(out / "report.html")
+    shows_values(page, {**saved["activation"], "l0": saved["metrics"]["l0"]})
+    latent = page.evaluate("+document.querySelector('p.latent').dataset.latent")
+    browser, _ = open_page((out / "features" / "index.html").as_uri() + f"#latent={latent}",
+                           ready=f"document.getElementById('panel').dataset.latent === '{latent}'")
+    norms = browser.evaluate("""Array.from(document.querySelectorAll('#panel table.layers tbody tr')).map(r =>
+        [+r.cells[0].textContent, +r.cells[1].dataset.value, +r.cells[2].dataset.value])""")
+    encoder = segment_norms(sae.W_enc.detach(), sae.slices)[latent].tolist()
+    decoder = segment_norms(sae.decoder_weight.detach(), sae.slices)[latent].tolist()
+    assert [row[0] for row in norms] == [0, 1, 3]
+    assert [row[1] for row in norms] == pytest.approx(encoder, rel=1e-3)
+    assert [row[2] for row in norms] == pytest.approx(decoder, rel=1e-3)
+
 
 
 def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tiny_setup, tmp_path, capsys) -> None:

@@ -11,9 +11,12 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from saelab.activations.store import ActivationStore
 from saelab.interp.examples import Example, ExampleSampler, TokenText
+from saelab.interp.feature_data import FeatureData, FeatureDataConfig
 from saelab.interp.logits import decoder_directions, logit_effects, reads_residual_stream
 from saelab.interp.record import LatentRecord
+from saelab.report.feature_browser import write_feature_browser
 from saelab.report.feature_pages import ContextView, LatentPage, write_feature_site
 from saelab.saes import SparseAutoencoder
 
@@ -61,6 +64,27 @@ def write_pages(
              "fuzzing: are the marked tokens the activating ones)."]
     note = LOGITS_NOTE if logits else f"No logit effects: {record.hookpoint} is not read in the residual-stream basis."
     return write_feature_site(folder, f"SAE {label}, {record.hookpoint}", pages, notes, note)
+
+
+def write_browser(
+    sae: SparseAutoencoder, record: LatentRecord, store: ActivationStore, results: list[dict[str, Any]],
+    folder: Path, label: str, *, text: TokenText, unembedding: Tensor, cfg: FeatureDataConfig,
+) -> Path:
+    """The feature browser of every latent of SAE `label` in `folder`, the scored latents with their explanation
+    (the LLM's, else the baseline's) and scores as sortable columns; returns the index path."""
+    explanations = {}
+    for result in results:
+        texts = [e["text"] for e in result["explanations"].values() if e["text"]]
+        if texts:
+            explanations[result["latent"]] = texts[0]
+    scores: dict[str, dict[int, float | None]] = {}
+    for result in results:
+        for name, value in _page_scores(result).items():
+            scores.setdefault(name, {})[result["latent"]] = value
+    data = FeatureData(sae, record, store, text, cfg, title=f"SAE {label}, {record.hookpoint}",
+                       unembedding=unembedding, explanations=explanations, scores=scores,
+                       notes=[f"{len(results)} latents explained and scored; scores are the scorer's accuracy."])
+    return write_feature_browser(folder, data.index(), data.chunks())
 
 
 def _views(examples: list[Example], max_activation: float, text: TokenText) -> list[ContextView]:

@@ -80,7 +80,10 @@ def write_report(summary: dict[str, Any], out: Path) -> Path:
     report.heading("Feature pages")
     for sae in saes:
         if "pages" in sae:
-            report.paragraph(f"{sae['label']}: {os.path.relpath(sae['pages'], out)}")
+            report.link(os.path.relpath(sae["pages"], out), f"{sae['label']}: pages of the scored latents")
+        if "browser" in sae:
+            report.link(os.path.relpath(sae["browser"], out), f"{sae['label']}: feature browser of every latent",
+                        after=" (explanations and scores as sortable columns)")
     timings = summary.get("timings_s", {})
     report.heading("Timings (s, this run)")
     report.table(timing_rows(saes, timings))

@@ -4,8 +4,8 @@ Per SAE: one pass over the store into a latent record; `n_latents` alive latents
 explanation from its training examples and the baseline explanation (its most frequent activating tokens), both
 scored by detection and fuzzing; then the feature pages. With `--compare-sae-dir`, the second SAE gets the same
 treatment and the two are compared by Mann-Whitney U tests (per-example correctness and per-latent accuracy).
-Writes `config.json`, `summary.json`, `report.html` and per SAE `<label>/latents/*.json` and
-`<label>/pages/index.html`.
+Writes `config.json`, `summary.json`, `report.html` and per SAE `<label>/latents/*.json`,
+`<label>/pages/index.html` (the scored latents) and `<label>/features/index.html` (the browser of every latent).
 
 Resumable at every level: the record resumes after its last shard, each latent's result is written once it is
 scored (a rerun skips it), and every LLM reply is cached on disk, so a rerun after a failure costs only what is
@@ -30,12 +30,13 @@ from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.errors import ConfigError
 from saelab.evaluation import check_compatible
-from saelab.experiments.autointerp.pages import write_pages
+from saelab.experiments.autointerp.pages import write_browser, write_pages
 from saelab.experiments.autointerp.report import write_report
 from saelab.interp.cache import CachedClient, ResponseCache
 from saelab.interp.compare import compare_results, latent_scores
 from saelab.interp.examples import ExampleConfig, ExampleSampler, LatentExamples, TokenText
 from saelab.interp.explainers import Explanation, baseline_explanation, explain_latents
+from saelab.interp.feature_data import FeatureDataConfig
 from saelab.interp.llm import ChatClient
 from saelab.interp.record import LatentRecord, record_latents
 from saelab.interp.scorers import (
@@ -108,6 +109,8 @@ class AutointerpConfig(Config):
     page_quantiles: int = dataclasses.field(default=4, metadata={"help": "quantile sections per feature page"})
     page_per_quantile: int = dataclasses.field(default=3, metadata={"help": "windows per quantile section"})
     logit_tokens: int = dataclasses.field(default=10, metadata={"help": "promoted/suppressed tokens per page"})
+    browser: bool = dataclasses.field(default=True, metadata={"help": "write the feature browser of every latent"})
+    features: FeatureDataConfig = dataclasses.field(default_factory=FeatureDataConfig)
     device: str = dataclasses.field(default="cpu", metadata={"help": "device of the SAEs"})
 
     def validate(self) -> None:
@@ -305,6 +308,11 @@ def autointerp_sae(
                             logit_tokens=cfg.logit_tokens)
         summary["pages"] = str(index)
         run_folder.lap(f"{label}/pages")
+    if cfg.browser:
+        browser = write_browser(sae, record, subject.store, results, folder / "features", label, text=subject.text,
+                                unembedding=subject.unembedding, cfg=cfg.features)
+        summary["browser"] = str(browser)
+        run_folder.lap(f"{label}/browser")
     return {**summary, "results": results}
 
 

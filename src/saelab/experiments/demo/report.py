@@ -6,14 +6,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from saelab.interp.feature_data import FeatureData
 from saelab.report.html import Report
 from saelab.report.plots import plot_training_curves
+from saelab.report.run_features import add_features_section
 
 HEADLINE = ("fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_divergence")
 
 
-def write_report(summary: dict[str, Any], records: Sequence[Mapping[str, Any]], folder: Path, path: Path) -> Path:
-    """`training_curves.png` in `folder` (from the trainer's log `records`) and the report at `path`."""
+def write_report(summary: dict[str, Any], records: Sequence[Mapping[str, Any]], folder: Path, path: Path,
+                 features: FeatureData | None = None) -> Path:
+    """`training_curves.png` in `folder` (from the trainer's log `records`) and the report at `path`, with a
+    Features section linking to the browser when `features` is given."""
     curves_png = plot_training_curves(records, folder / "training_curves.png")
     cfg = summary["config"]
     metrics = summary["metrics"]
@@ -33,6 +37,8 @@ def write_report(summary: dict[str, Any], records: Sequence[Mapping[str, Any]], 
     report.heading("Downstream loss")
     report.table([{"model": name, "next-token CE": metrics.get(f"ce_{name}")}
                   for name in ("clean", "spliced", "zero_ablated", "mean_ablated") if f"ce_{name}" in metrics])
+    if features is not None:
+        add_features_section(report, features, summary["features"]["index"])
     report.heading("Training curves")
     report.figure(curves_png, "loss, FVU, L0 and dead fraction against tokens seen")
     report.heading("All metrics")

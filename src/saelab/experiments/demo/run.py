@@ -2,8 +2,10 @@
 
 SmolLM2-135M on the KJV corpus: harvest residual activations at a middle layer (the held-out contexts that follow
 the training ones go to a second store), train a top-k SAE, evaluate it (FVU, L0, dead latents, CE/KL with the SAE
-spliced into the model) and write `metrics.json` (also as `summary.json`), the training curves and a one-page
-`report.html`. Re-running the command in the same folder resumes the stores and the training.
+spliced into the model) and write `metrics.json` (also as `summary.json`), the training curves, the feature browser
+(`features/index.html`, over the first `feature_tokens` training tokens) and a one-page `report.html` that shows a
+dozen latents and links to the browser. Re-running the command in the same folder resumes the stores and the
+training.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from saelab.config import Config
 from saelab.data.tokenize import DataConfig
 from saelab.evaluation import downstream_metrics, reconstruction_metrics
 from saelab.experiments.demo.report import HEADLINE, write_report
+from saelab.interp.examples import TokenText
+from saelab.interp.feature_data import FeatureDataConfig
 from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL
+from saelab.report.run_features import summary_of, write_run_features
 from saelab.run_folder import RunFolder
 from saelab.saes.spec import SAESpec
 from saelab.training.config import TrainerConfig
@@ -48,6 +53,10 @@ class DemoConfig(Config):
         default_factory=lambda: TrainerConfig(total_tokens=1_200_000, batch_size=1024, lr=1e-3, warmup_steps=50,
                                               dead_window_tokens=500_000, checkpoint_every_steps=500)
     )
+    feature_tokens: int = dataclasses.field(
+        default=32_768, metadata={"help": "training tokens recorded for the feature browser (0: no browser)"}
+    )
+    features: FeatureDataConfig = dataclasses.field(default_factory=FeatureDataConfig)
     device: str = dataclasses.field(default="cpu", metadata={"help": "device the model and the SAE run on"})
 
 
@@ -81,8 +90,17 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 "folder": str(result.sae_dir)},
         "stores": {"train_tokens": train_store.n_tokens, "eval_tokens": eval_store.n_tokens},
     }
+    features = None
+    if cfg.feature_tokens > 0:
+        index_path, features = write_run_features(
+            sae, train_store, cfg.hookpoint, folder.path, TokenText(tokenizer), cfg=cfg.features,
+            max_tokens=cfg.feature_tokens, unembedding=model.get_output_embeddings().weight,
+            title=f"saelab demo: {sae.architecture} SAE on {cfg.model} {cfg.hookpoint}",
+            notes=[f"Recorded over the first {cfg.feature_tokens:,} training tokens (whole contexts)."])
+        summary["features"] = summary_of(features, index_path, folder.path)
+        folder.lap("features")
     summary = _write_summary(folder, summary, cfg)  # the metrics survive a failing report
-    write_report(summary, result.records, folder.path, folder.report_path)
+    write_report(summary, result.records, folder.path, folder.report_path, features)
     folder.lap("report")
     summary = _write_summary(folder, summary, cfg)
     log.info("demo finished: %s", {key: round(float(metrics[key]), 4) for key in HEADLINE})

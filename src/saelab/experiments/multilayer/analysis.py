@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from saelab.models.blocks import BlockRunner
 from saelab.models.hooks import capture
 from saelab.report.plots import plot_heatmap, plot_histogram, plot_lines
 from saelab.saes.base import to_dense
-from saelab.saes.multilayer import MultiLayerSAE
+from saelab.saes.multilayer import MultiLayerSAE, segment_norms
 
 TriggerBy = Literal["encoder", "decoder"]
 
@@ -92,11 +92,6 @@ def plot_activation_rates(rates: ActivationRates, path: str | Path) -> Path:
 
 
 # ---- trigger layers and banding ---------------------------------------------------------------------------
-
-
-def segment_norms(matrix: Tensor, slices: Sequence[slice]) -> Tensor:
-    """`[n_latents, L]`: the norm of each row's segment in each slice."""
-    return torch.stack([matrix[:, s].norm(dim=1) for s in slices], dim=1)
 
 
 @dataclasses.dataclass

@@ -19,8 +19,10 @@ from saelab.experiments.multilayer.analysis import (
     plot_decoder_cosines,
     plot_flow,
 )
+from saelab.interp.feature_data import FeatureData
 from saelab.report.html import Report
 from saelab.report.plots import plot_training_curves
+from saelab.report.run_features import add_features_section
 
 
 def write_figures(folder: Path, records: Sequence[Mapping[str, Any]] | None, rates: ActivationRates,
@@ -60,8 +62,10 @@ def _mean_sd(stats: LayerPairStats) -> list[dict[str, Any]]:
 
 
 def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
-                 flow: dict[str, dict[str, LayerPairStats]], figures: dict[str, Path], path: Path) -> Path:
-    """The report at `path`: the summary's numbers, the pair statistics as tables and the `figures`."""
+                 flow: dict[str, dict[str, LayerPairStats]], figures: dict[str, Path], path: Path,
+                 features: FeatureData | None = None) -> Path:
+    """The report at `path`: the summary's numbers, the pair statistics as tables and the `figures` (and a
+    Features section linking to the browser when `features` is given)."""
     sae, triggers = summary["sae"], summary["triggers"]
     layers = sae["layers"]
     report = Report(f"saelab multilayer: one SAE over layers {layers} of {summary['config']['model']}")
@@ -83,6 +87,8 @@ def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
     report.heading("Activation rates")
     report.key_values(summary["activation"])
     report.figure(figures["rates"], "per-latent activation rate on the held-out tokens (latents that fired)")
+    if features is not None:
+        add_features_section(report, features, summary["features"]["index"])
     report.heading("Trigger layers")
     report.table([{"layer": layer, "by encoder norm": enc, "by decoder norm": dec} for layer, enc, dec in
                   zip(layers, triggers["bucket_counts_by_encoder"], triggers["bucket_counts_by_decoder"],

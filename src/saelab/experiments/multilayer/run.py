@@ -34,8 +34,11 @@ from saelab.errors import ConfigError
 from saelab.evaluation import evaluate_reconstruction
 from saelab.experiments.multilayer.analysis import activation_rates, decoder_cosines, information_flow, trigger_layers
 from saelab.experiments.multilayer.report import write_figures, write_report
+from saelab.interp.examples import TokenText
+from saelab.interp.feature_data import FeatureDataConfig
 from saelab.models.hookpoints import num_layers
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
+from saelab.report.run_features import summary_of, write_run_features
 from saelab.run_folder import RunFolder
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
 from saelab.saes.initialization import seeded
@@ -111,6 +114,10 @@ class MultiLayerConfig(Config):
     )
     cosine_top_n: int = dataclasses.field(default=100, metadata={"help": "most active latents for decoder cosines"})
     flow: FlowSettings = dataclasses.field(default_factory=FlowSettings)
+    feature_tokens: int = dataclasses.field(
+        default=32_768, metadata={"help": "held-out tokens recorded for the feature browser (0: no browser)"}
+    )
+    features: FeatureDataConfig = dataclasses.field(default_factory=FeatureDataConfig)
     device: str = dataclasses.field(default="cpu", metadata={"help": "device the model and the SAE run on"})
 
     def validate(self) -> None:
@@ -146,6 +153,14 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
     metrics["per_layer_fvu"] = dict(zip(map(str, layers), metrics.pop("per_slice_fvu"), strict=True))
     rates = activation_rates(sae, _store_batches(eval_store, hookpoints))
     folder.lap("evaluate")
+    features = None
+    if cfg.feature_tokens > 0:
+        index_path, features = write_run_features(
+            sae, eval_store, hookpoints, folder.path, TokenText(tokenizer), cfg=cfg.features,
+            max_tokens=cfg.feature_tokens, title=f"saelab multilayer: one SAE over layers {layers} of {cfg.model}",
+            notes=["Recorded on held-out tokens. Each latent's panel shows the norm of its encoder and decoder in "
+                   "every layer (the banding picture, one latent at a time)."])
+        folder.lap("features")
 
     triggers = trigger_layers(sae, rates)
     buckets = {layer: triggers.bucket(i) for i, layer in enumerate(layers)}
@@ -186,10 +201,12 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
         "stores": {"eval_tokens": eval_store.n_tokens},
         "write_up": WRITE_UP,
     }
+    if features is not None:
+        summary["features"] = summary_of(features, index_path, folder.path)
     summary = folder.write_summary(summary, cfg)  # the results survive a failing report
     records = None if training is None else training.records
     figures = write_figures(folder.path / "figures", records, rates, triggers, cosines, flow_stats)
-    write_report(summary, cosines, flow_stats, figures, folder.report_path)
+    write_report(summary, cosines, flow_stats, figures, folder.report_path, features)
     folder.lap("report")
     log.info("multilayer finished: FVU %.4f, per layer %s", metrics["fvu"], metrics["per_layer_fvu"])
     return folder.write_summary(summary, cfg)
