@@ -18,6 +18,7 @@ from saelab.experiments.connectors.connector import (
     load_connector,
     network_feature_weights,
     per_feature_mse,
+    residual_from_linear,
     save_connector,
     simulate,
     smart_init_,
@@ -200,7 +201,7 @@ def random_sparse(n_rows: int, n_latents: int, k: int) -> SparseLatents:
     return SparseLatents(values, indices, n_latents)
 
 
-@pytest.mark.parametrize("form", ["linear", "relu", "mlp"])
+@pytest.mark.parametrize("form", ["linear", "relu", "mlp", "residual"])
 def test_sparse_features_give_the_dense_output_and_gradients(form: str) -> None:
     connector = FeatureConnector(40, 24, form=form, mlp_hidden=16)
     sparse = random_sparse(12, 40, 5)
@@ -243,7 +244,8 @@ def test_linear_features_by_absolute_and_relative_tolerance() -> None:
     assert linear_features(mse_linear, mse_mlp, 0.02, scale=variance).tolist() == [True, True, True, True]
 
 
-@pytest.mark.parametrize(("form", "bias"), [("linear", True), ("relu", False), ("mlp", True)])
+@pytest.mark.parametrize(("form", "bias"), [("linear", True), ("relu", False), ("mlp", True), ("residual", True),
+                                            ("residual", False)])
 def test_a_saved_connector_loads_with_its_form_widths_and_weights(form: str, bias: bool, tmp_path: Path) -> None:
     connector = FeatureConnector(6, 4, form=form, bias=bias, mlp_hidden=5)
     loaded = load_connector(save_connector(connector, tmp_path / "c.safetensors"))
@@ -271,3 +273,41 @@ def test_trained_connector_trains_once_per_request(tmp_path: Path) -> None:
     assert torch.equal(again.linears[0].weight, first.linears[0].weight)
     other, curve = trained_connector(folder, "connectors/a", FeatureConnector(3, 2), {"l1": 1e-2}, fit)
     assert len(calls) == 2 and curve == [{"loss": 2.0}] and (other.linears[0].weight == 2).all()
+
+
+def test_residual_connector_starts_as_its_linear_connector_and_corrects_it() -> None:
+    linear = FeatureConnector(8, 5, form="linear")
+    residual = residual_from_linear(linear, hidden=6)
+    f = torch.rand(20, 8)
+    assert torch.equal(residual(f), linear(f))  # the correction's output layer is zero
+    weight = residual.linears[0].weight
+    assert torch.equal(weight, linear.linears[0].weight) and weight.data_ptr() != linear.linears[0].weight.data_ptr()
+    by_hand = linear(f) + residual.linears[2](torch.relu(residual.linears[1](f)))
+    torch.nn.init.normal_(residual.linears[2].weight)
+    torch.testing.assert_close(residual(f), linear(f) + residual.linears[2](torch.relu(residual.linears[1](f))))
+    assert not torch.allclose(residual(f), by_hand)
+    with pytest.raises(ConfigError, match="starts from a linear connector"):
+        residual_from_linear(FeatureConnector(8, 5, form="mlp"), hidden=6)
+
+
+def test_early_stopping_keeps_the_best_weights_which_may_be_the_start() -> None:
+    g = torch.Generator().manual_seed(0)
+    f_in = torch.rand(600, 6, generator=g)
+    f_out = torch.relu(f_in @ torch.randn(6, 4, generator=g)) + 0.1 * torch.randn(600, 4, generator=g)
+    train, valid = (f_in[:500], f_out[:500]), (f_in[500:], f_out[500:])
+    cfg = ConnectorConfig(form="linear", epochs=30, batch_size=50, lr=1e-2, l1_coefficient=0.0)
+    linear = FeatureConnector.from_config(6, 4, cfg)
+    train_connector(linear, *train, cfg)
+    start = heldout_feature_mse(linear, *valid).mean()
+    residual = residual_from_linear(linear, hidden=16)
+    history = train_connector(residual, *train, cfg.replace(form="residual", patience=3), validation=valid)
+    scores = [e.validation_mse for e in history]
+    end = heldout_feature_mse(residual, *valid).mean()
+    assert float(end) == pytest.approx(min([float(start), *scores]))  # the best weights, never worse than the start
+    assert float(end) < 0.9 * float(start)  # the nonlinear part of the target is learnt
+    if len(history) < 30:  # stopped early: the last `patience` epochs did not beat the best
+        assert min(scores[-3:]) >= min([float(start), *scores[:-3]])
+    # a start that cannot be improved (lr 0 leaves it unchanged) stops after `patience` epochs at the start
+    frozen = residual_from_linear(linear, hidden=16)
+    history = train_connector(frozen, *train, cfg.replace(form="residual", lr=1e-12, patience=2), validation=valid)
+    assert len(history) == 2 and torch.equal(frozen(valid[0]), linear(valid[0]))

@@ -6,7 +6,12 @@ span of network layers can be replaced by encode → connectors → decode. Form
 
 - ``linear``: W F + b;
 - ``relu``:   ReLU(W F + b) (the write-up's form: features are non-negative);
-- ``mlp``:    ReLU(W_b ReLU(W_a F + b_a) + b_b), the reference a linear connector is compared against.
+- ``mlp``:    ReLU(W_b ReLU(W_a F + b_a) + b_b), the write-up's reference a linear connector is compared against;
+- ``residual``: W F + b + W_b ReLU(W_a F + b_a) + b_b, a linear connector plus an MLP correction. Built from a
+  trained linear connector with W_b = 0 (`residual_from_linear`), it starts as that connector and, trained with
+  early stopping on held-out MSE (`train_connector(..., validation=...)`, whose best state includes the start), it
+  can only end at least as good as linear on held-out data: the nonlinear reference the linearity test needs (an
+  independently trained mlp connector can end worse than linear, which calls features linear for the wrong reason).
 
 Training loss = MSE (mean over examples and over output features, optionally only the alive ones: those that
 fire at least once in the training targets, so dead features do not dilute the mean) + l1_coefficient × L1, where
@@ -46,21 +51,23 @@ from saelab.io import atomic_write_with
 from saelab.models.mnist_mlp import ClassificationScores, MnistMLP, classification_scores
 from saelab.run_folder import RunFolder
 from saelab.saes.base import Latents, SparseAutoencoder, SparseLatents, to_dense
+from saelab.saes.initialization import seeded
 from saelab.saes.kernels import sparse_decode
 from saelab.saes.shallow import ShallowSAE
 
-ConnectorForm = Literal["linear", "relu", "mlp"]
+ConnectorForm = Literal["linear", "relu", "mlp", "residual"]
 ConnectorInit = Literal["random", "smart"]
-FORMS: tuple[ConnectorForm, ...] = ("linear", "relu", "mlp")
+FORMS: tuple[ConnectorForm, ...] = ("linear", "relu", "mlp", "residual")
 INITS: tuple[ConnectorInit, ...] = ("random", "smart")
 
 
 @dataclasses.dataclass
 class ConnectorConfig(Config):
-    form: ConnectorForm = dataclasses.field(default="relu", metadata={"help": "linear | relu | mlp"})
+    form: ConnectorForm = dataclasses.field(default="relu", metadata={"help": "linear | relu | mlp | residual"})
     bias: bool = dataclasses.field(default=True, metadata={"help": "learn a bias per output (and hidden) unit"})
     mlp_hidden: int = dataclasses.field(
-        default=256, metadata={"help": "hidden width of the mlp form; the smart init needs the network layer's width"}
+        default=256, metadata={"help": "hidden width of the mlp and residual forms; the smart init needs the network "
+                                         "layer's width"}
     )
     init: ConnectorInit = dataclasses.field(
         default="random",
@@ -73,6 +80,10 @@ class ConnectorConfig(Config):
     alive_only: bool = dataclasses.field(
         default=True, metadata={"help": "MSE over the output features that fire in the training targets only"}
     )
+    patience: int = dataclasses.field(
+        default=2, metadata={"help": "with validation data: stop after this many epochs without a better held-out "
+                                     "MSE, keeping the best weights (epochs is then the maximum)"}
+    )
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the initial weights and the batch order"})
 
     def validate(self) -> None:
@@ -80,8 +91,8 @@ class ConnectorConfig(Config):
             raise ConfigError(f"connector form {self.form!r} is unknown; use one of {list(FORMS)}")
         if self.init not in INITS:
             raise ConfigError(f"connector init {self.init!r} is unknown; use one of {list(INITS)}")
-        if min(self.mlp_hidden, self.epochs, self.batch_size) <= 0 or self.lr <= 0:
-            raise ConfigError("mlp_hidden, epochs, batch_size and lr must be positive")
+        if min(self.mlp_hidden, self.epochs, self.batch_size, self.patience) <= 0 or self.lr <= 0:
+            raise ConfigError("mlp_hidden, epochs, batch_size, patience and lr must be positive")
         if self.l1_coefficient < 0:
             raise ConfigError(f"l1_coefficient must be >= 0 (got {self.l1_coefficient})")
 
@@ -92,15 +103,19 @@ class FeatureConnector(nn.Module):
         if form not in FORMS:
             raise ConfigError(f"connector form {form!r} is unknown; use one of {list(FORMS)}")
         self.form = form
-        widths = [n_in, mlp_hidden, n_out] if form == "mlp" else [n_in, n_out]
-        self.linears = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        shapes = {"mlp": [(n_in, mlp_hidden), (mlp_hidden, n_out)],
+                  "residual": [(n_in, n_out), (n_in, mlp_hidden), (mlp_hidden, n_out)]}.get(form, [(n_in, n_out)])
+        self.linears = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in shapes)
 
     @classmethod
     def from_config(cls, n_in: int, n_out: int, cfg: ConnectorConfig) -> FeatureConnector:
         return cls(n_in, n_out, cfg.form, cfg.bias, cfg.mlp_hidden)
 
     def forward(self, features: Latents) -> Tensor:
-        hidden = self._first_layer(features)
+        if self.form == "residual":
+            linear, inner, outer = self.linears
+            return _apply(linear, features) + outer(F.relu(_apply(inner, features)))
+        hidden = _apply(self.linears[0], features)
         if self.form == "linear":
             return hidden
         hidden = F.relu(hidden)
@@ -108,17 +123,35 @@ class FeatureConnector(nn.Module):
             hidden = F.relu(linear(hidden))
         return hidden
 
-    def _first_layer(self, features: Latents) -> Tensor:
-        first = self.linears[0]
-        if not isinstance(features, SparseLatents):
-            return first(features)
-        # embedding_bag gathers rows: a contiguous [n_in, n_out] copy is ~6x faster than gathering the strided view
-        out = sparse_decode(features.values, features.indices, first.weight.t().contiguous())
-        return out if first.bias is None else out + first.bias
-
     def weight_matrices(self) -> list[Tensor]:
         """`[out, in]` weights, input side first (what L1 penalises and what the large-weight count counts)."""
         return [linear.weight for linear in self.linears]
+
+
+def _apply(linear: nn.Linear, features: Latents) -> Tensor:
+    """`linear(features)`, as a k-sparse gather-sum when the features are top-k `SparseLatents`."""
+    if not isinstance(features, SparseLatents):
+        return linear(features)
+    # embedding_bag gathers rows: a contiguous [n_in, n_out] copy is ~6x faster than gathering the strided view
+    out = sparse_decode(features.values, features.indices, linear.weight.t().contiguous())
+    return out if linear.bias is None else out + linear.bias
+
+
+@torch.no_grad()
+def residual_from_linear(linear: FeatureConnector, hidden: int, seed: int = 0) -> FeatureConnector:
+    """A ``residual`` connector that computes exactly what the trained ``linear`` one does: its linear part is a copy,
+    its correction's input layer random (seeded) and its output layer zero, so training starts from linear."""
+    if linear.form != "linear":
+        raise ConfigError(f"a residual connector starts from a linear connector, not a {linear.form} one")
+    first = linear.linears[0]
+    with seeded(seed):
+        residual = FeatureConnector(first.in_features, first.out_features, "residual", first.bias is not None, hidden)
+    residual.linears[0].load_state_dict(first.state_dict())
+    outer = residual.linears[2]
+    outer.weight.zero_()
+    if outer.bias is not None:
+        outer.bias.zero_()
+    return residual
 
 
 # ---- saved connectors ----------------------------------------------------------------------------------------
@@ -143,8 +176,9 @@ def load_connector(path: str | Path) -> FeatureConnector:
     weights = [state[f"linears.{i}.weight"] for i in range(sum(name.endswith(".weight") for name in state))]
     if form not in FORMS or not weights:
         raise CheckpointError(f"{path} is not a saved feature connector (form {form!r})")
+    hidden = weights[1 if form == "residual" else 0].shape[0]
     connector = FeatureConnector(weights[0].shape[1], weights[-1].shape[0], form, bias="linears.0.bias" in state,
-                                 mlp_hidden=weights[0].shape[0])
+                                 mlp_hidden=hidden)
     connector.load_state_dict(state)
     return connector.eval()
 
@@ -239,6 +273,7 @@ class ConnectorEpoch(NamedTuple):
     mse: float
     l1: float
     loss: float
+    validation_mse: float | None = None  # with validation data: the held-out MSE after the epoch
 
 
 def train_connector(
@@ -247,9 +282,15 @@ def train_connector(
     f_out: Latents,
     cfg: ConnectorConfig,
     on_epoch: Callable[[int, FeatureConnector], None] | None = None,
+    validation: tuple[Latents, Latents] | None = None,
 ) -> list[ConnectorEpoch]:
     """Adam on shuffled minibatches of stored feature pairs; `on_epoch(epoch, connector)` runs after each epoch
-    (e.g. to snapshot weights). Returns each epoch's mean training MSE, L1 and loss."""
+    (e.g. to snapshot weights). Returns each epoch's mean training MSE, L1 and loss.
+
+    With `validation` (held-out input and output features): early stopping. The held-out MSE (over the alive
+    features when `alive_only`) is measured before training and after each epoch; training stops after
+    `cfg.patience` epochs without a lower one, and the connector ends with the weights of the lowest, which may be
+    its starting weights: a connector that starts as another never ends worse than it on the validation data."""
     shapes = [tuple(f.values.shape if isinstance(f, SparseLatents) else f.shape) for f in (f_in, f_out)]
     if any(len(shape) != 2 for shape in shapes) or n_rows(f_in) != n_rows(f_out) or n_rows(f_in) == 0:
         raise DataError(f"need paired non-empty [N, n] (or [N, k] sparse) features, got {shapes[0]} and {shapes[1]}")
@@ -259,6 +300,7 @@ def train_connector(
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(connector.parameters(), lr=cfg.lr)
     history = []
+    best = None if validation is None else _Best(connector, validation, alive)
     for epoch in range(cfg.epochs):
         sums = torch.zeros(3, dtype=torch.float64)
         for batch in torch.randperm(n_rows(f_in), generator=generator).split(cfg.batch_size):
@@ -269,10 +311,42 @@ def train_connector(
             loss.backward()
             optimizer.step()
             sums += torch.stack([mse.detach(), l1.detach(), loss.detach()]).double() * len(batch)
-        history.append(ConnectorEpoch(*(sums / n_rows(f_in)).tolist()))
+        history.append(ConnectorEpoch(*(sums / n_rows(f_in)).tolist(),
+                                      validation_mse=None if best is None else best.update(connector)))
         if on_epoch is not None:
             on_epoch(epoch, connector)
+        if best is not None and best.epochs_since_best >= cfg.patience:
+            break
+    if best is not None:
+        connector.load_state_dict(best.state)
     return history
+
+
+class _Best:
+    """The connector's weights at its lowest validation MSE so far (starting with its initial weights)."""
+
+    def __init__(self, connector: nn.Module, validation: tuple[Latents, Latents], alive: Tensor | None):
+        self.validation, self.alive = validation, alive
+        self.mse = self._mse(connector)
+        self.state = _copy_state(connector)
+        self.epochs_since_best = 0
+
+    def _mse(self, connector: nn.Module) -> float:
+        errors = heldout_feature_mse(connector, *self.validation)
+        return float((errors if self.alive is None else errors[self.alive]).mean())
+
+    def update(self, connector: nn.Module) -> float:
+        """Score the connector's current weights, keep them if best; return their validation MSE."""
+        mse = self._mse(connector)
+        if mse < self.mse:
+            self.mse, self.state, self.epochs_since_best = mse, _copy_state(connector), 0
+        else:
+            self.epochs_since_best += 1
+        return mse
+
+
+def _copy_state(module: nn.Module) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
 
 
 # ---- initialisation from the network -----------------------------------------------------------------------

@@ -1,16 +1,24 @@
 """`connectors-lm`: the language-model half of "Learning Interpretable Features with Sparse Auto-Encoders" (feature
 connectors), end to end in one run folder.
 
-One harvest stores the input and the output of one block's MLP (`mlp_in.L`, `mlp_out.L`); a top-k SAE is trained on
-each; connectors of every form (linear, ReLU, MLP) learn the output features from the input features; then:
-which output features are linear (the linear connector within a tolerance of the MLP connector), the strongest
-input connections of well-predicted output features with each feature's top-activating contexts (to read OR- and
-AND-NOT-like relations), cross-entropy with the MLP replaced by encode → connector → decode next to SAE-only
-splices and MLP zero-ablation, and each shown feature's effect on the next-token logits when it is removed.
+One harvest stores the input and the output of the MLP of several blocks (`mlp_in.L`, `mlp_out.L` for each L in
+`--layers`); per block a top-k SAE is trained on each, connectors of every form (linear, ReLU, MLP) learn the output
+features from the input features, and a nonlinear reference (the trained linear connector plus an MLP correction,
+early-stopped on held-out MSE, see `connector`) gives each output feature the best error a nonlinear map reached.
+An output feature is linear when the linear connector's held-out MSE is within a tolerance of the reference's; the
+write-up's test (against the independently trained MLP connector) and the ReLU connector's are kept as columns.
+The per-block fractions form the write-up's per-layer table. For the main block (`--layer`) also: a sweep of the
+linear connector's L1 coefficient, the strongest input connections of well-predicted output features with each
+feature's top-activating contexts (to read OR- and AND-NOT-like relations), cross-entropy with the MLP replaced by
+encode → connector → decode (and by a transcoder) next to SAE-only splices and MLP zero-ablation, and each shown
+feature's effect on the next-token logits when it is removed.
 
-Writes `summary.json`, `report.html` and the figures (see `report_lm`), and each output feature's held-out MSE per
-connector form in `per_feature.safetensors`. Re-running resumes: the store, the trained SAEs (`train`'s
-done-markers) and the connectors trained from the same SAEs and settings (their done-markers) are reused.
+Budgets (`--budget`): "small" (the defaults) harvests 250k tokens and trains each SAE on 150k, about half an hour
+on two CPU cores for six blocks; "full" harvests 1M tokens and trains each SAE on 1M (several hours on two cores).
+
+Writes `summary.json`, `report.html` and the figures (see `report_lm`), and per block each output feature's held-out
+MSE per connector form in `layers/<L>/per_feature.safetensors`. Re-running resumes: the store, the trained SAEs
+(`train`'s done-markers) and the connectors trained from the same SAEs and settings (their done-markers) are reused.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import Tensor, nn
 from saelab.activations.harvest import HarvestConfig, open_or_harvest
 from saelab.activations.split import StoreSplit, load_half, split_store
 from saelab.activations.store import ActivationStore
-from saelab.config import Config
+from saelab.config import BudgetConfig
 from saelab.data.tokenize import DataConfig
 from saelab.errors import ConfigError
 from saelab.evaluation import evaluate_reconstruction, splice_edits, splice_losses
@@ -41,6 +49,7 @@ from saelab.experiments.connectors.connector import (
     heldout_feature_mse,
     linear_features,
     n_rows,
+    residual_from_linear,
     take_rows,
     through_features,
     top_connections,
@@ -65,13 +74,24 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 FORMS = ("linear", "relu", "mlp")
+REFERENCE = "residual"  # the form of the nonlinear reference
 
 
 @dataclasses.dataclass
-class LMConnectorsConfig(Config):
+class LMConnectorsConfig(BudgetConfig):
+    BUDGETS = {
+        "small": {},
+        "full": {"data": {"n_tokens": 1_000_000}, "analysis_tokens": 100_000, "validation_tokens": 50_000,
+                 "downstream_contexts": 64, "trainer": {"total_tokens": 1_000_000},
+                 "connector": {"epochs": 10}, "reference": {"epochs": 40}},
+    }
+
     out_dir: str = dataclasses.field(default="runs/connectors-lm", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
-    layer: int = dataclasses.field(default=6, metadata={"help": "block whose MLP is replaced"})
+    layer: int = dataclasses.field(default=6, metadata={"help": "block whose MLP is replaced (the detailed analyses)"})
+    layers: list[int] = dataclasses.field(
+        default_factory=lambda: [2, 6, 10, 14, 18, 22],
+        metadata={"help": "blocks of the per-layer linearity table (--layer is added when missing)"})
     store: str | None = dataclasses.field(
         default=None, metadata={"help": "reuse this store (holding mlp_in.L and mlp_out.L) instead of harvesting"}
     )
@@ -83,6 +103,9 @@ class LMConnectorsConfig(Config):
     analysis_tokens: int = dataclasses.field(
         default=50_000, metadata={"help": "stored tokens held out of all training, to score the connectors"}
     )
+    validation_tokens: int = dataclasses.field(
+        default=20_000, metadata={"help": "last training tokens kept out of the connectors' training: the reference "
+                                          "early-stops on them and each feature's reference is chosen on them"})
     downstream_contexts: int = dataclasses.field(
         default=24, metadata={"help": "last contexts of the store, held out of everything, for the CE table"}
     )
@@ -91,7 +114,7 @@ class LMConnectorsConfig(Config):
     )
     trainer: TrainerConfig = dataclasses.field(
         default_factory=lambda: TrainerConfig(
-            total_tokens=500_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
+            total_tokens=150_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
             dead_window_tokens=200_000, checkpoint_every_steps=200, log_every_steps=20,
         )
     )
@@ -106,6 +129,13 @@ class LMConnectorsConfig(Config):
         default_factory=lambda: ConnectorConfig(epochs=6, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
                                                 mlp_hidden=1024)
     )
+    reference: ConnectorConfig = dataclasses.field(
+        default_factory=lambda: ConnectorConfig(form=REFERENCE, epochs=20, patience=2, batch_size=1024, lr=1e-3,
+                                                l1_coefficient=0.0, mlp_hidden=1024),
+        metadata={"help": "the nonlinear reference: starts at the trained linear connector, early-stopped"})
+    l1_sweep: list[float] = dataclasses.field(
+        default_factory=lambda: [0.0, 1e-4, 1e-3, 3e-3],
+        metadata={"help": "L1 coefficients of extra linear connectors on the main block (the write-up's sweep)"})
     linear_tolerance: float = dataclasses.field(
         default=1e-3,
         metadata={"help": "an output feature is linear if linear MSE - mlp MSE <= this (the write-up's test)"},
@@ -132,15 +162,41 @@ class LMConnectorsConfig(Config):
         if unknown or "linear" not in self.forms or "mlp" not in self.forms:
             raise ConfigError(f"forms {self.forms} must be among {list(FORMS)} and include linear and mlp "
                               "(the linearity test compares them)")
+        if self.reference.form != REFERENCE:
+            raise ConfigError(f"reference.form must be {REFERENCE!r} (it starts at the linear connector)")
+        if min([self.layer, *self.layers]) < 0:
+            raise ConfigError(f"layers must be >= 0 (got layer {self.layer}, layers {self.layers})")
+        if any(c < 0 for c in self.l1_sweep):
+            raise ConfigError(f"l1_sweep coefficients must be >= 0 (got {self.l1_sweep})")
         if self.sae.preprocessing == "token_l2":
             raise ConfigError("sae.preprocessing token_l2 cannot decode where the MLP's own output is gone (its "
                               "per-token norm is unknown there): use --sae.preprocessing scale or none")
-        if self.layer < 0:
-            raise ConfigError(f"layer must be >= 0 (got {self.layer})")
-        for name in ("analysis_tokens", "downstream_contexts", "n_shown", "n_connections", "record_tokens",
-                     "n_examples"):
+        for name in ("analysis_tokens", "validation_tokens", "downstream_contexts", "n_shown", "n_connections",
+                     "record_tokens", "n_examples"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+
+    def blocks(self) -> list[int]:
+        """The blocks of the per-layer table, the main one included, in order."""
+        return sorted({*self.layers, self.layer})
+
+
+@dataclasses.dataclass
+class Block:
+    """One block's SAEs, features and connectors, and what its row of the per-layer table reports."""
+
+    layer: int
+    sites: tuple[str, str]
+    saes: dict[str, SparseAutoencoder]
+    sae_logs: dict[str, dict[str, Any]]
+    features: dict[tuple[str, str], Latents]  # (in|out, fit|valid|test)
+    connectors: dict[str, FeatureConnector]
+    connector_results: dict[str, dict[str, Any]]
+    feature_mse: dict[str, Tensor]  # held-out per output feature, per form and for the reference
+    variance: Tensor
+    alive: Tensor
+    linearity: dict[str, Any]
+    per_feature: Path
 
 
 def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
@@ -148,66 +204,53 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
     what `summary.json` holds."""
     folder = RunFolder.start(cfg)
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
-    site_in, site_out = mlp_sites(model, cfg.layer)
-    store = _open_store(cfg, model, tokenizer, [site_in, site_out], folder.path)
+    sites = {layer: mlp_sites(model, layer) for layer in cfg.blocks()}
+    store = _open_store(cfg, model, tokenizer, [site for pair in sites.values() for site in pair], folder.path)
     data = HarvestConfig.from_dict(store.manifest["config"]).data
     split = split_store(store, cfg.analysis_tokens, cfg.downstream_contexts)
+    if split.train[1] - split.train[0] <= 2 * cfg.validation_tokens:
+        raise ConfigError(f"the store has {split.train[1] - split.train[0]} training tokens, too few to keep "
+                          f"validation_tokens={cfg.validation_tokens} out of them; lower it or harvest more")
     folder.lap("load_and_harvest")
 
-    saes, sae_logs = {}, {}
-    for role, site in (("in", site_in), ("out", site_out)):
-        saes[role], trained = train_on_tensor(cfg.sae, load_half(store, site, split.train), cfg.trainer,
-                                              folder.file("saes") / f"mlp_{role}", hookpoint=site,
-                                              model_name=cfg.model)
-        sae_logs[role] = trained.records[-1] if trained.records else {}
-    folder.lap("train_saes")
+    table = []
+    for layer in cfg.blocks():
+        block = _block(cfg, store, split, layer, sites[layer], folder)
+        table.append(_table_row(block))
+        folder.lap(f"block_{layer}")
+        if layer == cfg.layer:
+            main = block
+    site_in, site_out = main.sites
+    saes, features, connectors = main.saes, main.features, main.connectors
+
     transcoder = None
+    sae_logs = dict(main.sae_logs)
     if cfg.transcoder:  # trained on the SAEs' tokens, its input the MLP's input and its target the MLP's output
         transcoder, trained = train_on_tensor(
             cfg.sae.replace(skip_connection=cfg.transcoder_skip_connection),
-            load_half(store, site_in, split.train), cfg.trainer, folder.file("saes") / "transcoder",
+            load_half(store, site_in, split.train), cfg.trainer, folder.file(_block_path(cfg.layer, "saes/transcoder")),
             hookpoint=site_in, model_name=cfg.model, target=load_half(store, site_out, split.train),
             target_hookpoint=site_out)
         sae_logs["transcoder"] = trained.records[-1] if trained.records else {}
         folder.lap("train_transcoder")
 
-    features = {(role, part): _features(saes[role], store, site, tokens)
-                for role, site in (("in", site_in), ("out", site_out))
-                for part, tokens in (("train", split.train), ("test", split.analysis))}
-    folder.lap("encode_features")
-
-    connectors, connector_results, feature_mse = {}, {}, {}
-    alive = alive_features(features["out", "train"])
-    for form in cfg.forms:
-        connector_cfg = cfg.connector.replace(form=form)
-        connectors[form], history = _fit_connector(connector_cfg, saes, features, folder, f"connectors/{form}")
-        feature_mse[form] = heldout_feature_mse(connectors[form], features["in", "test"], features["out", "test"])
-        connector_results[form] = {
-            "train_curve": history,
-            "test_mse_alive": feature_mse[form][alive].mean().item(),
-            "large_weights": count_large_weights(connectors[form].weight_matrices(), cfg.weight_threshold),
-            "total_weights": sum(w.numel() for w in connectors[form].weight_matrices()),
-        }
-    folder.lap("train_connectors")
-
-    variance = _feature_variance(features["out", "test"])
-    linearity = _linearity(cfg, feature_mse, variance, alive)
-    per_feature = _save_per_feature(feature_mse, variance, alive, folder.file("per_feature.safetensors"))
-    folder.lap("linearity")
+    sweep = _l1_sweep(cfg, main, folder)
+    folder.lap("l1_sweep")
 
     ce = _cross_entropy(cfg, model, data, tokenizer, split, saes, connectors, site_in, site_out, transcoder)
     folder.lap("cross_entropy")
 
-    shown = _shown_features(cfg, features["out", "train"], feature_mse["linear"], variance, alive)
+    shown = _shown_features(cfg, features["out", "fit"], main.feature_mse["linear"], main.variance, main.alive)
     relations = _relations(cfg, model, store, tokenizer, data, saes, connectors["linear"], shown, site_in, site_out,
                            folder.path)
     folder.lap("relations")
 
     summary: dict[str, Any] = {
         "setup": {"model": cfg.model, "layer": cfg.layer, "sites": [site_in, site_out], "store": str(store.path),
-                  "corpus": data.source, "context_length": data.context_length,
+                  "blocks": cfg.blocks(), "corpus": data.source, "context_length": data.context_length,
                   "drop_first_positions": data.drop_first_positions,
                   "tokens": {"train": split.train[1] - split.train[0],
+                             "connector_validation": cfg.validation_tokens,
                              "heldout": split.analysis[1] - split.analysis[0],
                              "downstream_contexts": int(split.downstream.shape[0])}},
         "saes": {role: {"n_latents": sae.n_latents, "k": getattr(sae.cfg, "k", None), "training": sae_logs[role],
@@ -217,17 +260,132 @@ def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
             "n_latents": transcoder.n_latents, "k": transcoder.k, "skip_connection": transcoder.cfg.skip_connection,
             "training": sae_logs["transcoder"], "heldout_fvu": _heldout_fvu(transcoder, store, site_in, split.analysis,
                                                                             target=site_out)}}),
-        "connectors": connector_results,
-        "linearity": linearity,
+        "connectors": main.connector_results,
+        "linearity": main.linearity,
+        "per_layer": table,
+        "l1_sweep": sweep,
+        "write_up": WRITE_UP,
         "cross_entropy": ce,
         "relations": relations,
-        "files": {"per_feature": str(per_feature),
-                  "connectors": {form: str(folder.file(f"connectors/{form}.safetensors")) for form in connectors}},
+        "files": {"per_feature": str(main.per_feature),
+                  "connectors": {form: str(folder.file(_block_path(cfg.layer, f"connectors/{form}.safetensors")))
+                                 for form in connectors}},
     }
     summary["figures"] = report_lm.draw_figures(summary, folder.path)
     report_lm.write_report(folder.write_summary(summary, cfg), folder.report_path)
     folder.lap("report")
     return folder.write_summary(summary, cfg)
+
+
+# The write-up's figures (Pythia-70M, 3072-latent SAEs, five layers), for the report's comparison.
+WRITE_UP = {
+    "fraction_linear_per_layer": [0.788, 0.959, 0.978, 0.980, 0.989],
+    "test": "linear MSE within 1e-3 of the MLP connector's, over alive output features; L1 on the weights swept",
+    "cross_entropy": "clean 4.97, SAE spliced 5.20-5.34, MLP zero-ablated 5.56-8.34",
+}
+
+
+def _block_path(layer: int, name: str) -> str:
+    """Where a block's SAEs, connectors and per-feature errors live in the run folder."""
+    return f"layers/{layer}/{name}"
+
+
+def _block(cfg: LMConnectorsConfig, store: ActivationStore, split: StoreSplit, layer: int, sites: tuple[str, str],
+           folder: RunFolder) -> Block:
+    """Train (or reuse) one block's SAEs, connectors and reference and test which output features are linear."""
+    saes, sae_logs = {}, {}
+    for role, site in zip(("in", "out"), sites, strict=True):
+        saes[role], trained = train_on_tensor(cfg.sae, load_half(store, site, split.train), cfg.trainer,
+                                              folder.file(_block_path(layer, f"saes/mlp_{role}")), hookpoint=site,
+                                              model_name=cfg.model)
+        sae_logs[role] = trained.records[-1] if trained.records else {}
+    features = {}
+    for role, site in zip(("in", "out"), sites, strict=True):
+        train = _features(saes[role], store, site, split.train)
+        fit = n_rows(train) - cfg.validation_tokens
+        features[role, "fit"] = take_rows(train, slice(0, fit))
+        features[role, "valid"] = take_rows(train, slice(fit, None))
+        features[role, "test"] = _features(saes[role], store, site, split.analysis)
+
+    connectors, connector_results, feature_mse = {}, {}, {}
+    alive = alive_features(features["out", "fit"])
+    for form in cfg.forms:
+        connectors[form], history = _fit_connector(cfg.connector.replace(form=form), saes, features, folder,
+                                                   _block_path(layer, f"connectors/{form}"))
+        feature_mse[form] = heldout_feature_mse(connectors[form], features["in", "test"], features["out", "test"])
+        connector_results[form] = _connector_result(cfg, connectors[form], history, feature_mse[form], alive)
+    reference, history = _fit_connector(cfg.reference, saes, features, folder,
+                                        _block_path(layer, f"connectors/{REFERENCE}"), start=connectors["linear"])
+    feature_mse[REFERENCE] = heldout_feature_mse(reference, features["in", "test"], features["out", "test"])
+    connector_results[REFERENCE] = _connector_result(cfg, reference, history, feature_mse[REFERENCE], alive)
+    # Each feature's reference: the corrected prediction where it beat linear on the validation tokens, else linear.
+    corrected = (heldout_feature_mse(reference, features["in", "valid"], features["out", "valid"])
+                 < heldout_feature_mse(connectors["linear"], features["in", "valid"], features["out", "valid"]))
+    feature_mse["reference"] = torch.where(corrected, feature_mse[REFERENCE], feature_mse["linear"])
+
+    variance = _feature_variance(features["out", "test"])
+    linearity = _linearity(cfg, feature_mse, variance, alive, corrected)
+    per_feature = _save_per_feature(feature_mse, variance, alive, folder.file(_block_path(layer,
+                                                                                         "per_feature.safetensors")))
+    return Block(layer, sites, saes, sae_logs, features, connectors, connector_results, feature_mse, variance, alive,
+                 linearity, per_feature)
+
+
+def _connector_result(cfg: LMConnectorsConfig, connector: FeatureConnector, history: list[dict[str, float]],
+                      mse: Tensor, alive: Tensor) -> dict[str, Any]:
+    return {
+        "train_curve": history,
+        "test_mse_alive": mse[alive].mean().item(),
+        "large_weights": count_large_weights(connector.weight_matrices(), cfg.weight_threshold),
+        "total_weights": sum(w.numel() for w in connector.weight_matrices()),
+    }
+
+
+def _table_row(block: Block) -> dict[str, Any]:
+    """One block's line of the per-layer table."""
+    linearity, results = block.linearity, block.connector_results
+    return {
+        "layer": block.layer,
+        "alive_output_features": linearity["alive_output_features"],
+        "fraction_linear_vs_reference": linearity["fraction_linear_absolute_vs_reference"],
+        "fraction_linear_vs_reference_relative": linearity["fraction_linear_relative_vs_reference"],
+        "fraction_linear_vs_mlp": linearity["fraction_linear_absolute"],
+        **({"fraction_linear_vs_relu": linearity["fraction_linear_absolute_vs_relu"]}
+           if "fraction_linear_absolute_vs_relu" in linearity else {}),
+        "test_mse_linear": results["linear"]["test_mse_alive"],
+        "test_mse_reference": linearity["reference"]["test_mse_alive"],
+        "test_mse_mlp": results["mlp"]["test_mse_alive"],
+        "sae_in_train_fvu": block.sae_logs["in"].get("fvu"),
+        "sae_out_train_fvu": block.sae_logs["out"].get("fvu"),
+    }
+
+
+def _l1_sweep(cfg: LMConnectorsConfig, block: Block, folder: RunFolder) -> list[dict[str, Any]]:
+    """Linear connectors of the main block at each L1 coefficient of the sweep, tested against the same reference."""
+    rows = []
+    for coefficient in sorted({*cfg.l1_sweep, cfg.connector.l1_coefficient}):
+        connector_cfg = cfg.connector.replace(form="linear", l1_coefficient=coefficient)
+        if coefficient == cfg.connector.l1_coefficient:
+            connector = block.connectors["linear"]
+        else:
+            connector, _ = _fit_connector(connector_cfg, block.saes, block.features, folder,
+                                          _block_path(block.layer, f"l1_sweep/linear_l1_{coefficient:g}"))
+        mse = heldout_feature_mse(connector, block.features["in", "test"], block.features["out", "test"])
+        alive, weight = block.alive, connector.weight_matrices()[0]
+        rows.append({
+            "l1_coefficient": coefficient,
+            "test_mse_alive": mse[alive].mean().item(),
+            "fraction_linear_vs_reference": linear_features(
+                mse, block.feature_mse["reference"], cfg.linear_tolerance)[alive].float().mean().item(),
+            "fraction_linear_vs_reference_relative": linear_features(
+                mse, block.feature_mse["reference"], cfg.linear_tolerance_relative,
+                scale=block.variance)[alive].float().mean().item(),
+            "fraction_linear_vs_mlp": linear_features(
+                mse, block.feature_mse["mlp"], cfg.linear_tolerance)[alive].float().mean().item(),
+            "large_weights": count_large_weights([weight], cfg.weight_threshold),
+            "mean_row_l1": weight.detach().abs().sum(dim=1)[alive].mean().item(),
+        })
+    return rows
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
@@ -274,28 +432,37 @@ def _feature_variance(features: Latents, chunk: int = 16_384) -> Tensor:
     return (squares / n - mean.pow(2)).clamp_min(0).float()
 
 
-def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor, alive: Tensor) -> dict[str, Any]:
-    """Fractions of alive output features that are linear: against the mlp connector (the write-up's test), and
-    against the best nonlinear connector per feature (an undertrained mlp connector can be worse than the linear
-    one, which would call features linear for the wrong reason)."""
-    best = torch.stack([m for form, m in mse.items() if form != "linear"]).min(dim=0).values
-    absolute = linear_features(mse["linear"], mse["mlp"], cfg.linear_tolerance)[alive]
-    relative = linear_features(mse["linear"], mse["mlp"], cfg.linear_tolerance_relative, scale=variance)[alive]
-    absolute_best = linear_features(mse["linear"], best, cfg.linear_tolerance)[alive]
-    relative_best = linear_features(mse["linear"], best, cfg.linear_tolerance_relative, scale=variance)[alive]
-    explained = {form: (1 - (m[alive] / variance[alive].clamp_min(1e-12))).clamp(min=-1).median().item()
-                 for form, m in mse.items()}
-    return {
-        "alive_output_features": int(alive.sum()),
-        "fraction_linear_absolute": absolute.float().mean().item(),
-        "tolerance_absolute": cfg.linear_tolerance,
-        "fraction_linear_relative": relative.float().mean().item(),
-        "tolerance_relative_to_variance": cfg.linear_tolerance_relative,
-        "fraction_linear_absolute_vs_best_nonlinear": absolute_best.float().mean().item(),
-        "fraction_linear_relative_vs_best_nonlinear": relative_best.float().mean().item(),
-        "median_variance_explained": explained,
-        "median_feature_variance": variance[alive].median().item(),
+def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor, alive: Tensor,
+               corrected: Tensor) -> dict[str, Any]:
+    """Fractions of alive output features that are linear: against the nonlinear reference (the main test), the
+    mlp connector (the write-up's test; an mlp connector trained on its own can end worse than linear, which calls
+    features linear for the wrong reason) and the relu connector; each with the absolute tolerance and relative to
+    the feature's variance. `corrected`: the features whose reference is the corrected prediction."""
+    def fractions(reference: Tensor) -> tuple[float, float]:
+        absolute = linear_features(mse["linear"], reference, cfg.linear_tolerance)[alive]
+        relative = linear_features(mse["linear"], reference, cfg.linear_tolerance_relative, scale=variance)[alive]
+        return absolute.float().mean().item(), relative.float().mean().item()
+
+    result: dict[str, Any] = {"alive_output_features": int(alive.sum()), "tolerance_absolute": cfg.linear_tolerance,
+                              "tolerance_relative_to_variance": cfg.linear_tolerance_relative}
+    result["fraction_linear_absolute"], result["fraction_linear_relative"] = fractions(mse["mlp"])
+    for name in ("reference", "relu"):
+        if name in mse:
+            result[f"fraction_linear_absolute_vs_{name}"], result[f"fraction_linear_relative_vs_{name}"] = fractions(
+                mse[name])
+    excess = (mse["reference"] - mse["linear"])[alive]
+    result["reference"] = {
+        "test_mse_alive": mse["reference"][alive].mean().item(),
+        "linear_test_mse_alive": mse["linear"][alive].mean().item(),
+        "features_corrected": int(corrected[alive].sum()),
+        "features_worse_than_linear_on_test": int((excess > 0).sum()),
+        "largest_excess_over_linear_on_test": max(excess.max().item(), 0.0) if excess.numel() else 0.0,
     }
+    result["median_variance_explained"] = {
+        form: (1 - (m[alive] / variance[alive].clamp_min(1e-12))).clamp(min=-1).median().item()
+        for form, m in mse.items()}
+    result["median_feature_variance"] = variance[alive].median().item()
+    return result
 
 
 def _cross_entropy(cfg: LMConnectorsConfig, model: nn.Module, data: DataConfig, tokenizer: PreTrainedTokenizerBase,
@@ -368,17 +535,24 @@ def _relations(cfg: LMConnectorsConfig, model: nn.Module, store: ActivationStore
 
 
 def _fit_connector(cfg: ConnectorConfig, saes: dict[str, SparseAutoencoder], features: dict[tuple[str, str], Latents],
-                   folder: RunFolder, stage: str) -> tuple[FeatureConnector, list[dict[str, float]]]:
-    """Train one connector, or load it when the folder holds one trained with the same settings and SAEs (a rerun
-    then only redoes the cheap analyses)."""
+                   folder: RunFolder, stage: str, start: FeatureConnector | None = None,
+                   ) -> tuple[FeatureConnector, list[dict[str, float]]]:
+    """Train one connector on the fit tokens, or load it when the folder holds one trained with the same settings
+    and SAEs (a rerun then only redoes the cheap analyses). With `start` (a trained linear connector), a residual
+    connector starting from it, early-stopped on the validation tokens."""
     with seeded(cfg.seed):
-        connector = FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg)
+        connector = (FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg) if start is None
+                     else residual_from_linear(start, cfg.mlp_hidden, cfg.seed))
+    validation = None if start is None else (features["in", "valid"], features["out", "valid"])
 
     def fit(current: FeatureConnector) -> list[dict[str, float]]:
-        history = train_connector(current, features["in", "train"], features["out", "train"], cfg)
+        history = train_connector(current, features["in", "fit"], features["out", "fit"], cfg, validation=validation)
         return [epoch._asdict() for epoch in history]
 
-    request = {"connector": cfg.to_dict(), "saes": {role: sae_fingerprint(sae) for role, sae in saes.items()}}
+    request = {"connector": cfg.to_dict(), "saes": {role: sae_fingerprint(sae) for role, sae in saes.items()},
+               "fit_tokens": n_rows(features["in", "fit"]),
+               **({} if start is None else {"start": [w.detach().double().sum().item() for w in
+                                                     start.weight_matrices()]})}
     return trained_connector(folder, stage, connector, request, fit)
 
 
