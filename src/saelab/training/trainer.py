@@ -365,6 +365,7 @@ class Trainer:
         if cfg.grad_clip_norm is not None:
             sae.clip_grad_norm_(cfg.grad_clip_norm)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # with many SAEs in one process, only one holds gradients at once
         if cfg.unit_norm_decoder:
             normalize_decoder(decoders, cfg.decoder_norm_axis)
 
