@@ -81,9 +81,9 @@ REFERENCE = "residual"  # the form of the nonlinear reference
 class LMConnectorsConfig(BudgetConfig):
     BUDGETS = {
         "small": {},
-        "full": {"data": {"n_tokens": 1_000_000}, "analysis_tokens": 100_000, "validation_tokens": 50_000,
-                 "downstream_contexts": 64, "trainer": {"total_tokens": 1_000_000},
-                 "connector": {"epochs": 10}, "reference": {"epochs": 40}},
+        "full": {"data": {"n_tokens": 600_000}, "analysis_tokens": 60_000, "validation_tokens": 30_000,
+                 "downstream_contexts": 48, "trainer": {"total_tokens": 1_000_000},
+                 "connector": {"epochs": 8, "mlp_hidden": 1024}, "reference": {"epochs": 40, "mlp_hidden": 1024}},
     }
 
     out_dir: str = dataclasses.field(default="runs/connectors-lm", metadata={"help": "run folder"})
@@ -98,13 +98,13 @@ class LMConnectorsConfig(BudgetConfig):
     # Positions 0-1 are dropped: SmolLM2's first real token carries rare massive activations (norms ~20x the
     # median) that would dominate pooled variances.
     data: DataConfig = dataclasses.field(
-        default_factory=lambda: DataConfig(source="kjv", context_length=128, n_tokens=250_000, drop_first_positions=2)
+        default_factory=lambda: DataConfig(source="kjv", context_length=128, n_tokens=150_000, drop_first_positions=2)
     )
     analysis_tokens: int = dataclasses.field(
-        default=50_000, metadata={"help": "stored tokens held out of all training, to score the connectors"}
+        default=30_000, metadata={"help": "stored tokens held out of all training, to score the connectors"}
     )
     validation_tokens: int = dataclasses.field(
-        default=20_000, metadata={"help": "last training tokens kept out of the connectors' training: the reference "
+        default=15_000, metadata={"help": "last training tokens kept out of the connectors' training: the reference "
                                           "early-stops on them and each feature's reference is chosen on them"})
     downstream_contexts: int = dataclasses.field(
         default=24, metadata={"help": "last contexts of the store, held out of everything, for the CE table"}
@@ -114,7 +114,7 @@ class LMConnectorsConfig(BudgetConfig):
     )
     trainer: TrainerConfig = dataclasses.field(
         default_factory=lambda: TrainerConfig(
-            total_tokens=150_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
+            total_tokens=100_000, batch_size=1024, warmup_steps=50, auxk_coefficient=1 / 32,
             dead_window_tokens=200_000, checkpoint_every_steps=200, log_every_steps=20,
         )
     )
@@ -126,12 +126,12 @@ class LMConnectorsConfig(BudgetConfig):
         default=False, metadata={"help": "give the transcoder a linear skip connection"})
     # The write-up found a bias did not help; here it is kept (the SAEs' b_dec offsets need one) and reported.
     connector: ConnectorConfig = dataclasses.field(
-        default_factory=lambda: ConnectorConfig(epochs=6, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
-                                                mlp_hidden=1024)
+        default_factory=lambda: ConnectorConfig(epochs=4, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
+                                                mlp_hidden=512)
     )
     reference: ConnectorConfig = dataclasses.field(
-        default_factory=lambda: ConnectorConfig(form=REFERENCE, epochs=20, patience=2, batch_size=1024, lr=1e-3,
-                                                l1_coefficient=0.0, mlp_hidden=1024),
+        default_factory=lambda: ConnectorConfig(form=REFERENCE, epochs=10, patience=2, batch_size=1024, lr=1e-3,
+                                                l1_coefficient=0.0, mlp_hidden=512),
         metadata={"help": "the nonlinear reference: starts at the trained linear connector, early-stopped"})
     l1_sweep: list[float] = dataclasses.field(
         default_factory=lambda: [0.0, 1e-4, 1e-3, 3e-3],
