@@ -120,7 +120,9 @@ def test_run_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path)
                     HarvestConfig(out_dir=str(tmp_path / "acts"), model=str(model), hookpoints=hookpoints,
                                   data=cfg.data, batch_size=64), show_progress=False)
     folders = [_write_gemma_scope_style(tmp_path / "gemma-scope" / f"width_{w}", 32, w, seed=w) for w in (16, 64, 32)]
-    summary = run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None))
+    with pytest.raises(ConfigError, match=r"width_16 does not fit.*FVU = .*--self-check false"):  # random SAEs
+        run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None))
+    summary = run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None, self_check=False))
 
     assert summary["setup"]["store"] == str(store.path) and not (tmp_path / "run" / "activations").exists()
     assert list(summary["setup"]["saes"]) == ["width_16", "width_32", "width_64"]

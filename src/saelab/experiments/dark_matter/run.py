@@ -47,10 +47,13 @@ from saelab.experiments.dark_matter.error_experiments import (
 )
 from saelab.experiments.dark_matter.regression import RegressionConfig
 from saelab.experiments.dark_matter.report import write_report
+from saelab.models.hookpoints import canonical_hookpoint
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.run_folder import RunFolder
-from saelab.saes import SparseAutoencoder, load_saelens
+from saelab.saes import SparseAutoencoder
+from saelab.saes.self_check import REFERENCE_TOKENS, SELF_CHECK_HELP, self_check
 from saelab.saes.shallow import ShallowSAE
+from saelab.saes.sources import SOURCE_HELP, open_sae
 from saelab.saes.spec import SAESpec
 from saelab.training.config import TrainerConfig
 from saelab.training.entry import train_on_tensor
@@ -94,7 +97,8 @@ class DarkMatterConfig(Config):
     )
     k: int = dataclasses.field(default=32, metadata={"help": "the sweep's fixed L0 (top-k)"})
     pretrained_sae: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "SAELens SAE folders (comma-separated) analysed instead of the sweep"}
+        default_factory=list,
+        metadata={"help": f"pretrained SAEs, each a {SOURCE_HELP} (comma-separated), analysed instead of the sweep"}
     )
     reference_width: int | None = dataclasses.field(
         default=4096,
@@ -114,6 +118,7 @@ class DarkMatterConfig(Config):
     synthetic_tokens: int = dataclasses.field(default=16_384, metadata={"help": "analysis tokens for (5)"})
     harvest_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per harvest forward"})
     downstream_batch_size: int = dataclasses.field(default=4, metadata={"help": "contexts per CE forward"})
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP})
     device: str = dataclasses.field(default="cpu", metadata={"help": "device of the model and of pretrained SAEs"})
 
     def validate(self) -> None:
@@ -261,17 +266,21 @@ TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[Spar
 def _sweep(cfg: DarkMatterConfig, x_train: Tensor,
            train: TrainFn) -> tuple[dict[str, SparseAutoencoder], dict[str, TrainResult], dict[str, int]]:
     """(SAEs, training results, widths), keyed by label: the trained top-k sweep (one `train` per width) or the
-    given SAELens SAEs (which have no training results)."""
+    given pretrained SAEs (which have no training results), self-checked on the first training tokens."""
     if cfg.pretrained_sae:
         names = [Path(folder).name for folder in cfg.pretrained_sae]
         labels = names if len(set(names)) == len(names) else list(cfg.pretrained_sae)
-        saes = {label: load_saelens(folder, cfg.device)
-                for label, folder in zip(labels, cfg.pretrained_sae, strict=True)}
+        sources = dict(zip(labels, cfg.pretrained_sae, strict=True))
+        saes = {label: open_sae(source, cfg.device) for label, source in sources.items()}
         wrong = {label: (sae.cfg.hookpoint, sae.d_in) for label, sae in saes.items()
-                 if sae.cfg.hookpoint not in (None, cfg.hookpoint) or sae.d_in != x_train.shape[1]}
+                 if canonical_hookpoint(sae.cfg.hookpoint or cfg.hookpoint) != cfg.hookpoint
+                 or sae.d_in != x_train.shape[1]}
         if wrong:
             raise ConfigError(f"pretrained SAEs {wrong} (hookpoint, d_in) do not read {cfg.hookpoint} of width "
                               f"{x_train.shape[1]}; pass the --hookpoint and --model they were trained on")
+        if cfg.self_check:
+            for label, sae in saes.items():
+                self_check(sae, x_train[:REFERENCE_TOKENS], source=sources[label], hookpoint=cfg.hookpoint)
         return saes, {}, {label: sae.n_latents for label, sae in saes.items()}
     saes, trained = {}, {}
     for width in cfg.widths:
