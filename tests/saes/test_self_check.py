@@ -92,17 +92,28 @@ def test_a_misread_k_fails_on_the_l0(tiny_store) -> None:
         self_check(batchtopk, x, source="batchtopk")
 
 
-def test_evaluate_stops_on_a_misfit_sae_unless_the_check_is_off(tiny_store, tmp_path: Path, capsys) -> None:
+def test_evaluate_opens_hub_sources_and_stops_on_a_misfit_sae(tiny_store, tmp_path: Path, capsys,
+                                                               hub_cache) -> None:
     from saelab.cli import main
+    from saelab.saes.formats import write
 
     model_dir, corpus, store = tiny_store
     sae = _fitted(ReluSAE, ReluSAEConfig(d_in=32, n_latents=48, hookpoint="resid_post.0"), store.load("resid_post.0"),
                   24)
     sae.save(tmp_path / "fits")
+    write(sae, tmp_path / "saelens", to="saelens")  # also as a SAELens folder in a hub repository
     sae.cfg.hookpoint = "blocks.0.hook_mlp_out"  # trained on resid_post.0, labelled as mlp_out.0
     sae.save(tmp_path / "mislabelled")
     common = ["--store", str(store.path), "--downstream", "false"]
     assert main(["evaluate", "--sae-dir", str(tmp_path / "fits"), *common, "--out-dir", str(tmp_path / "a")]) == 0
+    # its TransformerLens hook name is read canonically
+    hub_cache.add("someone/tiny-saes", hub_cache.files(tmp_path / "saelens", "layer_0/relu"))
+    assert main(["evaluate", "--sae-dir", "hf:someone/tiny-saes/layer_0/relu", *common,
+                 "--out-dir", str(tmp_path / "hub")]) == 0
+    from_hub = json.loads((tmp_path / "hub" / "summary.json").read_text())
+    assert from_hub["hookpoint"] == "resid_post.0"
+    assert from_hub["fvu"] == pytest.approx(json.loads((tmp_path / "a" / "summary.json").read_text())["fvu"],
+                                            rel=1e-4)
     assert main(["evaluate", "--sae-dir", str(tmp_path / "mislabelled"), *common,
                  "--out-dir", str(tmp_path / "b")]) != 0
     assert "FVU = " in capsys.readouterr().err

@@ -3,52 +3,16 @@ its downloads leave it (blobs, snapshot symlinks, refs/main), offline, so nothin
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants as hub_constants
 
 from saelab.errors import CheckpointError
 from saelab.saes.formats import load_any
 from saelab.saes.sources import open_sae, parse_hf_source
 
 FIXTURES = Path(__file__).parent / "formats" / "fixtures"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _cache_repo(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """A hub cache entry for `repo_id` holding `files` ({path in repo: local file}), as snapshot_download writes it."""
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(COMMIT)
-    for path, source in files.items():
-        data = source.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(data)
-        link = root / "snapshots" / COMMIT / path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return root / "snapshots" / COMMIT
-
-
-def _folder_files(folder: Path, under: str) -> dict[str, Path]:
-    return {f"{under}/{p.name}" if under else p.name: p for p in folder.iterdir() if p.is_file()}
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An offline hub cache: HF_HUB_CACHE / HF_HUB_OFFLINE, as huggingface_hub read them at import."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 def _same(a, b) -> None:
@@ -62,31 +26,31 @@ def test_a_local_folder_opens_in_any_format() -> None:
     _same(load_any(folder), open_sae(str(folder)))
 
 
-def test_hub_subfolders_of_several_parts_open_from_the_cache_offline(hub_cache: Path) -> None:
+def test_hub_subfolders_of_several_parts_open_from_the_cache_offline(hub_cache) -> None:
     sparsify = FIXTURES / "sparsify_topk" / "layers.1"
-    _cache_repo(hub_cache, "EleutherAI/sae-pythia-70m-32k", _folder_files(sparsify, "layers.1"))
+    hub_cache.add("EleutherAI/sae-pythia-70m-32k", hub_cache.files(sparsify, "layers.1"))
     sae = open_sae("hf:EleutherAI/sae-pythia-70m-32k/layers.1")
     _same(load_any(sparsify), sae)
     assert sae.cfg.hookpoint == "layers.1"
 
     saelens = FIXTURES / "saelens_jumprelu"
     nested = "layer_20/width_16k/average_l0_71"
-    _cache_repo(hub_cache, "google/gemma-scope-2b-pt-res",
-                {**_folder_files(saelens, nested), **_folder_files(FIXTURES / "saelens_topk", "layer_3/other")})
+    hub_cache.add("google/gemma-scope-2b-pt-res",
+                {**hub_cache.files(saelens, nested), **hub_cache.files(FIXTURES / "saelens_topk", "layer_3/other")})
     _same(load_any(saelens), open_sae(f"hf:google/gemma-scope-2b-pt-res/{nested}"))
 
 
-def test_a_repository_without_subfolder_opens_its_top_level(hub_cache: Path) -> None:
-    _cache_repo(hub_cache, "someone/one-sae", _folder_files(FIXTURES / "saelens_topk", ""))
+def test_a_repository_without_subfolder_opens_its_top_level(hub_cache) -> None:
+    hub_cache.add("someone/one-sae", hub_cache.files(FIXTURES / "saelens_topk", ""))
     _same(load_any(FIXTURES / "saelens_topk"), open_sae("hf:someone/one-sae"))
 
 
-def test_uncached_repositories_and_subfolders_name_the_repo_and_the_fix(hub_cache: Path) -> None:
+def test_uncached_repositories_and_subfolders_name_the_repo_and_the_fix(hub_cache) -> None:
     with pytest.raises(CheckpointError, match=r"someone/absent \(subfolder 'layers.3'\) is not in the Hugging Face "
                                               r"cache.*HF_HUB_OFFLINE"):
         open_sae("hf:someone/absent/layers.3")
-    _cache_repo(hub_cache, "EleutherAI/sae-pythia-70m-32k",
-                _folder_files(FIXTURES / "sparsify_topk" / "layers.1", "layers.1"))
+    hub_cache.add("EleutherAI/sae-pythia-70m-32k",
+                hub_cache.files(FIXTURES / "sparsify_topk" / "layers.1", "layers.1"))
     with pytest.raises(CheckpointError, match=r"no subfolder 'layers.3' \(it holds \['layers.1'\]\).*"
                                               r"huggingface.co/EleutherAI/sae-pythia-70m-32k"):
         open_sae("hf:EleutherAI/sae-pythia-70m-32k/layers.3")
