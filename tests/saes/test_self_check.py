@@ -122,3 +122,21 @@ def test_evaluate_opens_hub_sources_and_stops_on_a_misfit_sae(tiny_store, tmp_pa
                  "--out-dir", str(tmp_path / "c")]) == 0
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["hookpoint"] == "mlp_out.0" and summary["fvu"] > 1
+
+
+def test_evaluate_checks_saes_the_store_lacks_on_the_models_own_activations(tiny_store, tmp_path: Path,
+                                                                            capsys) -> None:
+    from saelab.cli import main
+
+    model_dir, corpus, store = tiny_store
+    sae = _fitted(ReluSAE, ReluSAEConfig(d_in=32, n_latents=48, hookpoint="resid_post.1"), store.load("resid_post.0"),
+                  24)  # the tiny Llama's residual stream barely changes from layer 0 to 1
+    sae.save(tmp_path / "fits")
+    sae.cfg.hookpoint = "mlp_out.1"  # neither is in the store: both are checked on activations the model computes
+    sae.save(tmp_path / "mislabelled")
+    common = ["--store", str(store.path), "--model", str(model_dir), "--data.source", str(corpus),
+              "--data.context-length", "16", "--data.n-tokens", "120", "--data.drop-first-positions", "1"]
+    assert main(["evaluate", "--sae-dirs", str(tmp_path / "fits"), *common, "--out-dir", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", "--sae-dirs", str(tmp_path / "mislabelled"), *common,
+                 "--out-dir", str(tmp_path / "b")]) != 0
+    assert "at mlp_out.1" in capsys.readouterr().err
