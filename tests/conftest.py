@@ -376,3 +376,53 @@ def planted_batches(
 @pytest.fixture
 def planted():
     return planted_batches
+
+
+# ----------------------------------------------------------- a Hugging Face hub cache, offline
+
+
+class HubCache:
+    """A hub cache laid out as `huggingface_hub.snapshot_download` leaves it (blobs, snapshot symlinks,
+    refs/main), so the real library resolves `hf:` sources from it offline and nothing downloads."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def add(self, repo_id: str, files: dict[str, Path]) -> Path:
+        """Cache `files` ({path in the repository: local file}) as `repo_id`'s main branch; its snapshot folder."""
+        import hashlib
+
+        root = self.path / f"models--{repo_id.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(self.COMMIT)
+        for name, source in files.items():
+            data = source.read_bytes()
+            blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.parent.mkdir(exist_ok=True)
+            blob.write_bytes(data)
+            link = root / "snapshots" / self.COMMIT / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return root / "snapshots" / self.COMMIT
+
+    @staticmethod
+    def files(folder: Path, under: str) -> dict[str, Path]:
+        """The files of `folder` as they would sit in a repository's subfolder `under` ("" = top level)."""
+        return {f"{under}/{p.name}" if under else p.name: p for p in Path(folder).iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubCache:
+    """An empty offline hub cache: HF_HUB_CACHE and HF_HUB_OFFLINE=1, set both in the environment and in
+    huggingface_hub.constants (which reads them once, at import)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return HubCache(cache)

@@ -35,7 +35,9 @@ from saelab.models.hookpoints import canonical_hookpoint
 from saelab.models.hooks import forward_with
 from saelab.models.prefix import SharedPrefix
 from saelab.run_folder import RunFolder
-from saelab.saes.base import SparseAutoencoder, load_sae
+from saelab.saes.base import SparseAutoencoder
+from saelab.saes.self_check import REFERENCE_TOKENS, SELF_CHECK_HELP, self_check
+from saelab.saes.sources import SOURCE_HELP, open_sae
 
 
 @torch.no_grad()
@@ -306,11 +308,12 @@ def _splice(mask: Tensor, replace: Callable[[Tensor], Tensor]) -> Callable[[Tens
 
 @dataclasses.dataclass
 class EvaluateConfig(Config):
-    sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": "folder written by SAE.save"})
+    sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": f"the SAE: {SOURCE_HELP}"})
     sae_dirs: list[str] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "several SAEs (one per hookpoint) spliced in at once: CE/KL for each alone and all "
-                          "together (replaces --sae-dir; reconstruction metrics for those the store holds)"},
+        metadata={"help": f"several SAEs ({SOURCE_HELP}, one per hookpoint) spliced in at once: CE/KL for each "
+                          "alone and all together (replaces --sae-dir; reconstruction metrics for those the store "
+                          "holds)"},
     )
     store: str = dataclasses.field(default="runs/activations-eval", metadata={"help": "held-out activation store"})
     out_dir: str = dataclasses.field(default="runs/evaluate", metadata={"help": "run folder (summary.json)"})
@@ -324,6 +327,7 @@ class EvaluateConfig(Config):
     )
     context_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per downstream forward"})
     mean_ablation: bool = dataclasses.field(default=True, metadata={"help": "also CE with the site mean-ablated"})
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP})
     device: str = "cpu"
 
 
@@ -350,6 +354,36 @@ def check_compatible(sae: SparseAutoencoder, store: ActivationStore) -> str:
             f"{store.dims}; evaluate it on a store holding both hookpoints"
         )
     return hookpoint
+
+
+def check_on_store(sae: SparseAutoencoder, store: ActivationStore, hookpoint: str | list[str], source: str,
+                   enabled: bool = True) -> None:
+    """The load-time self-check (`saelab.saes.self_check`) on the store's first tokens of `hookpoint` (several
+    hookpoints: concatenated, for a multi-layer SAE), paired with a transcoder's target."""
+    if not enabled:
+        return
+    n = min(REFERENCE_TOKENS, store.n_tokens)
+    target = None if sae.target_hookpoint is None else store.load(sae.target_hookpoint, 0, n)
+    where = hookpoint if isinstance(hookpoint, str) else ",".join(hookpoint)
+    self_check(sae, store.load(hookpoint, 0, n), target, source=source, hookpoint=where)
+
+
+@torch.no_grad()
+def check_on_model(sae: SparseAutoencoder, model: nn.Module, contexts: Tensor, source: str, drop_first: int = 0,
+                   enabled: bool = True) -> None:
+    """The load-time self-check on activations captured from the model at the SAE's hookpoint (and a transcoder's
+    target), its first contexts' counted positions, where no store holds them."""
+    if not enabled:
+        return
+    if not sae.cfg.hookpoint:
+        raise ConfigError(f"{source} names no hookpoint to check it at; give one, or pass --self-check false")
+    sites = [canonical_hookpoint(sae.cfg.hookpoint, model), *([sae.target_hookpoint] if sae.target_hookpoint else [])]
+    per_context = max(contexts.shape[1] - drop_first, 1)
+    ids = contexts[: -(-REFERENCE_TOKENS // per_context)].to(next(model.parameters()).device)
+    _, captured = forward_with(model, ids, capture=sites)
+    mask = position_mask(ids, drop_first)
+    x, *target = (captured[site][mask].float() for site in sites)
+    self_check(sae, x, target[0] if target else None, source=source, hookpoint=sites[0])
 
 
 def reconstruction_metrics(sae: SparseAutoencoder, store: ActivationStore, hookpoint: str, batch_size: int,
@@ -384,9 +418,10 @@ def evaluate_from_config(cfg: EvaluateConfig) -> dict[str, Any]:
     folder = RunFolder.start(cfg)
     if cfg.sae_dirs:
         return _evaluate_together(cfg, folder)
-    sae = load_sae(cfg.sae_dir, device=cfg.device)
+    sae = open_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)
+    check_on_store(sae, store, hookpoint, cfg.sae_dir, cfg.self_check)
     metrics = reconstruction_metrics(sae, store, hookpoint, cfg.batch_size, cfg.max_tokens)
     if cfg.downstream:
         model, tokenizer = load_model(cfg.model or store.model_name, cfg.device, torch.float32)
@@ -405,8 +440,9 @@ def _evaluate_together(cfg: EvaluateConfig, folder: RunFolder) -> dict[str, Any]
     from saelab.models.loading import load_model
 
     saes: dict[str, SparseAutoencoder] = {}
+    sources: dict[str, str] = {}
     for sae_dir in cfg.sae_dirs:
-        sae = load_sae(sae_dir, device=cfg.device)
+        sae = open_sae(sae_dir, device=cfg.device)
         replaced = sae.target_hookpoint or sae.cfg.hookpoint  # a transcoder replaces its target
         hookpoint = canonical_hookpoint(replaced) if replaced else None
         if hookpoint is None or hookpoint in saes:
@@ -414,16 +450,22 @@ def _evaluate_together(cfg: EvaluateConfig, folder: RunFolder) -> dict[str, Any]
                 f"{sae_dir}: splicing several SAEs needs each to name its own hookpoint (got {replaced!r}"
                 f"{' twice' if hookpoint in saes else ''}); give one SAE per hookpoint"
             )
-        saes[hookpoint] = sae
+        saes[hookpoint], sources[hookpoint] = sae, sae_dir
     store = ActivationStore(cfg.store)
+    stored = {hp for hp, sae in saes.items()
+              if {canonical_hookpoint(sae.cfg.hookpoint or hp), hp} <= set(store.hookpoints)}
+    for hp in stored:
+        check_on_store(saes[hp], store, check_compatible(saes[hp], store), sources[hp], cfg.self_check)
     rows: dict[str, dict[str, Any]] = {
         hp: (reconstruction_metrics(sae, store, check_compatible(sae, store), cfg.batch_size, cfg.max_tokens)
-             if {canonical_hookpoint(sae.cfg.hookpoint or hp), hp} <= set(store.hookpoints) else {})
+             if hp in stored else {})
         for hp, sae in saes.items()
     }
     if cfg.downstream:
         model, tokenizer = load_model(cfg.model or store.model_name, cfg.device, torch.float32)
         contexts = build_contexts(cfg.data, tokenizer, skip_contexts=cfg.skip_contexts)
+        for hp in saes.keys() - stored:
+            check_on_model(saes[hp], model, contexts, sources[hp], cfg.data.drop_first_positions, cfg.self_check)
         excluded = tokenizer.all_special_ids if cfg.data.exclude_special_tokens else ()
         spliced = evaluate_downstream_together(model, saes, contexts, batch_size=cfg.context_batch_size,
                                                drop_first=cfg.data.drop_first_positions,

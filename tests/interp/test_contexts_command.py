@@ -38,7 +38,8 @@ def test_contexts_command_shows_the_saes_own_activations(tmp_path, word_tokenize
     code = main(["contexts", "--sae-dir", str(tmp_path / "sae"), "--store", str(tmp_path / "store"),
                  "--latents", ",".join(map(str, busiest)), "--tokenizer", str(tmp_path / "tokenizer"),
                  "--out-dir", str(tmp_path / "out"),
-                 "--n-top", "2", "--n-random", "3", "--window-before", "2", "--window-after", "1"])
+                 "--n-top", "2", "--n-random", "3", "--window-before", "2", "--window-after", "1",
+                 "--self-check", "false"])  # an untrained SAE on random activations
     assert code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"latent {busiest[0]}:") and f"\n\nlatent {busiest[1]}:" in printed
@@ -61,3 +62,21 @@ def test_contexts_command_shows_the_saes_own_activations(tmp_path, word_tokenize
 def test_latents_must_be_named() -> None:
     with pytest.raises(ConfigError, match="name the latents"):
         ContextsConfig.from_dict({})
+
+
+def test_contexts_command_runs_the_self_check_first(tmp_path, capsys) -> None:
+    contexts = torch.randint(4, 100, (N_CONTEXTS, LENGTH))
+    writer = StoreWriter(tmp_path / "store", model="synthetic", hookpoints=[HOOKPOINT], dtype="float32",
+                         context_length=LENGTH, shard_tokens=40, contexts=contexts)
+    for c in range(N_CONTEXTS):
+        writer.append({HOOKPOINT: torch.randn(LENGTH - 1, D)}, contexts[c, 1:], torch.arange(1, LENGTH),
+                      torch.full((LENGTH - 1,), c), n_contexts=1)
+    writer.finish()
+    sae = create_sae("relu", d_in=D, n_latents=16, hookpoint=HOOKPOINT)
+    with torch.no_grad():
+        sae.W_dec.mul_(-1.0)  # decodes against its encoder: FVU > 1 on any input
+    sae.save(tmp_path / "sae")
+    code = main(["contexts", "--sae-dir", str(tmp_path / "sae"), "--store", str(tmp_path / "store"),
+                 "--latents", "0", "--out-dir", str(tmp_path / "out")])
+    assert code != 0 and "--self-check false" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "contexts.txt").exists()

@@ -17,14 +17,15 @@ import numpy as np
 from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.errors import ConfigError
-from saelab.evaluation import check_compatible
+from saelab.evaluation import check_compatible, check_on_store
 from saelab.interp.examples import Example, ExampleSampler, TokenText, marked_text
 from saelab.interp.record import LatentRecord, record_latents
 from saelab.io import atomic_write_json, atomic_write_text
 from saelab.models.loading import load_tokenizer
 from saelab.provenance import provenance
 from saelab.run_folder import RunFolder
-from saelab.saes import load_sae
+from saelab.saes.self_check import SELF_CHECK_HELP
+from saelab.saes.sources import SOURCE_HELP, open_sae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ def feature_text(contexts: FeatureContexts, text: TokenText) -> str:
 
 @dataclasses.dataclass
 class ContextsConfig(Config):
-    sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": "folder written by SAE.save"})
+    sae_dir: str = dataclasses.field(default="runs/train/sae", metadata={"help": f"the SAE: {SOURCE_HELP}"})
     store: str = dataclasses.field(default="runs/activations", metadata={"help": "activation store to search"})
     latents: list[int] = dataclasses.field(default_factory=list, metadata={"help": "latent indices, e.g. 1,2,3"})
     out_dir: str = dataclasses.field(default="runs/contexts", metadata={"help": "where the text and JSON go"})
@@ -98,6 +99,7 @@ class ContextsConfig(Config):
     max_tokens: int | None = dataclasses.field(default=None, metadata={"help": "search only the first tokens"})
     batch_size: int = dataclasses.field(default=4096, metadata={"help": "tokens per SAE batch"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the random contexts"})
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP})
     device: str = "cpu"
 
     def validate(self) -> None:
@@ -113,9 +115,10 @@ def write_contexts(cfg: ContextsConfig) -> str:
     later calls for the same SAE and store."""
     out = Path(cfg.out_dir)
     RunFolder.start(cfg)
-    sae = load_sae(cfg.sae_dir, device=cfg.device)
+    sae = open_sae(cfg.sae_dir, device=cfg.device)
     store = ActivationStore(cfg.store)
     hookpoint = check_compatible(sae, store)
+    check_on_store(sae, store, hookpoint, cfg.sae_dir, cfg.self_check)
     record = record_latents(sae, store, cfg.record_dir or out / "record", hookpoint, cfg.max_tokens,
                             batch_size=cfg.batch_size)
     sampler = ExampleSampler(record, store, cfg.window_before, cfg.window_after)

@@ -111,7 +111,7 @@ def _write_gemma_scope_style(folder: Path, d_in: int, width: int, seed: int) -> 
     return str(folder)
 
 
-def test_run_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path) -> None:
+def test_run_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path, hub_cache) -> None:
     model, corpus = tiny_setup
     cfg = tiny_config(model, corpus, tmp_path / "run")
     llama, tokenizer = load_model(str(model))
@@ -120,7 +120,14 @@ def test_run_analyses_saelens_saes_on_a_reused_store(tiny_setup, tmp_path: Path)
                     HarvestConfig(out_dir=str(tmp_path / "acts"), model=str(model), hookpoints=hookpoints,
                                   data=cfg.data, batch_size=64), show_progress=False)
     folders = [_write_gemma_scope_style(tmp_path / "gemma-scope" / f"width_{w}", 32, w, seed=w) for w in (16, 64, 32)]
-    summary = run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None))
+    with pytest.raises(ConfigError, match=r"width_16 does not fit.*FVU = .*--self-check false"):  # random SAEs
+        run(cfg.replace(store=str(store.path), pretrained_sae=folders, reference_width=None))
+    # one of them from a hub repository, and the hookpoint they name (blocks.2.hook_resid_post) taken as the target
+    hub_cache.add("google/gemma-scope-tiny", hub_cache.files(Path(folders[1]), "layer_2/width_64"))
+    sources = [folders[0], "hf:google/gemma-scope-tiny/layer_2/width_64", folders[2]]
+    summary = run(cfg.replace(store=str(store.path), pretrained_sae=sources, reference_width=None, self_check=False,
+                              hookpoint=None))
+    assert summary["setup"]["hookpoint"] == "resid_post.2"
 
     assert summary["setup"]["store"] == str(store.path) and not (tmp_path / "run" / "activations").exists()
     assert list(summary["setup"]["saes"]) == ["width_16", "width_32", "width_64"]

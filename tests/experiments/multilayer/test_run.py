@@ -78,7 +78,9 @@ def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tin
     assert "trained with normalization='per_layer' but 'global' was asked for" in capsys.readouterr().err
     assert main(_args(model, corpus, tmp_path / "b", *reuse, "--layers", "0,1")) == 2
     assert "reads ['resid_post.0', 'resid_post.1', 'resid_post.3'] but activations of" in capsys.readouterr().err
-    assert main(_args(model, corpus, tmp_path / "c", *reuse)) == 0
+    assert main(_args(model, corpus, tmp_path / "c", *reuse)) == 2  # untrained, with made-up layer scales
+    assert "mean norm" in capsys.readouterr().err
+    assert main(_args(model, corpus, tmp_path / "c", *reuse, "--self-check", "false")) == 0
     saved = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert saved["train"] is None and saved["sae"]["layer_scales"] == [1.0, 2.0, 3.0]
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.errors import ConfigError
-from saelab.evaluation import check_compatible
+from saelab.evaluation import check_compatible, check_on_store
 from saelab.experiments.autointerp.pages import write_browser, write_pages
 from saelab.experiments.autointerp.report import write_report
 from saelab.interp.cache import CachedClient, ResponseCache
@@ -51,7 +51,8 @@ from saelab.interp.scorers import (
 from saelab.io import atomic_write_json
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.run_folder import RunFolder
-from saelab.saes import load_sae
+from saelab.saes.self_check import SELF_CHECK_HELP
+from saelab.saes.sources import SOURCE_HELP, open_sae
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,11 @@ class LLMConfig(Config):
 class AutointerpConfig(Config):
     """What to explain and score (one SAE, or two to compare) on which store, with which examples and chat model."""
 
-    sae_dir: str = dataclasses.field(default="runs/frontier/saes/shallow-k32/sae", metadata={"help": "SAE folder"})
-    compare_sae_dir: str | None = dataclasses.field(default=None, metadata={"help": "second SAE to compare with"})
+    sae_dir: str = dataclasses.field(default="runs/frontier/saes/shallow-k32/sae",
+                                     metadata={"help": f"the SAE: {SOURCE_HELP}"})
+    compare_sae_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": f"second SAE to compare with ({SOURCE_HELP})"}
+    )
     store: str = dataclasses.field(default="runs/frontier/activations/train", metadata={"help": "activation store"})
     out_dir: str = dataclasses.field(default="runs/autointerp", metadata={"help": "run folder"})
     n_latents: int = dataclasses.field(default=50, metadata={"help": "alive latents scored per SAE"})
@@ -111,6 +115,7 @@ class AutointerpConfig(Config):
     logit_tokens: int = dataclasses.field(default=10, metadata={"help": "promoted/suppressed tokens per page"})
     browser: bool = dataclasses.field(default=True, metadata={"help": "write the feature browser of every latent"})
     features: FeatureDataConfig = dataclasses.field(default_factory=FeatureDataConfig)
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP})
     device: str = dataclasses.field(default="cpu", metadata={"help": "device of the SAEs"})
 
     def validate(self) -> None:
@@ -284,8 +289,9 @@ def autointerp_sae(
     results). Times its stages as `<label>/record`, `<label>/latents` and `<label>/pages`."""
     folder = run_folder.path / label
     check_settings(cfg, folder, subject.client.model_id)
-    sae = load_sae(sae_dir, device=cfg.device)
+    sae = open_sae(sae_dir, device=cfg.device)
     hookpoint = check_compatible(sae, subject.store)
+    check_on_store(sae, subject.store, hookpoint, str(sae_dir), cfg.self_check)
     record = record_latents(sae, subject.store, folder / "record", hookpoint, cfg.max_tokens, cfg.record_chunk_tokens,
                             cfg.batch_size)
     run_folder.lap(f"{label}/record")

@@ -4,7 +4,7 @@ One harvest pass stores the target hookpoint (default `resid_post.15` of the off
 components that add up to it (the previous residual, this block's attention and MLP outputs), with the first
 positions of each context and BOS left out. The store's contexts are split three ways: SAE training tokens, analysis
 tokens (every regression is fit on a random part of them and scored on the rest) and a few held-out contexts for
-the downstream loss. A width sweep of top-k SAEs at one L0 is trained (or SAELens SAEs are loaded, e.g. Gemma
+the downstream loss. A width sweep of top-k SAEs at one L0 is trained (or pretrained SAEs are opened, e.g. Gemma
 Scope), and experiments (1)-(10) run on it; `summary.json` holds every number and `report.html` every figure and
 table. Re-running resumes: the store, every SAE already trained and every experiment already finished with the same
 settings (its done-marker) are reused.
@@ -47,10 +47,13 @@ from saelab.experiments.dark_matter.error_experiments import (
 )
 from saelab.experiments.dark_matter.regression import RegressionConfig
 from saelab.experiments.dark_matter.report import write_report
+from saelab.models.hookpoints import canonical_hookpoint
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.run_folder import RunFolder
-from saelab.saes import SparseAutoencoder, load_saelens
+from saelab.saes import SparseAutoencoder
+from saelab.saes.self_check import REFERENCE_TOKENS, SELF_CHECK_HELP, self_check
 from saelab.saes.shallow import ShallowSAE
+from saelab.saes.sources import SOURCE_HELP, open_sae
 from saelab.saes.spec import SAESpec
 from saelab.training.config import TrainerConfig
 from saelab.training.entry import train_on_tensor
@@ -60,13 +63,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+DEFAULT_HOOKPOINT = "resid_post.15"  # of the offline SmolLM2
+
+
 @dataclasses.dataclass
 class DarkMatterConfig(Config):
     """`saelab dark-matter`: the defaults are the write-up's setup scaled to a small model on CPU."""
 
     out_dir: str = dataclasses.field(default="runs/dark-matter", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
-    hookpoint: str = dataclasses.field(default="resid_post.15", metadata={"help": "where the SAEs read"})
+    hookpoint: str | None = dataclasses.field(
+        default=None, metadata={"help": f"where the SAEs read (default: the one the pretrained SAEs name, else "
+                                        f"{DEFAULT_HOOKPOINT})"}
+    )
     earlier_hookpoints: list[str] | None = dataclasses.field(
         default=None,
         metadata={"help": "experiment 10's earlier components; default for resid_post.L: resid_post.L-1, attn_out.L, "
@@ -94,7 +103,8 @@ class DarkMatterConfig(Config):
     )
     k: int = dataclasses.field(default=32, metadata={"help": "the sweep's fixed L0 (top-k)"})
     pretrained_sae: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "SAELens SAE folders (comma-separated) analysed instead of the sweep"}
+        default_factory=list,
+        metadata={"help": f"pretrained SAEs, each a {SOURCE_HELP} (comma-separated), analysed instead of the sweep"}
     )
     reference_width: int | None = dataclasses.field(
         default=4096,
@@ -114,6 +124,7 @@ class DarkMatterConfig(Config):
     synthetic_tokens: int = dataclasses.field(default=16_384, metadata={"help": "analysis tokens for (5)"})
     harvest_batch_size: int = dataclasses.field(default=8, metadata={"help": "contexts per harvest forward"})
     downstream_batch_size: int = dataclasses.field(default=4, metadata={"help": "contexts per CE forward"})
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP})
     device: str = dataclasses.field(default="cpu", metadata={"help": "device of the model and of pretrained SAEs"})
 
     def validate(self) -> None:
@@ -131,7 +142,7 @@ class DarkMatterConfig(Config):
         """Experiment 10's earlier components: as given, or the three that add up to resid_post.L."""
         if self.earlier_hookpoints is not None:
             return list(self.earlier_hookpoints)
-        kind, _, layer = self.hookpoint.partition(".")
+        kind, _, layer = (self.hookpoint or DEFAULT_HOOKPOINT).partition(".")
         if kind != "resid_post" or not layer.isdigit():
             raise ConfigError(f"name experiment 10's earlier components for {self.hookpoint} with --earlier-hookpoints")
         previous = f"resid_post.{int(layer) - 1}" if int(layer) > 0 else "resid_pre.0"
@@ -169,6 +180,8 @@ def _experiment_markers(cfg: DarkMatterConfig) -> str:
 def run(cfg: DarkMatterConfig) -> dict[str, Any]:
     """Harvest (or open) the store, train (or load) the SAEs, run experiments (1)-(10), write `summary.json` and
     `report.html` into `cfg.out_dir`; returns the summary."""
+    pretrained = {label: open_sae(source, cfg.device) for label, source in _pretrained_sources(cfg).items()}
+    cfg = cfg.replace(hookpoint=_target_hookpoint(cfg, pretrained))
     folder = RunFolder.start(cfg)
     markers = _experiment_markers(cfg)
     target, earlier = cfg.hookpoint, cfg.earlier()
@@ -187,7 +200,7 @@ def run(cfg: DarkMatterConfig) -> dict[str, Any]:
                                model_name=cfg.model)
 
     x_train = load_half(store, target, split.train)
-    saes, trained, widths = _sweep(cfg, x_train, train)
+    saes, trained, widths = _sweep(cfg, x_train, train, pretrained)
     reference = _pick_reference(widths, cfg.reference_width)
     aux_spec = _spec(widths[reference], cfg.k)
     aux_trainer = cfg.trainer.replace(total_tokens=cfg.aux_sae_tokens)
@@ -258,20 +271,37 @@ def _synthetic(sae: SparseAutoencoder, reference: str, x: Tensor, regression: Re
 TrainFn = Callable[[str, SAESpec, Tensor, TrainerConfig, str | None], tuple[SparseAutoencoder, TrainResult]]
 
 
-def _sweep(cfg: DarkMatterConfig, x_train: Tensor,
-           train: TrainFn) -> tuple[dict[str, SparseAutoencoder], dict[str, TrainResult], dict[str, int]]:
+def _pretrained_sources(cfg: DarkMatterConfig) -> dict[str, str]:
+    """{label: source} of the pretrained SAEs: each labelled by its folder's name, or by the whole source when two
+    names clash."""
+    names = [Path(source).name for source in cfg.pretrained_sae]
+    labels = names if len(set(names)) == len(names) else list(cfg.pretrained_sae)
+    return dict(zip(labels, cfg.pretrained_sae, strict=True))
+
+
+def _target_hookpoint(cfg: DarkMatterConfig, pretrained: dict[str, SparseAutoencoder]) -> str:
+    """The hookpoint given (in any accepted spelling), else the one every pretrained SAE names, else the default."""
+    if cfg.hookpoint:
+        return canonical_hookpoint(cfg.hookpoint)
+    named = {canonical_hookpoint(sae.cfg.hookpoint) for sae in pretrained.values() if sae.cfg.hookpoint}
+    return named.pop() if len(named) == 1 else DEFAULT_HOOKPOINT
+
+
+def _sweep(cfg: DarkMatterConfig, x_train: Tensor, train: TrainFn, pretrained: dict[str, SparseAutoencoder]
+           ) -> tuple[dict[str, SparseAutoencoder], dict[str, TrainResult], dict[str, int]]:
     """(SAEs, training results, widths), keyed by label: the trained top-k sweep (one `train` per width) or the
-    given SAELens SAEs (which have no training results)."""
-    if cfg.pretrained_sae:
-        names = [Path(folder).name for folder in cfg.pretrained_sae]
-        labels = names if len(set(names)) == len(names) else list(cfg.pretrained_sae)
-        saes = {label: load_saelens(folder, cfg.device)
-                for label, folder in zip(labels, cfg.pretrained_sae, strict=True)}
+    given pretrained SAEs (which have no training results), self-checked on the first training tokens."""
+    if pretrained:
+        sources, saes = _pretrained_sources(cfg), pretrained
         wrong = {label: (sae.cfg.hookpoint, sae.d_in) for label, sae in saes.items()
-                 if sae.cfg.hookpoint not in (None, cfg.hookpoint) or sae.d_in != x_train.shape[1]}
+                 if canonical_hookpoint(sae.cfg.hookpoint or cfg.hookpoint) != cfg.hookpoint
+                 or sae.d_in != x_train.shape[1]}
         if wrong:
             raise ConfigError(f"pretrained SAEs {wrong} (hookpoint, d_in) do not read {cfg.hookpoint} of width "
                               f"{x_train.shape[1]}; pass the --hookpoint and --model they were trained on")
+        if cfg.self_check:
+            for label, sae in saes.items():
+                self_check(sae, x_train[:REFERENCE_TOKENS], source=sources[label], hookpoint=cfg.hookpoint)
         return saes, {}, {label: sae.n_latents for label, sae in saes.items()}
     saes, trained = {}, {}
     for width in cfg.widths:

@@ -31,7 +31,7 @@ from saelab.activations.store import ActivationStore
 from saelab.config import Config
 from saelab.data.tokenize import DataConfig, context_mask
 from saelab.errors import ConfigError
-from saelab.evaluation import evaluate_reconstruction
+from saelab.evaluation import check_on_store, evaluate_reconstruction
 from saelab.experiments.multilayer.analysis import activation_rates, decoder_cosines, information_flow, trigger_layers
 from saelab.experiments.multilayer.report import write_figures, write_report
 from saelab.interp.examples import TokenText
@@ -40,9 +40,11 @@ from saelab.models.hookpoints import num_layers
 from saelab.models.loading import OFFLINE_DEFAULT_MODEL, load_model
 from saelab.report.run_features import summary_of, write_run_features
 from saelab.run_folder import RunFolder
-from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
+from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig
 from saelab.saes.initialization import seeded
 from saelab.saes.multilayer import NORMALIZATIONS, layer_hookpoints, select_layers
+from saelab.saes.self_check import SELF_CHECK_HELP
+from saelab.saes.sources import SOURCE_HELP, open_sae
 from saelab.training.config import TrainerConfig
 from saelab.training.entry import describe_store, train
 from saelab.training.trainer import TrainResult
@@ -101,7 +103,10 @@ class MultiLayerConfig(Config):
         default=None,
         metadata={"help": "reuse this training store instead of harvesting (its data settings replace --data)"},
     )
-    sae_dir: str | None = dataclasses.field(default=None, metadata={"help": "analyse this trained multilayer SAE"})
+    sae_dir: str | None = dataclasses.field(
+        default=None, metadata={"help": f"analyse this trained multilayer SAE ({SOURCE_HELP})"}
+    )
+    self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP + " (with --sae-dir)"})
     # Defaults sized for the 2-core CPU (about 20-25 min for SmolLM2's 5 layers); the write-up used 24,576 latents.
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=200_000))
     eval_tokens: int = dataclasses.field(default=32_768, metadata={"help": "held-out tokens for FVU and rates"})
@@ -144,6 +149,7 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
     folder.lap("harvest")
     if trained is not None:
         trained.check_input(hookpoints, widths=eval_store.dims)
+        check_on_store(trained, eval_store, hookpoints, str(cfg.sae_dir), cfg.self_check)
         sae, training = trained, None
     else:
         sae, training = train_multilayer(cfg, split.train_store, layers, folder.path / "train")
@@ -251,7 +257,7 @@ def train_multilayer(cfg: MultiLayerConfig, store: ActivationStore, layers: list
 
 def load_trained(cfg: MultiLayerConfig, hookpoints: list[str]) -> MultiLayerSAE:
     """The SAE of `cfg.sae_dir`, checked to read `hookpoints` normalised the `cfg.normalization` way."""
-    sae = load_sae(cfg.sae_dir, device=cfg.device)
+    sae = open_sae(cfg.sae_dir, device=cfg.device)
     if not isinstance(sae, MultiLayerSAE):
         raise ConfigError(f"{cfg.sae_dir} holds a {sae.architecture!r} SAE; this experiment analyses multilayer SAEs")
     sae.check_input(hookpoints, cfg.normalization)
