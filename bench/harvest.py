@@ -15,9 +15,10 @@ of the kept rows per hookpoint; with `--sae` (an fp32-trained SAE of one of the 
 The defaults took about 2.5 min on the 2-core AVX2 machine at a load average of 2-7 (other jobs running).
 Writes (or replaces) the "Harvest (model forward)" section of bench/RESULTS.md and prints one JSON line last.
 
-Usage: .venv/bin/python bench/harvest.py [--model smollm2-135m]
+Usage: .venv/bin/python bench/harvest.py [--model smollm2-135m] [--source kjv]
            [--hookpoints resid_post.3,resid_post.7,resid_post.11,resid_post.15] [--tokens 4096] [--bf16-tokens 2048]
-           [--context-length 128] [--batch 8] [--sae runs/demo/train/sae] [--out bench/RESULTS.md | --no-write]
+           [--context-length 128] [--batch 8] [--roofline-side 2048] [--sae runs/demo/train/sae]
+           [--out bench/RESULTS.md | --no-write]
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from saelab.models.hooks import capture  # noqa: E402
 from saelab.models.loading import load_model  # noqa: E402
 from saelab.saes import load_sae  # noqa: E402
 
-ROOF = 2048  # square fp32 GEMM side for the roofline
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -66,9 +66,10 @@ def best_gflops(fn: Callable[[], Any], flops: float, repeats: int = 3) -> float:
     return flops / best / 1e9
 
 
-def roofline() -> float:
-    a, b = torch.randn(ROOF, ROOF), torch.randn(ROOF, ROOF)
-    return best_gflops(lambda: torch.mm(a, b), 2.0 * ROOF**3)
+def roofline(side: int) -> float:
+    """The fp32 GEMM ceiling: a square `torch.mm` of `side`, large enough for the peak (2048 on CPUs)."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    return best_gflops(lambda: torch.mm(a, b), 2.0 * side**3)
 
 
 def gemm_at(rows: int, d: int, width: int, dtype: torch.dtype) -> float:
@@ -78,13 +79,14 @@ def gemm_at(rows: int, d: int, width: int, dtype: torch.dtype) -> float:
 
 
 def timed_forwards(model: torch.nn.Module, contexts: torch.Tensor, keep: torch.Tensor, hookpoints: list[str],
-                   batch: int, flops_per_token: float) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+                   batch: int, flops_per_token: float,
+                   roof_side: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     """Per batch: the roofline sampled just before, then the timed forward; and the kept rows of every hookpoint."""
     capture(model, contexts[:1], hookpoints)  # warm-up: one-time allocations and kernel choices
     samples, rows = [], {hp: [] for hp in hookpoints}
     for first in range(0, len(contexts), batch):
         ids = contexts[first : first + batch]
-        roof = roofline()
+        roof = roofline(roof_side)
         start = time.perf_counter()
         acts = capture(model, ids, hookpoints, stop_early=True)
         seconds = time.perf_counter() - start
@@ -108,10 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--hookpoints", default="resid_post.3,resid_post.7,resid_post.11,resid_post.15")
+    parser.add_argument("--source", default="kjv", help="text the contexts are cut from (DataConfig.source)")
     parser.add_argument("--tokens", type=int, default=4096, help="fp32 tokens (whole contexts)")
     parser.add_argument("--bf16-tokens", type=int, default=2048, help="bf16 tokens: the first of the fp32 ones")
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="contexts per forward")
+    parser.add_argument("--roofline-side", type=int, default=2048, help="side of the square fp32 roofline GEMM")
     parser.add_argument("--sae", default=str(BENCH.parent / "runs" / "demo" / "train" / "sae"),
                         help="an fp32-trained SAE folder for the FVU comparison (skipped when absent)")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
@@ -124,14 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     hookpoints = args.hookpoints.split(",")
     info = machine()
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
-    data = DataConfig(source="kjv", context_length=args.context_length, n_tokens=args.tokens)
+    data = DataConfig(source=args.source, context_length=args.context_length, n_tokens=args.tokens)
     contexts = build_contexts(data, tokenizer)
     contexts = contexts[: max(1, args.tokens // args.context_length)]
     keep = context_mask(data, tokenizer, contexts)
     n_bf16 = max(1, min(len(contexts), args.bf16_tokens // args.context_length))
     flops_per_token = forward_flops_per_token(model, hookpoints, args.context_length)
 
-    fp32_samples, fp32_rows = timed_forwards(model, contexts, keep, hookpoints, args.batch, flops_per_token)
+    fp32_samples, fp32_rows = timed_forwards(model, contexts, keep, hookpoints, args.batch, flops_per_token,
+                                             args.roofline_side)
     fp32 = summarise("fp32", contexts.numel(), fp32_samples)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = HarvestConfig(out_dir=str(Path(tmp) / "store"), model=args.model, hookpoints=hookpoints, data=data,
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_model(args.model, "cpu", torch.bfloat16)
     bf16_keep = keep[:n_bf16]
     bf16_samples, bf16_rows = timed_forwards(model, contexts[:n_bf16], bf16_keep, hookpoints, args.batch,
-                                             flops_per_token)
+                                             flops_per_token, args.roofline_side)
     bf16 = summarise("bf16", n_bf16 * args.context_length, bf16_samples)
     bf16["speedup"] = bf16["tokens_per_s"] / fp32["tokens_per_s"]
     bf16_gemm = gemm_at(gemm_rows, d, width, torch.bfloat16)
@@ -177,9 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         "fp32_gemm_gflops": fp32_gemm, "bf16_gemm_gflops": bf16_gemm,
         "gemm_shape": f"{gemm_rows}×{d}] by [{d}×{width}",
         "bf16_hardware": "yes" if any(flag in isa for flag in BF16_FLAGS) else "no", "threads": torch.get_num_threads(),
-        "machine": info,
+        "roofline_side": args.roofline_side, "machine": info,
     }
-    settings = (f"{args.model}, hookpoints {', '.join(hookpoints)} (stop after the deepest); KJV contexts of "
+    settings = (f"{args.model}, hookpoints {', '.join(hookpoints)} (stop after the deepest); {args.source} contexts of "
                 f"{args.context_length} tokens, {args.batch} per forward; {flops_per_token / 1e6:,.1f} MFLOP/token")
     notes = []
     if result["bf16_hardware"] == "no":
