@@ -9,10 +9,12 @@ machine's ceiling under the same load (the machine is shared); medians over the 
 `--tokens` tokens, then `saelab.activations.harvest.harvest` over the same contexts gives the tokens/s with hooks
 and store writes included; bf16 runs the first `--bf16-tokens` of them (on CPUs without avx512_bf16 / amx_bf16,
 torch's bf16 GEMM is far slower than fp32, so fewer tokens keep the run short). Drift: ‖a_bf16 − a_fp32‖ / ‖a_fp32‖
-of the kept rows per hookpoint; with `--sae` (an fp32-trained SAE of one of the hookpoints), its FVU
-(`saelab.evaluation.evaluate_reconstruction`) on the fp32 rows and on the bf16 rows of the same tokens.
+of the kept rows per hookpoint (and the median of the same ratio per token); with `--sae` (an fp32-trained SAE of
+one of the hookpoints), its FVU (`saelab.evaluation.evaluate_reconstruction`) on the fp32 rows and on the bf16 rows
+of the same tokens.
 
-The defaults took about 2.5 min on the 2-core AVX2 machine at a load average of 2-7 (other jobs running).
+The defaults took about 4 min on the 2-core AVX2 machine at a load average of 6-7 (other jobs running; most of it
+is the bf16 forward, 5x slower than fp32 there).
 Writes (or replaces) the "Harvest (model forward)" section of bench/RESULTS.md and prints one JSON line last.
 
 Usage: .venv/bin/python bench/harvest.py [--model smollm2-135m] [--source kjv]
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     n_rows = int(bf16_keep.sum())
     same = {hp: x[:n_rows] for hp, x in fp32_rows.items()}  # the fp32 rows of the bf16 tokens
     drift = {hp: float((bf16_rows[hp] - same[hp]).norm() / same[hp].norm()) for hp in hookpoints}
+    # per token too: the aggregate is dominated by the rows of largest norm
+    token_drift = {hp: float(((bf16_rows[hp] - same[hp]).norm(dim=1) / same[hp].norm(dim=1)).median())
+                   for hp in hookpoints}
     fvu = None
     if Path(args.sae).is_dir():
         sae = load_sae(args.sae)
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
     isa = info.get("isa", "")
     result = {
-        "rows": [fp32, bf16], "drift": drift, "fvu": fvu, "flops_per_token": flops_per_token,
+        "rows": [fp32, bf16], "drift": drift, "token_drift_median": token_drift, "fvu": fvu,
+        "flops_per_token": flops_per_token,
         "roofline_gflops": statistics.median(s["roofline"] for s in fp32_samples + bf16_samples),
         "fp32_gemm_gflops": fp32_gemm, "bf16_gemm_gflops": bf16_gemm,
         "gemm_shape": f"{gemm_rows}×{d}] by [{d}×{width}",

@@ -43,8 +43,9 @@ def render(machine: Mapping[str, str], settings: str, result: Mapping[str, Any],
             for row in rows
         ]), "",
         "bf16 drift on the same tokens (relative error ‖a_bf16 − a_fp32‖ / ‖a_fp32‖ of the stored rows):", "",
-        *_table(["hookpoint", "relative error"],
-                [[hp, f"{err:.2e}"] for hp, err in result["drift"].items()]), "",
+        *_table(["hookpoint", "relative error (all rows)", "median per-token relative error"],
+                [[hp, f"{err:.2e}", f"{result['token_drift_median'][hp]:.2e}"]
+                 for hp, err in result["drift"].items()]), "",
     ]
     if result.get("fvu"):
         fvu = result["fvu"]
