@@ -52,7 +52,8 @@ WORKERS = {"ours": "peerbench.workers.ours_stream", "sparsify": "peerbench.worke
 
 
 def machine() -> dict[str, str]:
-    """CPU model, cores, the vector ISA flags the CPU has (lscpu) and torch's capability, load, torch, date."""
+    """CPU model, cores, the vector and matrix ISA flags the CPU has (lscpu: avx2, avx512*, amx*; bf16 GEMM needs
+    avx512_bf16 or amx_bf16) and torch's capability, load, torch, date."""
     import platform
 
     import torch
@@ -65,11 +66,11 @@ def machine() -> dict[str, str]:
     try:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         isa = sorted({word for word in flags.replace(",", " ").split()
-                      if word == "avx2" or word.startswith("avx512")})
+                      if word == "avx2" or word.startswith(("avx512", "amx"))})
     except (OSError, subprocess.CalledProcessError):
         isa = []
     return {"cpu": cpu, "cores": str(os.cpu_count()),
-            "isa": f"{' '.join(isa) or 'no avx2/avx512'} (torch uses {torch.backends.cpu.get_cpu_capability()})",
+            "isa": f"{' '.join(isa) or 'no avx2/avx512/amx'} (torch uses {torch.backends.cpu.get_cpu_capability()})",
             "load_average": " / ".join(f"{v:.2f}" for v in os.getloadavg()), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 

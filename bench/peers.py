@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peerbench import end_to_end_results, install, results
+from peerbench import end_to_end_results, harvest_results, install, results
 
 BENCH = Path(__file__).resolve().parent
 # Real SmolLM2 resid_post.15 activations: the frontier recipe's reduced store if present, else `make demo`'s.
@@ -37,6 +37,7 @@ WORKERS = {
     "saelens": "peerbench.workers.saelens",
     "dictionary_learning": "peerbench.workers.dictionary_learning",
 }
+KEPT_SECTIONS = (end_to_end_results.HEADING, harvest_results.HEADING)  # written by their own scripts
 PEERS = [name for name in WORKERS if name != "ours"]
 
 
@@ -137,10 +138,12 @@ def main() -> None:
                 f"Adam lr {args.lr}; {args.steps} timed steps after {warmup_text} warm-up, {args.rounds} alternating "
                 f"rounds; quality: {args.quality_steps} steps on {args.store}")
     text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
-    end_to_end = end_to_end_results.read_section(args.out)  # bench/end_to_end.py's section survives a rerun
+    # the sections of bench/end_to_end.py and bench/harvest.py survive a rerun
+    kept = [end_to_end_results.read_section(args.out, heading) for heading in KEPT_SECTIONS]
     Path(args.out).write_text(text)
-    if end_to_end is not None:
-        end_to_end_results.write_section(args.out, end_to_end)
+    for section in kept:
+        if section is not None:
+            end_to_end_results.write_section(args.out, section)
     print(text)
 
 

@@ -4,7 +4,7 @@ only; imports no torch).
 `bench/peers.py` renders the rest of the file; `write_section` replaces only this section (from its heading to the
 next `## ` heading or the end) and appends it when absent, so the other sections are kept as they are. `peers.py`
 rewrites the whole file, so it keeps this section only if it calls `read_section` before writing and
-`write_section` after.
+`write_section` after. `bench/harvest.py` writes its own section through the same two functions.
 """
 
 from __future__ import annotations
@@ -98,24 +98,27 @@ def render(machine: Mapping[str, str], settings: str, rows: Sequence[Row], notes
     return "\n".join(lines)
 
 
-def read_section(path: str | Path) -> str | None:
-    """This section of the file at `path` as written (None when the file or the section is absent)."""
+def read_section(path: str | Path, heading: str = HEADING) -> str | None:
+    """The section under `heading` (this one by default) of the file at `path` as written (None when the file or
+    the section is absent)."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
-    if HEADING not in lines:
+    if heading not in lines:
         return None
-    start = lines.index(HEADING)
+    start = lines.index(heading)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     return "\n".join(lines[start:end]).rstrip("\n") + "\n"
 
 
 def write_section(path: str | Path, section: str) -> None:
-    """Put `section` (starting with HEADING) into the file at `path` in place of its old one, or at the end."""
+    """Put `section` (starting with its `## ` heading, e.g. HEADING) into the file at `path` in place of its old
+    one, or at the end."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     new = section.rstrip("\n").splitlines()
-    if HEADING in lines:
-        start = lines.index(HEADING)
+    heading = new[0]
+    if heading in lines:
+        start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         tail = lines[end:]
         lines = lines[:start] + new + ([""] if tail else []) + tail

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import saelab.activations.stream as stream_module
 from saelab.activations.store import ActivationStore
@@ -129,3 +130,24 @@ def test_bad_input_gets_one_clear_error_before_anything_is_written(saved_tiny_ll
     assert "got both" in capsys.readouterr().err
     assert main(["train", "--out-dir", str(out)]) == 2
     assert "got neither" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_bfloat16_model_streams_trains_and_caches_what_a_bfloat16_harvest_stores(saved_tiny_llama, tmp_path) -> None:
+    model_dir, corpus = saved_tiny_llama()
+    bf16 = ["--model-dtype", "bfloat16"]
+    cache = ["--cache-to", str(tmp_path / "cache"), "--cache-shard-tokens", "64", "--cache-dtype", "float32"]
+    assert main(_args(model_dir, corpus, tmp_path / "run", *bf16, *cache)) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["completed"] and all(0 < s["fvu"] < 1 for s in summary["saes"].values())
+    harvest = ["harvest", "--model", str(model_dir), "--hookpoints", ",".join(HOOKPOINTS), "--data.source",
+               str(corpus), "--data.context-length", "16", "--data.n-tokens", "600", "--batch-size", "4",
+               "--shard-tokens", "64", "--dtype", "float32"]
+    assert main([*harvest, *bf16, "--out-dir", str(tmp_path / "bf16")]) == 0
+    assert main([*harvest, "--out-dir", str(tmp_path / "fp32")]) == 0
+    assert _store_contents(tmp_path / "cache") == _store_contents(tmp_path / "bf16")
+    low, full = ActivationStore(tmp_path / "bf16"), ActivationStore(tmp_path / "fp32")
+    for hp in HOOKPOINTS:
+        x, y = low.load(hp, 0, low.n_tokens), full.load(hp, 0, full.n_tokens)
+        assert torch.equal(x, x.bfloat16().float())  # bf16 values, stored exactly in float32
+        drift = float((x - y).norm() / y.norm())
+        assert 0 < drift < 0.05  # bf16 rounding, not another computation

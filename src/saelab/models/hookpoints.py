@@ -274,3 +274,10 @@ def resolve_hookpoint(model: nn.Module, name: str) -> HookSite:
     }
     module, io = where[kind]
     return HookSite(name=name, layer=layer, module=module, io=io)
+
+
+def complete_blocks_before(model: nn.Module, name: str) -> int:
+    """How many whole blocks have run when `name`'s tensor exists: its layer's blocks before it, plus its own block
+    when the tensor is that block's output (`resid_post`). Sites inside a block count only the blocks before it."""
+    site = resolve_hookpoint(model, name)
+    return site.layer + (site.module is blocks(model)[site.layer] and site.io == "output")

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from saelab.errors import HookpointError
-from saelab.models.hookpoints import blocks, resolve_hookpoint
+from saelab.models.hookpoints import blocks, complete_blocks_before
 
 
 class SharedPrefix:
@@ -27,12 +27,8 @@ class SharedPrefix:
     """
 
     def __init__(self, model: nn.Module, hookpoints: Iterable[str]) -> None:
-        layers = blocks(model)
-        sites = [resolve_hookpoint(model, name) for name in hookpoints]
-        n_skipped = min(
-            (site.layer + (site.module is layers[site.layer] and site.io == "output") for site in sites), default=0
-        )
-        self._skipped: list[nn.Module] = list(layers[:n_skipped])
+        n_skipped = min((complete_blocks_before(model, name) for name in hookpoints), default=0)
+        self._skipped: list[nn.Module] = list(blocks(model)[:n_skipped])
         self._output: Any = None
 
     @property
