@@ -58,7 +58,7 @@ def synthetic_site(folder: Path, n_latents: int) -> tuple[Path, float]:
 def measure(browser: Chromium, index: Path, repeats: int) -> dict[str, float]:
     loads, sorts, panels = [], [], []
     for _ in range(repeats):
-        page = browser.open(index.as_uri(), ready="document.body.dataset.ready")
+        page = browser.open(index.resolve().as_uri(), ready="document.body.dataset.ready")
         loads.append(page.load_ms)
         sorts.append(page.evaluate("""(() => { const t0 = performance.now();
             document.querySelector('th[data-key=count]').click(); return performance.now() - t0; })()"""))
