@@ -117,7 +117,7 @@ def test_budgets_small_is_the_defaults_and_full_scales_up() -> None:
     full = LMConnectorsConfig.from_dict({"budget": "full", "trainer": {"lr": 3e-4}})
     assert full.budget == "full" and full.data.n_tokens == 600_000 and full.trainer.total_tokens == 1_000_000
     assert full.trainer.lr == 3e-4 and full.trainer.batch_size == LMConnectorsConfig().trainer.batch_size
-    assert LMConnectorsConfig().blocks() == [2, 6, 10, 14, 18, 22]
+    assert LMConnectorsConfig().blocks() == [2, 6, 10] and full.blocks() == [2, 6, 10, 14, 18, 22]
     assert LMConnectorsConfig().replace(layer=3, layers=[5, 1]).blocks() == [1, 3, 5]
     with pytest.raises(ConfigError, match="reference.form"):
         LMConnectorsConfig().replace(reference=ConnectorConfig(form="mlp"))

@@ -13,8 +13,11 @@ feature's top-activating contexts (to read OR- and AND-NOT-like relations), cros
 encode → connector → decode (and by a transcoder) next to SAE-only splices and MLP zero-ablation, and each shown
 feature's effect on the next-token logits when it is removed.
 
-Budgets (`--budget`): "small" (the defaults) harvests 250k tokens and trains each SAE on 150k, about half an hour
-on two CPU cores for six blocks; "full" harvests 1M tokens and trains each SAE on 1M (several hours on two cores).
+Budgets (`--budget`): "small" (the defaults) harvests 150k tokens of blocks 2, 6 and 10 and trains each SAE on
+100k; measured on a 2-core AVX2 EPYC shared with other jobs (load 2-6): harvest 8.3 min, 11-12 min per block at
+load 2 (31 min at load 6), then transcoder, L1 sweep, CE and relations 15 min: about 45 min on a busy machine,
+near half an hour on an idle one. "full" adds blocks 14, 18 and 22, harvests 600k tokens, trains each SAE on 1M
+and widens the connectors (several hours on two cores; meant for a GPU or a larger CPU).
 
 Writes `summary.json`, `report.html` and the figures (see `report_lm`), and per block each output feature's held-out
 MSE per connector form in `layers/<L>/per_feature.safetensors`. Re-running resumes: the store, the trained SAEs
@@ -81,7 +84,8 @@ REFERENCE = "residual"  # the form of the nonlinear reference
 class LMConnectorsConfig(BudgetConfig):
     BUDGETS = {
         "small": {},
-        "full": {"data": {"n_tokens": 600_000}, "analysis_tokens": 60_000, "validation_tokens": 30_000,
+        "full": {"layers": [2, 6, 10, 14, 18, 22], "data": {"n_tokens": 600_000}, "analysis_tokens": 60_000,
+                 "validation_tokens": 30_000,
                  "downstream_contexts": 48, "trainer": {"total_tokens": 1_000_000},
                  "connector": {"epochs": 8, "mlp_hidden": 1024}, "reference": {"epochs": 40, "mlp_hidden": 1024}},
     }
@@ -90,7 +94,7 @@ class LMConnectorsConfig(BudgetConfig):
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     layer: int = dataclasses.field(default=6, metadata={"help": "block whose MLP is replaced (the detailed analyses)"})
     layers: list[int] = dataclasses.field(
-        default_factory=lambda: [2, 6, 10, 14, 18, 22],
+        default_factory=lambda: [2, 6, 10],
         metadata={"help": "blocks of the per-layer linearity table (--layer is added when missing)"})
     store: str | None = dataclasses.field(
         default=None, metadata={"help": "reuse this store (holding mlp_in.L and mlp_out.L) instead of harvesting"}
