@@ -108,6 +108,10 @@ def test_both_layer_sets_side_by_side_at_one_budget_and_a_rerun_redoes_nothing(t
     assert main(_args(model, corpus, out, "--layers", "0,3", "--adjacent-layers", "0,1,2")) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["side_by_side"] == saved["side_by_side"] and again["adjacent"]["fvu"] == adjacent["fvu"]
+    monkeypatch.undo()  # another request in the same folder redoes the analyses (the trained SAEs are reused)
+    assert main(_args(model, corpus, out, "--layers", "0,3", "--adjacent-layers", "0,1,2", "--cosine-top-n", "3")) == 0
+    changed = json.loads((out / "summary.json").read_text())
+    assert changed["decoder_cosines"]["all"]["n_latents"] <= 3 and changed["adjacent"]["fvu"] == adjacent["fvu"]
 
 
 def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tiny_setup, tmp_path, capsys) -> None:

@@ -27,6 +27,7 @@ finished sets and continues training from the latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,9 +192,10 @@ class SetInputs:
 def analyse_layer_set(cfg: MultiLayerConfig, folder: RunFolder, layers: list[int], inputs: SetInputs,
                       trained: MultiLayerSAE | None, compared: dict[str, Any] | None) -> dict[str, Any]:
     """Train (or take `trained`), evaluate and analyse one SAE over `layers` into `folder`: its summary.json, report
-    and figures, then its done-marker; a folder already marked done returns its summary without redoing anything.
-    `compared` is the second set's summary, shown side by side with this one."""
-    if folder.is_done(LAYER_SET_STAGE):
+    and figures, then its done-marker (holding the config); a folder marked done for the same config returns its
+    summary without redoing anything. `compared` is the second set's summary, shown side by side with this one."""
+    request = json.loads(json.dumps(cfg.to_dict()))
+    if folder.result(LAYER_SET_STAGE) == request:
         return folder.read_summary()
     model, tokenizer, split = inputs.model, inputs.tokenizer, inputs.split
     hookpoints = layer_hookpoints(layers)
@@ -274,7 +276,7 @@ def analyse_layer_set(cfg: MultiLayerConfig, folder: RunFolder, layers: list[int
     log.info("multilayer layers %s finished: FVU %.4f (per-dimension mean %.4f), per layer %s", layers,
              metrics["fvu"], metrics["fvu_per_dim"], metrics["per_layer_fvu"])
     summary = folder.write_summary(summary, cfg)
-    folder.mark_done(LAYER_SET_STAGE)
+    folder.mark_done(LAYER_SET_STAGE, request)
     return summary
 
 
