@@ -129,13 +129,14 @@ def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
     if "side_by_side" in summary:
         other = summary[ADJACENT_FOLDER]
         report.heading("Strided and adjacent layers side by side")
+        gaps = sorted({b - a for a, b in zip(layers[:-1], layers[1:], strict=True)})
         report.paragraph(
-            f"A second SAE of the same size and budget over consecutive layers {other['sae']['layers']} (as the "
-            f"write-up's 6 layers of Pythia-70M), beside this one over layers {layers}: \"adjacent\" pairs here are "
-            f"{layers[1] - layers[0] if len(layers) > 1 else 0} blocks apart, there 1. FVU per-dimension mean = mean "
-            "over dimensions of each dimension's unexplained variance ratio (the write-up's); pooled = saelab's.")
-        report.table(summary["side_by_side"], caption="figures of the write-up \"Multi-layer SAEs\" (Pythia-70M) "
-                     "and of both layer sets of this run (SmolLM2 unless another model was asked for)")
+            f"A second SAE of the same size and budget over layers {other['sae']['layers']} (consecutive, as the "
+            f"write-up's 6 layers of Pythia-70M), beside this one over layers {layers}, whose neighbouring layers are "
+            f"{'/'.join(map(str, gaps))} blocks apart. FVU per-dimension mean = mean over dimensions of each "
+            "dimension's unexplained-variance ratio (the write-up's); pooled = saelab's Σ error / Σ variance.")
+        report.table(summary["side_by_side"], caption=f"figures of the write-up \"Multi-layer SAEs\" (Pythia-70M) "
+                     f"and of both layer sets of this run ({summary['config']['model']})")
         report.link(f"{ADJACENT_FOLDER}/report.html", "The consecutive-layer SAE's full report",
                     after=" (its banding, tables, figures and feature browser).")
     report.heading("Compared with the write-up (Pythia-70M, 6 layers)")
