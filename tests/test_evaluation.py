@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from saelab.errors import ConfigError, DataError
 from saelab.evaluation import ALL_SITES, evaluate_downstream, evaluate_downstream_together, evaluate_reconstruction
-from saelab.metrics import cross_entropy, fraction_of_variance_unexplained, per_slice_fvu
+from saelab.metrics import cross_entropy, fraction_of_variance_unexplained, per_dimension_fvu, per_slice_fvu
 from saelab.models.hooks import forward_with
 from saelab.saes.base import SAEConfig, SparseAutoencoder
 
@@ -56,6 +56,10 @@ def test_reconstruction_metrics_pool_over_batches() -> None:
     assert result["dead_fraction"] == pytest.approx(1 / 6)
     assert result["n_tokens"] == 30
     assert result["per_slice_fvu"] == pytest.approx(per_slice_fvu(x, x_hat, [(0, 2), (2, 6)]).tolist(), rel=1e-6)
+    assert result["fvu_per_dim"] == pytest.approx(per_dimension_fvu(x, x_hat).item(), rel=1e-6)
+    assert result["fvu_per_dim"] != pytest.approx(result["fvu"])  # a mean of ratios, not the pooled ratio
+    assert result["per_slice_fvu_per_dim"] == pytest.approx(
+        per_dimension_fvu(x, x_hat, [(0, 2), (2, 6)]).tolist(), rel=1e-6)
 
 
 def test_reconstruction_metrics_are_in_the_sae_space_and_raw() -> None:

@@ -17,6 +17,7 @@ from saelab.metrics import (
     kl_divergence,
     l0,
     mse,
+    per_dimension_fvu,
     per_slice_fvu,
     token_cross_entropy,
 )
@@ -83,6 +84,18 @@ def test_per_slice_fvu_by_hand_and_variance_weighted_total() -> None:
     assert not torch.allclose(per.mean(), weighted)  # the plain mean of per-slice FVUs is a different number
 
 
+def test_per_dimension_fvu_by_hand_is_a_mean_of_ratios() -> None:
+    # dim 0: error 1 / variance 2; dim 1: error 1 / variance 8 -> (1/2 + 1/8) / 2, not the pooled 2/10.
+    assert per_dimension_fvu(X, X_HAT).item() == pytest.approx((1 / 2 + 1 / 8) / 2)
+    assert per_dimension_fvu(X, X_HAT, [(0, 1), slice(1, 2)]).tolist() == pytest.approx([1 / 2, 1 / 8])
+    # A constant dimension has no ratio and is left out; scaling a dimension changes nothing.
+    x = torch.cat([X, torch.ones(3, 1)], dim=1)
+    x_hat = torch.cat([X_HAT, torch.zeros(3, 1)], dim=1)
+    assert per_dimension_fvu(x, x_hat).item() == pytest.approx((1 / 2 + 1 / 8) / 2)
+    scale = torch.tensor([10.0, 0.1])
+    assert per_dimension_fvu(X * scale, X_HAT * scale).item() == pytest.approx((1 / 2 + 1 / 8) / 2)
+
+
 def test_cosine_similarity_by_hand() -> None:
     cos = cosine_similarity(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [2.0, 2.0]]))
     assert cos.tolist() == pytest.approx([0.0, 1.0])
@@ -144,6 +157,9 @@ def test_fvu_accumulator_pools_exactly_over_batches() -> None:
     assert acc.fvu() == pytest.approx(fraction_of_variance_unexplained(x, x_hat).item(), rel=1e-6)
     assert acc.mse() == pytest.approx(mse(x, x_hat).item(), rel=1e-6)
     assert acc.per_slice_fvu([(0, 2), (2, 6)]) == pytest.approx(per_slice_fvu(x, x_hat, [(0, 2), (2, 6)]).tolist())
+    assert acc.per_dimension_fvu() == pytest.approx(per_dimension_fvu(x, x_hat).item(), rel=1e-6)
+    assert acc.per_slice_per_dimension_fvu([(0, 2), (2, 6)]) == pytest.approx(
+        per_dimension_fvu(x, x_hat, [(0, 2), (2, 6)]).tolist(), rel=1e-6)
 
 
 def test_fvu_accumulator_uses_the_mean_of_all_tokens() -> None:

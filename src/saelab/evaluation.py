@@ -50,7 +50,8 @@ def evaluate_reconstruction(
     `fvu`, `mse`, `cosine` and `per_slice_fvu` are measured in the SAE's own (preprocessed) space, the space it was
     trained in (the deep-SAE write-up's NMSE); `fvu_raw` is measured on the raw activations against the
     denormalised reconstruction, i.e. what splicing into the model sees (equal to `fvu` without preprocessing).
-    `dead_fraction` counts latents that never fire on these tokens.
+    `dead_fraction` counts latents that never fire on these tokens. `fvu_per_dim` (and `per_slice_fvu_per_dim`) is
+    the per-dimension-mean FVU of `metrics.per_dimension_fvu` in the same space.
     """
     fvu, fvu_raw, cosine = FVUAccumulator(), FVUAccumulator(), MeanAccumulator()
     latent_stats = LatentAccumulator(sae.n_latents)
@@ -73,6 +74,7 @@ def evaluate_reconstruction(
     result: dict[str, Any] = {
         "fvu": fvu.fvu(),
         "fvu_raw": fvu_raw.fvu(),
+        "fvu_per_dim": fvu.per_dimension_fvu(),
         "mse": fvu.mse(),
         "cosine": cosine.mean(),
         "l0": latent_stats.l0(),
@@ -81,6 +83,7 @@ def evaluate_reconstruction(
     }
     if slices is not None:
         result["per_slice_fvu"] = fvu.per_slice_fvu(slices)
+        result["per_slice_fvu_per_dim"] = fvu.per_slice_per_dimension_fvu(slices)
     return result
 
 

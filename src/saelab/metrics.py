@@ -97,6 +97,29 @@ def _ratio_per_slice(sq_err: Tensor, sq_dev: Tensor, slices: Sequence[SliceSpec]
     return torch.stack([sq_err[_slice_of(s)].sum() / sq_dev[_slice_of(s)].sum() for s in slices])
 
 
+def per_dimension_fvu(x: Tensor, x_hat: Tensor, slices: Sequence[SliceSpec] | None = None) -> Tensor:
+    """Per-dimension-mean FVU = mean over dimensions j of Σ_t (x_tj − x̂_tj)² / Σ_t (x_tj − mean_t x_tj)².
+
+    The multi-layer write-up's FVU (a mean of ratios, so a low-variance dimension counts as much as a high-variance
+    one; the pooled `fraction_of_variance_unexplained` weights dimensions by their variance). Invariant to scaling
+    any dimension. Dimensions with zero variance have no ratio and are left out of the mean. With `slices`, one
+    value per slice `[len(slices)]` (the mean over that slice's dimensions); without, a scalar over all dimensions.
+    """
+    sq_err, sq_dev = _per_dim_sums(x, x_hat)
+    return _mean_ratio(sq_err, sq_dev, slices)
+
+
+def _mean_ratio(sq_err: Tensor, sq_dev: Tensor, slices: Sequence[SliceSpec] | None) -> Tensor:
+    def mean_over(part: slice) -> Tensor:
+        err, dev = sq_err[part], sq_dev[part]
+        varies = dev > 0
+        return (err[varies] / dev[varies]).mean()
+
+    if slices is None:
+        return mean_over(slice(None))
+    return torch.stack([mean_over(_slice_of(s)) for s in slices])
+
+
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     """Mean squared error over every element: mean_{t,j} (x_tj − x̂_tj)² (per dimension, not per token)."""
     return (x - x_hat).pow(2).mean()
@@ -211,7 +234,8 @@ class MeanAccumulator:
 
 
 class FVUAccumulator:
-    """Pooled FVU, MSE and per-slice FVU over many batches, equal to the one-batch functions on the concatenation.
+    """Pooled FVU, MSE, per-slice and per-dimension-mean FVU over many batches, equal to the one-batch functions on
+    the concatenation.
 
     Keeps per-dimension squared errors and the per-dimension sum of squared deviations from the running mean,
     merged batch by batch with Chan et al.'s parallel-variance update (float64), so the mean of all tokens is used
@@ -257,6 +281,13 @@ class FVUAccumulator:
     def per_slice_fvu(self, slices: Sequence[SliceSpec]) -> list[float]:
         sq_err, sq_dev = self._require()
         return _ratio_per_slice(sq_err, sq_dev, slices).tolist()
+
+    def per_dimension_fvu(self) -> float:
+        """`per_dimension_fvu` over every token seen."""
+        return _mean_ratio(*self._require(), None).item()
+
+    def per_slice_per_dimension_fvu(self, slices: Sequence[SliceSpec]) -> list[float]:
+        return _mean_ratio(*self._require(), slices).tolist()
 
 
 class LatentAccumulator:

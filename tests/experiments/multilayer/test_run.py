@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import torch
 
 from saelab.activations.writer import StoreWriter
 from saelab.cli import main
+from saelab.config import add_config_arguments, config_from_args
 from saelab.data.tokenize import DataConfig
-from saelab.experiments.multilayer.run import layer_scales
+from saelab.errors import ConfigError
+from saelab.experiments.multilayer.run import MultiLayerConfig, layer_scales
 from saelab.saes import MultiLayerSAE, MultiLayerSAEConfig, load_sae
 from saelab.saes.multilayer import layer_hookpoints, segment_norms
 
@@ -27,7 +30,8 @@ def _args(model: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
             "--eval-tokens", "300", "--sae.n-latents", "48", "--sae.k", "4", "--cosine-top-n", "10",
             "--trainer.total-tokens", "1024", "--trainer.batch-size", "128", "--trainer.warmup-steps", "2",
             "--trainer.log-every-steps", "2", "--trainer.progress", "false", "--flow.contexts", "4",
-            "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2", *extra]
+            "--flow.context-length", "8", "--flow.latents-per-bucket", "2", "--flow.tokens-per-latent", "2",
+            "--adjacent-layers", "", *extra]
 
 
 def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path: Path, open_page,
@@ -67,6 +71,49 @@ def test_recipe_trains_evaluates_and_reports_every_analysis(tiny_setup, tmp_path
 
 
 
+def test_both_layer_sets_side_by_side_at_one_budget_and_a_rerun_redoes_nothing(tiny_setup, tmp_path: Path,
+                                                                               monkeypatch, open_page) -> None:
+    model, corpus = tiny_setup
+    out = tmp_path / "run"
+    assert main(_args(model, corpus, out, "--layers", "0,3", "--adjacent-layers", "0,1,2")) == 0
+
+    saved = json.loads((out / "summary.json").read_text())
+    adjacent = saved["adjacent"]
+    assert saved["sae"]["layers"] == [0, 3] and adjacent["sae"]["layers"] == [0, 1, 2]
+    assert saved["sae"]["n_latents"] == adjacent["sae"]["n_latents"] == 48
+    assert saved["train"]["tokens"] == adjacent["train"]["tokens"]  # the same budget
+    assert json.loads((out / "adjacent" / "summary.json").read_text())["fvu"] == adjacent["fvu"]
+    assert len(adjacent["decoder_cosines"]["all"]["adjacent"]) == 2
+    assert list(adjacent["per_layer_fvu_per_dim"]) == ["0", "1", "2"]
+    rows = {row["quantity"]: row for row in saved["side_by_side"]}
+    assert set(rows) >= {"fvu", "per_layer_fvu", "bucket_counts_by_encoder", "decoder_cosine_adjacent",
+                         "decoder_cosine_first_last", "flow_cosine_adjacent", "flow_strength_adjacent"}
+    assert rows["fvu"]["layers 0,1,2"] == (f"{adjacent['fvu_per_dim']:.4f} per-dimension mean; "
+                                          f"{adjacent['fvu']:.4f} pooled")
+    assert rows["decoder_cosine_adjacent"]["write-up"] == saved["write_up"]["decoder_cosine_adjacent"]
+    for store in ("train", "eval"):  # one harvest holds both sets' layers
+        hookpoints = json.loads((out / "activations" / store / "manifest.json").read_text())["hookpoints"]
+        assert hookpoints == [f"resid_post.{layer}" for layer in (0, 1, 2, 3)]
+    html = (out / "report.html").read_text()
+    assert "<h2>Strided and adjacent layers side by side" in html and 'href="adjacent/report.html"' in html
+    assert (out / "adjacent" / "report.html").exists() and (out / "adjacent" / "figures").is_dir()
+    page, _ = open_page(out / "report.html")
+    assert rows["flow_strength_adjacent"]["layers 0,3"] in page.evaluate("document.body.innerText")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run folder was trained again")
+
+    monkeypatch.setattr("saelab.experiments.multilayer.run.train", no_training)
+    monkeypatch.setattr("saelab.experiments.multilayer.run.information_flow", no_training)
+    assert main(_args(model, corpus, out, "--layers", "0,3", "--adjacent-layers", "0,1,2")) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["side_by_side"] == saved["side_by_side"] and again["adjacent"]["fvu"] == adjacent["fvu"]
+    monkeypatch.undo()  # another request in the same folder redoes the analyses (the trained SAEs are reused)
+    assert main(_args(model, corpus, out, "--layers", "0,3", "--adjacent-layers", "0,1,2", "--cosine-top-n", "3")) == 0
+    changed = json.loads((out / "summary.json").read_text())
+    assert changed["decoder_cosines"]["all"]["n_latents"] <= 3 and changed["adjacent"]["fvu"] == adjacent["fvu"]
+
+
 def test_a_trained_sae_is_analysed_only_with_its_layer_set_and_normalisation(tiny_setup, tmp_path, capsys) -> None:
     model, corpus = tiny_setup
     sae = MultiLayerSAE(MultiLayerSAEConfig(
@@ -91,6 +138,19 @@ def test_bad_layer_lists_are_refused(tiny_setup, tmp_path: Path, capsys) -> None
     assert "out of range (this model has layers 0..3)" in capsys.readouterr().err
     assert main(_args(model, corpus, tmp_path / "b", "--layers", "3,1")) == 2
     assert "sorted" in capsys.readouterr().err
+
+
+def test_budget_small_is_the_defaults_and_full_the_write_ups_dictionary() -> None:
+    small = MultiLayerConfig.from_dict({})
+    assert small == MultiLayerConfig() and small.budget == "small" and small.adjacent_layers == [0, 1, 2, 3, 4, 5]
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, MultiLayerConfig)
+    full = config_from_args(MultiLayerConfig, parser.parse_args(["--budget", "full", "--sae.k", "64"]))
+    assert (full.sae.n_latents, full.sae.k, full.budget) == (24_576, 64, "full")
+    assert full.trainer.total_tokens > small.trainer.total_tokens and full.data.n_tokens > small.data.n_tokens
+    assert full.trainer.lr == small.trainer.lr  # a budget changes the scale, nothing else
+    with pytest.raises(ConfigError, match="pass --adjacent-layers '' with --sae-dir"):
+        MultiLayerConfig.from_dict({"sae_dir": "somewhere"})
 
 
 def _synthetic_store(path: Path):

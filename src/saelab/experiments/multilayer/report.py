@@ -24,6 +24,8 @@ from saelab.report.html import Report
 from saelab.report.plots import plot_training_curves
 from saelab.report.run_features import add_features_section
 
+ADJACENT_FOLDER = "adjacent"  # the second layer set's run folder, inside the first's (and its summary key)
+
 
 def write_figures(folder: Path, records: Sequence[Mapping[str, Any]] | None, rates: ActivationRates,
                   triggers: TriggerLayers, cosines: dict[str, LayerPairStats],
@@ -78,10 +80,14 @@ def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
     )
     report.heading("Reconstruction")
     metrics = summary["metrics"]
-    report.key_values({"fvu (pooled, normalised space)": metrics["fvu"], "fvu_raw": metrics["fvu_raw"],
+    report.key_values({"fvu (pooled, normalised space)": metrics["fvu"],
+                       "fvu_per_dim (mean over dimensions of per-dimension ratios, the write-up's)":
+                       metrics["fvu_per_dim"], "fvu_raw": metrics["fvu_raw"],
                        "l0": metrics["l0"], "dead_fraction (never fired on held-out tokens)": metrics["dead_fraction"]})
-    report.table([{"layer": layer, "fvu": fvu} for layer, fvu in summary["per_layer_fvu"].items()],
-                 caption="FVU per layer; the total is their mean weighted by each layer's variance")
+    report.table([{"layer": layer, "fvu": fvu, "fvu_per_dim": summary["per_layer_fvu_per_dim"][layer]}
+                  for layer, fvu in summary["per_layer_fvu"].items()],
+                 caption="FVU per layer, pooled (the total is their mean weighted by each layer's variance) and "
+                 "per-dimension mean (the total is their plain mean when layers are equally wide)")
     if "training" in figures:
         report.figure(figures["training"], "training curves")
     report.heading("Activation rates")
@@ -120,6 +126,19 @@ def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
                    **{f"{q} {a}->{b}": v for q in ("cosine", "strength")
                       for a, b, v in zip(layers[:-1], layers[1:], s[q].adjacent(), strict=True)}}
                   for name, s in flow.items()], caption="adjacent layers, per trigger bucket")
+    if "side_by_side" in summary:
+        other = summary[ADJACENT_FOLDER]
+        report.heading("Strided and adjacent layers side by side")
+        gaps = sorted({b - a for a, b in zip(layers[:-1], layers[1:], strict=True)})
+        report.paragraph(
+            f"A second SAE of the same size and budget over layers {other['sae']['layers']} (consecutive, as the "
+            f"write-up's 6 layers of Pythia-70M), beside this one over layers {layers}, whose neighbouring layers are "
+            f"{'/'.join(map(str, gaps))} blocks apart. FVU per-dimension mean = mean over dimensions of each "
+            "dimension's unexplained-variance ratio (the write-up's); pooled = saelab's Σ error / Σ variance.")
+        report.table(summary["side_by_side"], caption=f"figures of the write-up \"Multi-layer SAEs\" (Pythia-70M) "
+                     f"and of both layer sets of this run ({summary['config']['model']})")
+        report.link(f"{ADJACENT_FOLDER}/report.html", "The consecutive-layer SAE's full report",
+                    after=" (its banding, tables, figures and feature browser).")
     report.heading("Compared with the write-up (Pythia-70M, 6 layers)")
     report.table(_comparison(summary), caption="figures of the write-up \"Multi-layer SAEs\"; this run's in the "
                  "right column")
@@ -130,22 +149,44 @@ def write_report(summary: dict[str, Any], cosines: dict[str, LayerPairStats],
     return report.write(path)
 
 
-def _comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The write-up's figures beside this run's, one row per quantity."""
+def _span(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    return f"{min(present):.2f}-{max(present):.2f}" if present else "n/a"
+
+
+def _values(values: list[float | None]) -> str:
+    return ", ".join("n/a" if v is None else f"{v:.2f}" for v in values)
+
+
+def _figures_of(summary: dict[str, Any]) -> dict[str, str]:
+    """One layer set's figures in the write-up's terms, keyed as `WRITE_UP` (plus the pooled and per-layer FVUs)."""
     cos = summary["decoder_cosines"]["all"]
     flow = summary["information_flow"]["all"]
-
-    def span(values: list[float | None]) -> str:
-        present = [v for v in values if v is not None]
-        return f"{min(present):.2f}-{max(present):.2f}" if present else "n/a"
-
-    ours = {
-        "fvu": f"{summary['fvu']:.4f} (pooled); per layer {[round(v, 3) for v in summary['per_layer_fvu'].values()]}",
+    pairs = "; pairs " + ", ".join(f"{a}-{b}" for a, b in zip(cos["layers"][:-1], cos["layers"][1:], strict=True))
+    return {
+        "fvu": f"{summary['fvu_per_dim']:.4f} per-dimension mean; {summary['fvu']:.4f} pooled",
+        "per_layer_fvu": "per-dim mean " + _values(list(summary["per_layer_fvu_per_dim"].values()))
+        + "; pooled " + _values(list(summary["per_layer_fvu"].values())),
         "bucket_counts_by_encoder": " / ".join(map(str, summary["triggers"]["bucket_counts_by_encoder"]))
         + f" of {summary['triggers']['n_active']} active",
-        "decoder_cosine_adjacent": span(cos["adjacent"]),
-        "decoder_cosine_first_last": "n/a" if cos["mean"][0][-1] is None else f"{cos['mean'][0][-1]:.2f}",
-        "flow_cosine_adjacent": span(flow["cosine"]["adjacent"]),
-        "flow_strength_adjacent": span(flow["strength"]["adjacent"]),
+        "decoder_cosine_adjacent": f"{_span(cos['adjacent'])} ({_values(cos['adjacent'])}{pairs})",
+        "decoder_cosine_first_last": "n/a" if cos["mean"][0][-1] is None
+        else f"{cos['mean'][0][-1]:.2f} (layer {cos['layers'][0]} vs {cos['layers'][-1]})",
+        "flow_cosine_adjacent": f"{_span(flow['cosine']['adjacent'])} ({_values(flow['cosine']['adjacent'])})",
+        "flow_strength_adjacent": f"{_span(flow['strength']['adjacent'])} ({_values(flow['strength']['adjacent'])})",
     }
+
+
+def _comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The write-up's figures beside this run's, one row per quantity."""
+    ours = _figures_of(summary)
     return [{"quantity": key, "write-up": text, "this run": ours[key]} for key, text in summary["write_up"].items()]
+
+
+def side_by_side(first: dict[str, Any], second: dict[str, Any]) -> list[dict[str, str]]:
+    """Two layer sets' figures (e.g. every 6th layer and consecutive layers, at the same budget) beside the
+    write-up's, one row per quantity; the write-up's FVU is the per-dimension mean."""
+    ours = [_figures_of(first), _figures_of(second)]
+    names = [f"layers {','.join(map(str, s['sae']['layers']))}" for s in (first, second)]
+    return [{"quantity": key, "write-up": first["write_up"].get(key, "per-dimension mean, not given per layer"),
+             **{name: figures[key] for name, figures in zip(names, ours, strict=True)}} for key in ours[0]]

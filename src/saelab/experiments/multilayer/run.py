@@ -1,39 +1,51 @@
-"""`saelab multilayer`: the "Multi-layer SAEs" experiment end to end in one run folder.
+"""`saelab multilayer`: the "Multi-layer SAEs" experiment end to end in one run folder, over two layer sets.
 
-Default: the offline SmolLM2-135M, `resid_post` of every 6th layer (0, 6, 12, 18, 24: 5 x 576 = 2,880 features,
-so that training fits in about half an hour on two CPU cores), per-layer normalisation, 8,192 latents, k = 128,
-300k training tokens over a 200k-token store of the KJV text. The write-up's setting, Pythia-70M with all 6 layers,
-is `--model EleutherAI/pythia-70m --layers 0,1,2,3,4,5` (its dictionary had 24,576 latents: `--sae.n-latents
-24576`).
+The write-up (Pythia-70M, all 6 layers) compares truly adjacent layers. A run trains and analyses two SAEs of the
+same size on the same tokens: one over every `--layer-stride`-th layer (default 0, 6, 12, 18, 24 of the offline
+SmolLM2-135M: a view over the whole depth, whose "adjacent" pairs are six blocks apart) into the run folder, and one
+over `--adjacent-layers` (default 0-5: as many consecutive layers as Pythia-70M has) into `OUT_DIR/adjacent`; the
+first set's summary.json and report.html put both sets' figures side by side with the write-up's. `--adjacent-layers
+''` runs the first set alone (as `--sae-dir` requires). The write-up's own setting is `--model EleutherAI/pythia-70m
+--layers 0,1,2,3,4,5 --adjacent-layers '' --budget full`.
 
-Steps: tokenise training and held-out contexts (the held-out ones follow the training ones); harvest the chosen
-layers in one forward pass per batch (or reuse `--store`); train the SAE (or analyse `--sae-dir`); evaluate total
-and per-layer FVU on held-out tokens; run every analysis of `saelab.experiments.multilayer.analysis`; write
-`summary.json` and `report.html`. Re-running the same command in the same folder reuses the stores and continues
-training from the latest checkpoint.
+Budgets (`--budget`; any flag given beside it wins):
+- small (the defaults): 4,096 latents, k = 128, per-layer normalisation, a 65,536-token store of the KJV text,
+  150k training tokens (about 2.3 epochs), 16,384 held-out tokens, for each layer set. Measured end to end (both
+  sets, harvest, training, analyses, reports) on a shared 2-core AVX2 EPYC: see MEASURED_SMALL_WALL_TIME below.
+- full: the write-up's dictionary, 24,576 latents, over a 1M-token store, 2M training tokens and 65,536 held-out
+  tokens (roughly 6 x the latents and 13 x the tokens of small per set: expect several hours on 2 CPU cores; not
+  measured there, sized for a GPU).
+
+Steps: tokenise training and held-out contexts (the held-out ones follow the training ones); harvest the layers of
+both sets in one forward pass per batch into one store (or reuse `--store`); per set, train the SAE (or analyse
+`--sae-dir`); evaluate total and per-layer FVU on held-out tokens, both saelab's pooled FVU and the write-up's
+per-dimension mean; run every analysis of `saelab.experiments.multilayer.analysis`; write `summary.json` and
+`report.html`, then the set's done-marker. Re-running the same command in the same folder reuses the stores, skips
+finished sets and continues training from the latest checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saelab.activations.harvest import HarvestConfig
-from saelab.activations.heldout import harvest_with_heldout
+from saelab.activations.heldout import HeldOutSplit, harvest_with_heldout
 from saelab.activations.normalize import estimate_norm_stats
 from saelab.activations.store import ActivationStore
-from saelab.config import Config
+from saelab.config import BudgetConfig, Config
 from saelab.data.tokenize import DataConfig, context_mask
 from saelab.errors import ConfigError
 from saelab.evaluation import check_on_store, evaluate_reconstruction
 from saelab.experiments.multilayer.analysis import activation_rates, decoder_cosines, information_flow, trigger_layers
-from saelab.experiments.multilayer.report import write_figures, write_report
+from saelab.experiments.multilayer.report import ADJACENT_FOLDER, side_by_side, write_figures, write_report
 from saelab.interp.examples import TokenText
 from saelab.interp.feature_data import FeatureDataConfig
 from saelab.models.hookpoints import num_layers
@@ -49,8 +61,12 @@ from saelab.training.config import TrainerConfig
 from saelab.training.entry import describe_store, train
 from saelab.training.trainer import TrainResult
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
+LAYER_SET_STAGE = "layer_set"  # done-marker of a layer set whose summary and report are written
 GLOBAL_SCALE_TOKENS = 16_384  # tokens of the first shard the "global" scale is estimated on
 # The numbers of the write-up "Multi-layer SAEs" (Pythia-70M, 6 layers x 512, 24,576 latents, k = 128), for the
 # report's comparison.
@@ -66,7 +82,7 @@ WRITE_UP = {
 
 @dataclasses.dataclass
 class MultiLayerSpec(Config):
-    n_latents: int = dataclasses.field(default=8_192, metadata={"help": "dictionary size"})
+    n_latents: int = dataclasses.field(default=4_096, metadata={"help": "dictionary size"})
     k: int = dataclasses.field(default=128, metadata={"help": "active latents per token"})
     encoder_init_scale: float | None = dataclasses.field(
         default=0.2, metadata={"help": "c of the encoder-scaling init (None: off)"}
@@ -91,13 +107,24 @@ class FlowSettings(Config):
 
 
 @dataclasses.dataclass
-class MultiLayerConfig(Config):
+class MultiLayerConfig(BudgetConfig):
+    BUDGETS = {
+        "small": {},
+        "full": {"sae": {"n_latents": 24_576}, "data": {"n_tokens": 1_000_000}, "eval_tokens": 65_536,
+                 "trainer": {"total_tokens": 2_000_000, "checkpoint_every_steps": 200}},
+    }
+
     out_dir: str = dataclasses.field(default="runs/multilayer", metadata={"help": "run folder"})
     model: str = dataclasses.field(default=OFFLINE_DEFAULT_MODEL, metadata={"help": "HF name, path or offline default"})
     layers: list[int] = dataclasses.field(
         default_factory=list, metadata={"help": "sorted layer list, e.g. 0,1,2; empty: every layer-stride-th"}
     )
     layer_stride: int = dataclasses.field(default=6, metadata={"help": "every k-th layer from 0 (1 = all)"})
+    adjacent_layers: list[int] = dataclasses.field(
+        default_factory=lambda: [0, 1, 2, 3, 4, 5],
+        metadata={"help": "second layer set, trained and analysed the same way into OUT_DIR/adjacent and reported "
+                          "beside the first (consecutive layers, as the write-up's); empty: the first set only"},
+    )
     normalization: str = dataclasses.field(default="per_layer", metadata={"help": "per_layer | global | none"})
     store: str | None = dataclasses.field(
         default=None,
@@ -107,20 +134,20 @@ class MultiLayerConfig(Config):
         default=None, metadata={"help": f"analyse this trained multilayer SAE ({SOURCE_HELP})"}
     )
     self_check: bool = dataclasses.field(default=True, metadata={"help": SELF_CHECK_HELP + " (with --sae-dir)"})
-    # Defaults sized for the 2-core CPU (about 20-25 min for SmolLM2's 5 layers); the write-up used 24,576 latents.
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=200_000))
-    eval_tokens: int = dataclasses.field(default=32_768, metadata={"help": "held-out tokens for FVU and rates"})
+    # Defaults (the "small" budget) sized so both layer sets fit about half an hour on two CPU cores.
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="kjv", n_tokens=65_536))
+    eval_tokens: int = dataclasses.field(default=16_384, metadata={"help": "held-out tokens for FVU and rates"})
     harvest_batch_size: int = dataclasses.field(default=16, metadata={"help": "contexts per harvest forward pass"})
     shard_tokens: int = dataclasses.field(default=32_768, metadata={"help": "tokens per store shard"})
     sae: MultiLayerSpec = dataclasses.field(default_factory=MultiLayerSpec)
     trainer: TrainerConfig = dataclasses.field(
-        default_factory=lambda: TrainerConfig(total_tokens=300_000, batch_size=2048, lr=1e-3, warmup_steps=50,
+        default_factory=lambda: TrainerConfig(total_tokens=150_000, batch_size=2048, lr=1e-3, warmup_steps=50,
                                               dead_window_tokens=500_000, checkpoint_every_steps=100)
     )
     cosine_top_n: int = dataclasses.field(default=100, metadata={"help": "most active latents for decoder cosines"})
     flow: FlowSettings = dataclasses.field(default_factory=FlowSettings)
     feature_tokens: int = dataclasses.field(
-        default=32_768, metadata={"help": "held-out tokens recorded for the feature browser (0: no browser)"}
+        default=16_384, metadata={"help": "held-out tokens recorded for the feature browser (0: no browser)"}
     )
     features: FeatureDataConfig = dataclasses.field(default_factory=FeatureDataConfig)
     device: str = dataclasses.field(default="cpu", metadata={"help": "device the model and the SAE run on"})
@@ -130,6 +157,9 @@ class MultiLayerConfig(Config):
             raise ConfigError(f"normalization={self.normalization!r} is unknown; use one of {list(NORMALIZATIONS)}")
         if self.eval_tokens < 1 or self.cosine_top_n < 1 or self.layer_stride < 1:
             raise ConfigError("eval_tokens, cosine_top_n and layer_stride must be at least 1")
+        if self.sae_dir is not None and self.adjacent_layers:
+            raise ConfigError("--sae-dir analyses one trained SAE, but --adjacent-layers asks for a second layer set "
+                              "to be trained; pass --adjacent-layers '' with --sae-dir")
 
 
 def run(cfg: MultiLayerConfig) -> dict[str, Any]:
@@ -137,16 +167,44 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
 
     model, tokenizer = load_model(cfg.model, cfg.device, torch.float32)
     layers = select_layers(num_layers(model), cfg.layers, cfg.layer_stride)
-    hookpoints = layer_hookpoints(layers)
-    trained = None if cfg.sae_dir is None else load_trained(cfg, hookpoints)
+    adjacent = select_layers(num_layers(model), cfg.adjacent_layers) if cfg.adjacent_layers else []
+    trained = None if cfg.sae_dir is None else load_trained(cfg, layer_hookpoints(layers))
     folder.lap("load_model")
-    harvest_cfg = HarvestConfig(out_dir=str(folder.path / "activations"), model=cfg.model, hookpoints=hookpoints,
-                                data=cfg.data, batch_size=cfg.harvest_batch_size, shard_tokens=cfg.shard_tokens,
-                                device=cfg.device)
+    harvest_cfg = HarvestConfig(out_dir=str(folder.path / "activations"), model=cfg.model,
+                                hookpoints=layer_hookpoints(sorted({*layers, *adjacent})), data=cfg.data,
+                                batch_size=cfg.harvest_batch_size, shard_tokens=cfg.shard_tokens, device=cfg.device)
     split = harvest_with_heldout(model, tokenizer, harvest_cfg, eval_tokens=cfg.eval_tokens,
                                  heldout_contexts=cfg.flow.contexts, store=cfg.store, harvest_train=trained is None)
-    eval_store = split.eval_store
     folder.lap("harvest")
+    inputs = SetInputs(model, tokenizer, split)
+    compared = None
+    if adjacent:
+        set_cfg = cfg.replace(out_dir=str(folder.path / ADJACENT_FOLDER), layers=adjacent, adjacent_layers=[])
+        compared = analyse_layer_set(set_cfg, RunFolder.start(set_cfg), adjacent, inputs, None, None)
+        folder.lap("adjacent_set")
+    return analyse_layer_set(cfg, folder, layers, inputs, trained, compared)
+
+
+@dataclasses.dataclass
+class SetInputs:
+    """What every layer set of one run shares: the model and the harvested stores (holding all sets' layers)."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    split: HeldOutSplit
+
+
+def analyse_layer_set(cfg: MultiLayerConfig, folder: RunFolder, layers: list[int], inputs: SetInputs,
+                      trained: MultiLayerSAE | None, compared: dict[str, Any] | None) -> dict[str, Any]:
+    """Train (or take `trained`), evaluate and analyse one SAE over `layers` into `folder`: its summary.json, report
+    and figures, then its done-marker (holding the config); a folder marked done for the same config returns its
+    summary without redoing anything. `compared` is the second set's summary, shown side by side with this one."""
+    request = json.loads(json.dumps(cfg.to_dict()))
+    if folder.result(LAYER_SET_STAGE) == request:
+        return folder.read_summary()
+    model, tokenizer, split = inputs.model, inputs.tokenizer, inputs.split
+    hookpoints = layer_hookpoints(layers)
+    eval_store = split.eval_store
     if trained is not None:
         trained.check_input(hookpoints, widths=eval_store.dims)
         check_on_store(trained, eval_store, hookpoints, str(cfg.sae_dir), cfg.self_check)
@@ -157,6 +215,7 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
 
     metrics = evaluate_reconstruction(sae, _store_batches(eval_store, hookpoints), slices=sae.slices)
     metrics["per_layer_fvu"] = dict(zip(map(str, layers), metrics.pop("per_slice_fvu"), strict=True))
+    metrics["per_layer_fvu_per_dim"] = dict(zip(map(str, layers), metrics.pop("per_slice_fvu_per_dim"), strict=True))
     rates = activation_rates(sae, _store_batches(eval_store, hookpoints))
     folder.lap("evaluate")
     features = None
@@ -191,6 +250,8 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
     summary = {
         "fvu": metrics["fvu"],
         "per_layer_fvu": metrics["per_layer_fvu"],
+        "fvu_per_dim": metrics["fvu_per_dim"],
+        "per_layer_fvu_per_dim": metrics["per_layer_fvu_per_dim"],
         "metrics": metrics,
         "activation": {"n_tokens": rates.n_tokens, "n_active": int(rates.active.sum()),
                        "n_dead": int((~rates.active).sum())},
@@ -207,6 +268,10 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
         "stores": {"eval_tokens": eval_store.n_tokens},
         "write_up": WRITE_UP,
     }
+    if compared is not None:
+        summary[ADJACENT_FOLDER] = {key: value for key, value in compared.items()
+                                    if key not in ("config", "provenance", "write_up")}
+        summary["side_by_side"] = side_by_side(summary, compared)
     if features is not None:
         summary["features"] = summary_of(features, index_path, folder.path)
     summary = folder.write_summary(summary, cfg)  # the results survive a failing report
@@ -214,8 +279,11 @@ def run(cfg: MultiLayerConfig) -> dict[str, Any]:
     figures = write_figures(folder.path / "figures", records, rates, triggers, cosines, flow_stats)
     write_report(summary, cosines, flow_stats, figures, folder.report_path, features)
     folder.lap("report")
-    log.info("multilayer finished: FVU %.4f, per layer %s", metrics["fvu"], metrics["per_layer_fvu"])
-    return folder.write_summary(summary, cfg)
+    log.info("multilayer layers %s finished: FVU %.4f (per-dimension mean %.4f), per layer %s", layers,
+             metrics["fvu"], metrics["fvu_per_dim"], metrics["per_layer_fvu"])
+    summary = folder.write_summary(summary, cfg)
+    folder.mark_done(LAYER_SET_STAGE, request)
+    return summary
 
 
 def layer_scales(store: ActivationStore, hookpoints: list[str], normalization: str) -> list[float]:
