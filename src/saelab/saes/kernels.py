@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.saes import native
+from saelab.saes import certified, native
 
 # Pre-activation buffer per chunk of tokens: bounded memory, but chunks under ~1,024 rows make the GEMM slower
 # (measured at d = 768, 2 cores: 256 rows 93 GFLOP/s, 1,024 rows 111 at n = 98,304).
@@ -155,6 +155,15 @@ def _groupable(n_latents: int, k: int) -> bool:
 
 
 def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
+    low = gemm_dtype(x_c.device, weight.dtype)
+    if low == weight.dtype == torch.float32 and certified.active(x_c.device):
+        spans = chunk_spans(x_c.shape[0], chunk_rows)
+        return TopKSelection(*certified.certified_topk(
+            x_c, weight, bias, k, spans, lambda rows: _select_fp32(x_c[rows], weight, bias, k, chunk_rows)))
+    return _select_fp32(x_c, weight, bias, k, chunk_rows)
+
+
+def _select_fp32(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
     n_tokens, n_latents = x_c.shape[0], weight.shape[0]
     low = gemm_dtype(x_c.device, weight.dtype)
     x_c, weight, bias = x_c.to(low), weight.to(low), bias.to(low)

@@ -14,6 +14,7 @@ DecoderNormAxis = Literal["per_unit", "per_row"]
 LossKind = Literal["fvu", "mse"]
 OptimizerKind = Literal["adam", "masked_adam"]
 AutocastDtype = Literal["bfloat16", "float16"]
+SelectionPrecision = Literal["fp32", "bf16-exact"]
 
 
 def default_lr(n_latents: int) -> float:
@@ -55,6 +56,9 @@ class TrainerConfig(Config):
     # Forward and loss under torch.autocast in this dtype (parameters, gradients and Adam stay float32); the top-k
     # encoder GEMM, the step's main cost, then runs in it too. None = full precision.
     autocast_dtype: AutocastDtype | None = None
+    # "bf16-exact": the top-k encoder GEMM in bf16 with the selection certified equal to fp32's (tokens that cannot
+    # be certified are recomputed in fp32; `saelab.saes.certified`); runs fp32 where the device has no fast bf16.
+    precision: SelectionPrecision = "fp32"
     progress: bool = True
     wandb_project: str | None = None  # log to Weights & Biases as well (needs `pip install saelab[wandb]`)
     wandb_run_name: str | None = None
@@ -81,7 +85,7 @@ class TrainerConfig(Config):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainerConfig.{name} must be >= 0 (got {getattr(self, name)})")
         for name, kind in (("decoder_norm_axis", DecoderNormAxis), ("loss", LossKind), ("optimizer", OptimizerKind),
-                           ("autocast_dtype", AutocastDtype)):
+                           ("autocast_dtype", AutocastDtype), ("precision", SelectionPrecision)):
             allowed = typing.get_args(kind)
             if getattr(self, name) not in allowed and not (name == "autocast_dtype" and self.autocast_dtype is None):
                 raise ConfigError(

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.metrics import fire_counts, fraction_of_variance_unexplained, l0
+from saelab.saes import certified
 from saelab.saes.base import BatchShare, Latents, LossTerm, SparseAutoencoder, TrainingContext
 from saelab.training import checkpoint as ckpt
 from saelab.training.config import TrainerConfig, default_lr
@@ -343,7 +344,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        with self._autocast():
+        counted = certified.stats().tokens, certified.stats().certified
+        with self._autocast(), certified.selection_precision(cfg.precision):
             output = sae(x_n)
             x_hat, latents = output
             terms = sae.training_loss(x_n, output, context, self.tracker.dead_mask)
@@ -381,6 +383,9 @@ class Trainer:
                 n_tokens = share.n_tokens
                 self.tracker.update(counts, n_tokens)
             stats["lr"] = torch.tensor(lr)
+            selected = certified.stats().tokens - counted[0]
+            if selected:  # bf16-exact selections ran this step
+                stats["certified_fraction"] = torch.tensor((certified.stats().certified - counted[1]) / selected)
         self.step += 1
         self.tokens_seen += n_tokens
         if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0:
