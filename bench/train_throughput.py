@@ -19,8 +19,14 @@ Process settings for stable figures (both applied before anything large is alloc
 `--autocast bfloat16` runs both under torch.autocast (the trainer's `autocast_dtype`): on a GPU the encoder GEMM then
 runs in bf16; parameters, gradients and Adam stay fp32.
 
+`--precision bf16-exact` times the trainer's bf16-exact selection (`saelab.saes.certified`) against fp32 instead: two
+SAEs from the same init trained side by side, step by step, on the same batches, and before each step both
+selections of the bf16-exact SAE's weights compared token by token (`selection_mismatches` counts tokens whose
+positive latents differ: must be 0). Where the device has no fast bf16 the trainer runs fp32 for bf16-exact and
+`speedup` is about 1; `--force` runs the bf16 path anyway (emulated, slower) to measure `certified_fraction`.
+
 Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu
-                                        --autocast bfloat16]
+                                        --autocast bfloat16 | --precision bf16-exact [--force]]
 The last line of stdout is one JSON object.
 """
 
@@ -44,7 +50,7 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from saelab.saes import TopKSAE, TopKSAEConfig  # noqa: E402
+from saelab.saes import TopKSAE, TopKSAEConfig, certified  # noqa: E402
 from saelab.saes.kernels import (  # noqa: E402
     chunk_spans,
     default_chunk_rows,
@@ -122,7 +128,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
+    parser.add_argument("--precision", choices=list(certified.PRECISIONS), default="fp32")
+    parser.add_argument("--force", action="store_true", help="bf16-exact on a device without fast bf16 (emulated)")
     args = parser.parse_args()
+    if args.precision == "bf16-exact":
+        compare_precisions(args)
+        return
 
     malloc_tuned = MALLOC_TUNED
     device = torch.device(args.device)
@@ -173,6 +184,62 @@ def main() -> None:
     print(
         f"train {train_tps:,.0f} tokens/s, encode-only {encode_tps:,.0f} tokens/s, ratio {train_tps / encode_tps:.3f}"
     )
+    print(json.dumps(result))
+
+
+def compare_precisions(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    fp32 = TopKSAE(TopKSAEConfig(d_in=args.d, n_latents=args.n, k=args.k)).to(device)
+    exact = TopKSAE(TopKSAEConfig(d_in=args.d, n_latents=args.n, k=args.k)).to(device)
+    exact.load_state_dict(fp32.state_dict())
+    opt_fp32, fused = make_optimizer(fp32, args.lr)
+    opt_exact, _ = make_optimizer(exact, args.lr)
+    batches = torch.randn(2, args.batch, args.d, device=device)
+    hardware = certified.bf16_gemm_available(device)
+    force = args.force or None
+
+    def exact_step(x: Tensor) -> None:
+        with certified.selection_precision("bf16-exact", force=force):
+            train_step(exact, opt_exact, x)
+
+    fp32_s, exact_s, mismatches, counted = [], [], 0, [0, 0]
+    for step in range(args.warmup + args.steps):
+        x = batches[step % 2]
+        with torch.no_grad():  # the same weights selected both ways
+            ref = exact.encode(x)
+            before = certified.stats().tokens, certified.stats().certified
+            with certified.selection_precision("bf16-exact", force=force):
+                got = exact.encode(x)
+            counted[0] += certified.stats().tokens - before[0]
+            counted[1] += certified.stats().certified - before[1]
+            mismatches += sum(
+                set(i[v > 0].tolist()) != set(j[w > 0].tolist())
+                for v, i, w, j in zip(ref.values, ref.indices, got.values, got.indices, strict=True)
+            )
+        t_fp32, _ = timed(lambda x=x: train_step(fp32, opt_fp32, x), device)
+        t_exact, _ = timed(lambda x=x: exact_step(x), device)
+        if step >= args.warmup:
+            fp32_s.append(t_fp32)
+            exact_s.append(t_exact)
+            print(f"step {step - args.warmup + 1}/{args.steps}: fp32 {t_fp32:.3f} s, bf16-exact {t_exact:.3f} s")
+    fp32_tps, exact_tps = args.batch / statistics.median(fp32_s), args.batch / statistics.median(exact_s)
+    result = {
+        "train_tokens_per_s": round(exact_tps, 1),
+        "fp32_train_tokens_per_s": round(fp32_tps, 1),
+        "speedup": round(exact_tps / fp32_tps, 4),
+        "certified_fraction": round(counted[1] / counted[0], 4) if counted[0] else None,
+        "selection_mismatches": mismatches,
+        "tokens_compared": (args.warmup + args.steps) * args.batch,
+        "bf16_hardware": hardware,
+        "bf16_path_ran": counted[0] > 0,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "d": args.d, "n": args.n, "k": args.k, "batch": args.batch, "steps": args.steps, "device": str(device),
+        "threads": torch.get_num_threads(), "fused_adam": fused,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    }
+    print(f"bf16-exact {exact_tps:,.0f} tokens/s, fp32 {fp32_tps:,.0f} tokens/s, speedup {exact_tps / fp32_tps:.3f}")
     print(json.dumps(result))
 
 
