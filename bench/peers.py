@@ -39,6 +39,13 @@ WORKERS = {
 }
 KEPT_SECTIONS = (end_to_end_results.HEADING, harvest_results.HEADING)  # written by their own scripts
 PEERS = [name for name in WORKERS if name != "ours"]
+# Rows of our worker beside the plain top-k one: other SAE architectures on the same fast path, and other precisions
+OURS_VARIANTS = {
+    "ours-deep": ["--arch", "deep"],
+    "ours-multilayer": ["--arch", "multilayer"],
+    "ours-bf16": ["--precision", "bf16-exact"],
+    "ours-autocast": ["--precision", "autocast"],
+}
 
 
 def run_worker(python: Path | str, module: str, argv: list[str]) -> dict[str, Any] | None:
@@ -68,8 +75,8 @@ def measure(python: Path, trainers: list[str], argv: list[str], rounds: int) -> 
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in trainers}
     for r in range(rounds):
         for trainer in trainers[r % len(trainers):] + trainers[: r % len(trainers)]:
-            module, extra = (WORKERS["ours"], ["--arch", trainer.split("-", 1)[1]]) if trainer.startswith(
-                "ours-") else (WORKERS[trainer], [])
+            module, extra = (WORKERS["ours"], OURS_VARIANTS[trainer]) if trainer in OURS_VARIANTS else (
+                WORKERS[trainer], [])
             result = run_worker(python, module, [*argv, *extra])
             if result is not None:
                 print(json.dumps(result), flush=True)
@@ -121,7 +128,7 @@ def main() -> None:
     warmups = {n: warmup_steps(args.warmup, n, sizes) for n in sizes}
     for n in sizes:
         argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
-        speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer"], argv, args.rounds)
+        speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer", "ours-bf16"], argv, args.rounds)
     quality: list[dict[str, Any]] = []
     if not Path(args.store).exists():
         print(f"no activation store at {args.store}: quality (FVU) rows skipped; `make demo` writes one",
@@ -129,7 +136,7 @@ def main() -> None:
     else:
         argv = [*common, "--warmup", str(args.warmup), "--n", str(sizes[0]), "--steps", str(args.quality_steps),
                 "--store", args.store]
-        quality = measure(python, ["ours", *peers], argv, 1)
+        quality = measure(python, ["ours", *peers, "ours-bf16", "ours-autocast"], argv, 1)
     costs = [] if args.no_costs else run_worker(sys.executable, "peerbench.model_costs", []) or []
 
     pins = ", ".join(install.PEER_PINS[p] for p in peers)

@@ -52,7 +52,7 @@ def test_results_render_targets_and_tables_from_fixed_figures() -> None:
     assert verdicts["tokens/s vs our encode-only"] == (0.9, True)
     assert verdicts["peak RSS vs sparsify"] == (0.5, True)
     assert results.quality_target(quality).met is False
-    assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | 27,000 | – | 0.5000 | 1.00 |" in text
+    assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | 27,000 | – | 0.5000 | – | 1.00 |" in text
     assert "| sparsify | 4,096 | 768 | synthetic | 9,000 | 4,500 | 1,200 | – | – | 2.00 |" in text
     assert "n = 4,096: the bare encoder GEMM alone runs at 27,000 tokens/s, 3.00× sparsify's whole step" in text
 
@@ -61,3 +61,26 @@ def test_paths_are_resolved_before_the_workers_change_folder(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     args = peers.parse_args(["--store", "runs/acts", "--out", "RESULTS.md"])
     assert args.store == str(tmp_path / "runs" / "acts") and args.out == str(tmp_path / "RESULTS.md")
+
+
+def test_our_worker_runs_bf16_exact_and_autocast_rows() -> None:
+    argv = ["--d", "16", "--n", "64", "--k", "4", "--batch", "32", "--steps", "2", "--warmup", "1", "--eval-rows", "16"]
+    env = {**__import__("os").environ, "SAELAB_FORCE_BF16_EXACT": "1"}
+    for precision, name in (("bf16-exact", "ours-bf16"), ("autocast", "ours-autocast")):
+        proc = subprocess.run([sys.executable, "-m", "peerbench.workers.ours", *argv, "--precision", precision],
+                              cwd=BENCH, capture_output=True, text=True, check=True, env=env)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert row["trainer"] == name and row["fvu"] >= 0
+        if precision == "bf16-exact":
+            assert row["bf16_path_ran"] and 0 <= row["certified_fraction"] <= 1
+
+
+def test_bf16_target_is_judged_only_where_the_bf16_path_ran() -> None:
+    def bf16(ran: bool) -> dict:
+        return {**_row("ours-bf16", 27_000.0, 600.0, 0.5), "n": 24576, "bf16_path_ran": ran}
+
+    sparsify = {**_row("sparsify", 9_000.0, 1_200.0, 0.6), "n": 24576}
+    for ran, met in ((True, True), (False, None)):
+        target = [t for t in results.speed_targets([bf16(ran), sparsify], [24576]) if "ours-bf16" in t.name][0]
+        assert (target.measured, target.met) == (3.0, met)
+        assert ("fp32 ran" in target.name) is not ran

@@ -135,3 +135,21 @@ def test_training_follows_the_fp32_run(tmp_path: Path, monkeypatch):
     assert "certified_fraction" in metrics
     for a, b in zip(fp32.parameters(), exact.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_recorded_before_the_precision_setting_still_resume(tmp_path: Path):
+    """A run folder whose config predates `precision` is the fp32 request, not another one."""
+    import json
+
+    from saelab.training.entry import train
+
+    data = [torch.randn(64, 8) for _ in range(2)]
+    cfg = TrainerConfig(total_tokens=128, batch_size=64, progress=False, checkpoint_every_steps=None)
+    torch.manual_seed(0)
+    train(create_sae("topk", d_in=8, n_latents=32, k=2), data, cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "precision" not in saved["trainer"]
+    train(create_sae("topk", d_in=8, n_latents=32, k=2), data, cfg, tmp_path / "run")  # the finished run, reused
+    with pytest.raises(Exception, match="another request"):
+        train(create_sae("topk", d_in=8, n_latents=32, k=2), data,
+              TrainerConfig(total_tokens=128, batch_size=64, progress=False, precision="bf16-exact"), tmp_path / "run")

@@ -4,6 +4,10 @@
 a multi-layer SAE (two equal layer slices); their encode-only pass includes whatever their `encode` does. The top-k
 SAE's worker also times the bare encoder GEMM (`gemm_only`), the floor under any exact top-k trainer's step.
 The trainer runs with the peers' settings: constant lr, no warm-up, decay, clipping, AuxK or checkpoints.
+
+`--precision bf16-exact` (row "ours-bf16") trains the top-k SAE with the trainer's certified bf16 selection, which
+runs fp32 where the CPU has no fast bf16 (the row says whether the bf16 path ran, and its certified fraction);
+`--precision autocast` (row "ours-autocast") trains under torch.autocast(bfloat16) (fp32 master weights and Adam).
 """
 
 from __future__ import annotations  # noqa: I001 (common configures the process before torch loads)
@@ -16,12 +20,13 @@ import tempfile  # noqa: E402
 from torch import Tensor  # noqa: E402
 from train_throughput import encode_only, gemm_only, timed  # noqa: E402
 
-from saelab.saes import SparseAutoencoder, TopKSAE, TopKSAEConfig  # noqa: E402
+from saelab.saes import SparseAutoencoder, TopKSAE, TopKSAEConfig, certified  # noqa: E402
 from saelab.saes.deep import DeepSAE, DeepSAEConfig  # noqa: E402
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig  # noqa: E402
 from saelab.training import Trainer, TrainerConfig  # noqa: E402
 
 ARCHS = ("topk", "deep", "multilayer")
+PRECISIONS = {"fp32": "ours", "bf16-exact": "ours-bf16", "autocast": "ours-autocast"}  # -> the row's name
 
 
 def build_sae(arch: str, d: int, n: int, k: int) -> SparseAutoencoder:
@@ -44,8 +49,15 @@ def main() -> None:
         at = sys.argv.index("--arch")
         arch = sys.argv[at + 1]
         del sys.argv[at : at + 2]
+    precision = "fp32"
+    if "--precision" in sys.argv:
+        at = sys.argv.index("--precision")
+        precision = sys.argv[at + 1]
+        del sys.argv[at : at + 2]
     if arch not in ARCHS:
         raise SystemExit(f"--arch {arch!r}: use one of {ARCHS}")
+    if precision not in PRECISIONS:
+        raise SystemExit(f"--precision {precision!r}: use one of {list(PRECISIONS)}")
     args = parse_args(__doc__.split("\n\n")[0])
     data = Activations(args)
     sae = build_sae(arch, data.d, args.n, args.k).to(data.device)
@@ -61,15 +73,26 @@ def main() -> None:
     cfg = TrainerConfig(
         total_tokens=clock.count * args.batch, batch_size=args.batch, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
         grad_clip_norm=None, checkpoint_every_steps=None, log_every_steps=10**9, progress=False, seed=args.seed,
-        device=args.device,
+        device=args.device, precision="bf16-exact" if precision == "bf16-exact" else "fp32",
+        autocast_dtype="bfloat16" if precision == "autocast" else None,
     )
+    counted = certified.stats().tokens, certified.stats().certified
     with tempfile.TemporaryDirectory() as out:
         Trainer(sae, cfg, out).fit(clock)
+    extra: dict[str, float | str | bool] = {}
+    if precision == "bf16-exact":
+        selected = certified.stats().tokens - counted[0]
+        extra = {"bf16_hardware": certified.bf16_gemm_available(data.device), "bf16_path_ran": selected > 0}
+        if selected:
+            extra["certified_fraction"] = round((certified.stats().certified - counted[1]) / selected, 4)
     timed_steps = slice(clock.warmup, clock.warmup + clock.steps)
     encode_tps = args.batch / statistics.median(encode_s[timed_steps])
     gemm = {"gemm_median_tokens_per_s": round(args.batch / statistics.median(gemm_s[timed_steps]), 1)} if gemm_s else {}
-    report("ours" if arch == "topk" else f"ours-{arch}", args, data, clock, fvu(sae.reconstruct, data),
-           encode_median_tokens_per_s=round(encode_tps, 1), **gemm)
+    name = "ours" if arch == "topk" else f"ours-{arch}"
+    if precision != "fp32":
+        name = PRECISIONS[precision]
+    report(name, args, data, clock, fvu(sae.reconstruct, data), encode_median_tokens_per_s=round(encode_tps, 1),
+           **gemm, **extra)
 
 
 if __name__ == "__main__":

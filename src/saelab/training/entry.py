@@ -45,7 +45,14 @@ from saelab.training import checkpoint as ckpt
 from saelab.training import distributed
 from saelab.training.config import DEEP_SAE_RECIPE, TrainerConfig
 from saelab.training.logger import read_records
-from saelab.training.trainer import FINAL_SAE_DIR, METRICS_FILE, RESUMABLE_CHANGES, Trainer, TrainResult
+from saelab.training.trainer import (
+    FINAL_SAE_DIR,
+    LATER_DEFAULTS,
+    METRICS_FILE,
+    RESUMABLE_CHANGES,
+    Trainer,
+    TrainResult,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -223,7 +230,9 @@ def _train_many(
 def _request(job: TrainJob) -> dict[str, Any]:
     sae, cfg = job.sae, job.cfg
     return {"sae": {"architecture": sae.architecture, **sae.cfg.to_dict()},
-            "trainer": {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}, "data": job.data}
+            "trainer": {k: v for k, v in cfg.to_dict().items()
+                        if k not in RESUMABLE_CHANGES and LATER_DEFAULTS.get(k, object()) != v},
+            "data": job.data}
 
 
 def _open_job(

@@ -60,6 +60,9 @@ RESUMABLE_CHANGES = frozenset(
     {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "device", "progress", "wandb_project",
      "wandb_run_name"}
 )
+# Settings added after runs were recorded without them, at the value that gives those runs' numbers: a request
+# records them only when they differ from it, so earlier run folders still resume.
+LATER_DEFAULTS = {"precision": "fp32"}
 
 
 @dataclasses.dataclass
@@ -191,7 +194,8 @@ class Trainer:
         current = self.cfg.to_dict()
         differ = sorted(
             k for k in current.keys() | saved.keys()
-            if k not in RESUMABLE_CHANGES and _jsonable(current.get(k)) != _jsonable(saved.get(k))
+            if k not in RESUMABLE_CHANGES
+            and _jsonable(current.get(k, LATER_DEFAULTS.get(k))) != _jsonable(saved.get(k, LATER_DEFAULTS.get(k)))
         )
         if differ:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ)
