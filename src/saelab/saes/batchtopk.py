@@ -37,9 +37,8 @@ class BatchTopKSAEConfig(TopKSAEConfig):
     # Weight of the old estimate in the inference threshold's running average. Each batch's smallest kept activation
     # is already a precise quantile (k·B values), but it drifts down while the encoder trains, and a long memory
     # lags behind: on SmolLM2 (245 steps, k=32, B=1024) 0.99 (SAELens's threshold lr 0.01) ended at 0.0381 against
-    # the last batches' 0.0347, an inference L0 of 25.5; 0.9 ended at 0.0348, L0 about 32
-    # (a rerun at 0.9 measured 32.2). dictionary_learning's 0.999
-    # gave L0 24.
+    # the last batches' 0.0347, an inference L0 of 25.5; 0.9 ended at 0.0348, L0 about 32 (a rerun at 0.9 measured
+    # 32.2). dictionary_learning's 0.999 gave L0 24.
     threshold_beta: float = 0.9
 
     def validate(self) -> None:
