@@ -203,16 +203,14 @@ def compare_precisions(args: argparse.Namespace) -> None:
         with certified.selection_precision("bf16-exact", force=force):
             train_step(exact, opt_exact, x)
 
-    fp32_s, exact_s, mismatches, counted = [], [], 0, [0, 0]
+    fp32_s, exact_s, mismatches, tokens, certified_tokens = [], [], 0, 0, 0
     for step in range(args.warmup + args.steps):
         x = batches[step % 2]
         with torch.no_grad():  # the same weights selected both ways
             ref = exact.encode(x)
-            before = certified.stats().tokens, certified.stats().certified
-            with certified.selection_precision("bf16-exact", force=force):
+            with certified.selection_precision("bf16-exact", force=force), certified.counted() as selection:
                 got = exact.encode(x)
-            counted[0] += certified.stats().tokens - before[0]
-            counted[1] += certified.stats().certified - before[1]
+            tokens, certified_tokens = tokens + selection.tokens, certified_tokens + selection.certified
             mismatches += sum(
                 set(i[v > 0].tolist()) != set(j[w > 0].tolist())
                 for v, i, w, j in zip(ref.values, ref.indices, got.values, got.indices, strict=True)
@@ -228,11 +226,11 @@ def compare_precisions(args: argparse.Namespace) -> None:
         "train_tokens_per_s": round(exact_tps, 1),
         "fp32_train_tokens_per_s": round(fp32_tps, 1),
         "speedup": round(exact_tps / fp32_tps, 4),
-        "certified_fraction": round(counted[1] / counted[0], 4) if counted[0] else None,
+        "certified_fraction": round(certified_tokens / tokens, 4) if tokens else None,
         "selection_mismatches": mismatches,
         "tokens_compared": (args.warmup + args.steps) * args.batch,
         "bf16_hardware": hardware,
-        "bf16_path_ran": counted[0] > 0,
+        "bf16_path_ran": tokens > 0,
         "isa": torch.backends.cpu.get_cpu_capability(),
         "d": args.d, "n": args.n, "k": args.k, "batch": args.batch, "steps": args.steps, "device": str(device),
         "threads": torch.get_num_threads(), "fused_adam": fused,

@@ -28,12 +28,10 @@ def _both(x, weight, bias, k):
     """(fp32 selection, bf16-exact selection, certified fraction) through the public top-k entry point."""
     with torch.no_grad():
         ref = topk_encode(x, weight, bias, k)
-        before = certified.stats().tokens, certified.stats().certified
-        with certified.selection_precision("bf16-exact", force=True):
+        with certified.selection_precision("bf16-exact", force=True), certified.counted() as selection:
             got = topk_encode(x, weight, bias, k)
-    stats = certified.stats()
-    fraction = (stats.certified - before[1]) / (stats.tokens - before[0])
-    return ref, got, fraction
+    assert selection.tokens == x.shape[0]
+    return ref, got, selection.certified / selection.tokens
 
 
 def _check_equal(ref, got, x, weight, bias):
@@ -107,10 +105,9 @@ def test_without_fast_bf16_the_fp32_path_runs(monkeypatch):
     monkeypatch.setattr(certified, "bf16_gemm_available", lambda device: False)
     monkeypatch.delenv(certified.FORCE_ENV, raising=False)
     x, weight, bias = torch.randn(20, 8), torch.randn(32, 8), torch.zeros(32)
-    before = certified.stats().tokens
-    with certified.selection_precision("bf16-exact"):
+    with certified.selection_precision("bf16-exact"), certified.counted() as selection:
         got = topk_encode(x, weight, bias, 4)
-    assert certified.stats().tokens == before  # nothing ran on the bf16 path
+    assert selection.tokens == 0  # nothing ran on the bf16 path
     assert torch.equal(got.values, topk_encode(x, weight, bias, 4).values)
     with pytest.raises(ValueError, match="bf16-exact"), certified.selection_precision("bf16"):
         pass

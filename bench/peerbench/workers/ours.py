@@ -41,19 +41,20 @@ def build_sae(arch: str, d: int, n: int, k: int) -> SparseAutoencoder:
     return TopKSAE(TopKSAEConfig(d_in=d, n_latents=n, k=k))
 
 
+def pop_flag(argv: list[str], flag: str, default: str) -> str:
+    """The value of `flag` (ours only), removed from argv so that the shared parser stays the peers' interface."""
+    if flag not in argv:
+        return default
+    at = argv.index(flag)
+    value = argv[at + 1]
+    del argv[at : at + 2]
+    return value
+
+
 def main() -> None:
     import sys
 
-    arch = "topk"
-    if "--arch" in sys.argv:  # ours only; the shared parser stays the peers' interface
-        at = sys.argv.index("--arch")
-        arch = sys.argv[at + 1]
-        del sys.argv[at : at + 2]
-    precision = "fp32"
-    if "--precision" in sys.argv:
-        at = sys.argv.index("--precision")
-        precision = sys.argv[at + 1]
-        del sys.argv[at : at + 2]
+    arch, precision = pop_flag(sys.argv, "--arch", "topk"), pop_flag(sys.argv, "--precision", "fp32")
     if arch not in ARCHS:
         raise SystemExit(f"--arch {arch!r}: use one of {ARCHS}")
     if precision not in PRECISIONS:
@@ -76,15 +77,13 @@ def main() -> None:
         device=args.device, precision="bf16-exact" if precision == "bf16-exact" else "fp32",
         autocast_dtype="bfloat16" if precision == "autocast" else None,
     )
-    counted = certified.stats().tokens, certified.stats().certified
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, certified.counted() as selection:
         Trainer(sae, cfg, out).fit(clock)
     extra: dict[str, float | str | bool] = {}
     if precision == "bf16-exact":
-        selected = certified.stats().tokens - counted[0]
-        extra = {"bf16_hardware": certified.bf16_gemm_available(data.device), "bf16_path_ran": selected > 0}
-        if selected:
-            extra["certified_fraction"] = round((certified.stats().certified - counted[1]) / selected, 4)
+        extra = {"bf16_hardware": certified.bf16_gemm_available(data.device), "bf16_path_ran": selection.tokens > 0}
+        if selection.tokens:
+            extra["certified_fraction"] = round(selection.certified / selection.tokens, 4)
     timed_steps = slice(clock.warmup, clock.warmup + clock.steps)
     encode_tps = args.batch / statistics.median(encode_s[timed_steps])
     gemm = {"gemm_median_tokens_per_s": round(args.batch / statistics.median(gemm_s[timed_steps]), 1)} if gemm_s else {}

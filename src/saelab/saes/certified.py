@@ -9,32 +9,34 @@ one dense cost, the encoder GEMM, runs in bf16 and only a few candidates per tok
 3. the token is *certified* when no latent outside that choice can be in the fp32 path's top-k whatever order its
    GEMM sums in, from rigorous bounds (below); every token that is not certified is recomputed by the fp32 path.
 
-The bounds, per token with u = 2⁻⁸ (bf16 unit roundoff) and γ = (d + 1)·2⁻²⁴ (an fp32 dot product of d terms plus a
-bias, in any order), x = x̃ + r_x and w_j = w̃_j + r_j split into their bf16 parts and exact remainders:
+The bounds, with u = 2⁻⁸ (bf16 unit roundoff), u' = u/(1 − u), γ = (d + 1)·2⁻²⁴ (an fp32 dot product of d terms plus
+a bias, in any order), and x = x̃ + r_x, w_j = w̃_j + r_j split into their bf16 parts and exact remainders:
 
-- |ŝ_j − s_j| ≤ E = ‖x̃‖·ρ + ‖r_x‖·ν + ‖r_x‖·ρ + (γ + u(2 + u)(1 + γ))·‖x̃‖·ν + u·β + β_r, for s_j the exact
-  pre-activation, with ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b̃_j|, β_r = max_j |b_j − b̃_j| (input rounding
-  by Cauchy-Schwarz, fp32 accumulation, and up to two bf16 roundings of the output and the bias);
-- any fp32 evaluation g_j (the fp32 path's GEMM, or the rescoring) satisfies |g_j − s_j| ≤ e = γ·(‖x‖·‖W‖_max + β').
+- bf16 score vs the exact pre-activation s_j: |ŝ_j − s_j| ≤ ‖x̃‖·ρ + ‖r_x‖·ν + ‖r_x‖·ρ + γ·‖x̃‖·ν + u'·β + β_r
+  + u'(2 + u')·|ŝ_j|, with ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b̃_j|, β_r = max_j |b_j − b̃_j| (input
+  rounding by Cauchy-Schwarz, fp32 accumulation, the bias's rounding, and up to two bf16 roundings of the output,
+  bounded through the rounded value itself). Monotone in ŝ_j, so at ŝ_out it bounds every non-candidate;
+- fp32 vs exact, for the fp32 path's GEMM and the rescoring alike: |g_j − s_j| ≤ γ·(Σ_i |x_i w_j,i| + |b_j|), which
+  the rescoring computes per candidate (`slack` = twice that separates any two fp32 evaluations), and bounds by
+  γ·(‖x‖·max_j ‖w_j‖ + max_j |b_j|) for non-candidates.
 
-With t the k-th and t' the (k+1)-th largest rescored candidate: certified when t − 2e > t' + 2e, t − 2e > ŝ_out + E + e
-and t > 2e (then the fp32 path keeps the same k latents, all positive); or, when fewer than k rescored candidates
-are positive, when those are all > 2e while every other candidate is ≤ −2e and ŝ_out + E + e ≤ 0 (then the fp32
-path's positive latents are the same ones). A selection is compared by its positive latents: the fp32 path clamps
-the others to 0, where they carry no value and no gradient.
+Certified when every kept latent (among the k best rescores, positive) is surely positive and, if all k are kept,
+surely above every other candidate and every non-candidate; or, if fewer than k are positive, when every other
+latent is surely ≤ 0 (then the fp32 path's positive latents are the same ones). A selection is compared by its
+positive latents: the fp32 path clamps the others to 0, where they carry no value and no gradient.
 
-The values are the fp32 rescores: equal to the fp32 path's to within 2e (its GEMM sums in another order), so a
+The values are the fp32 rescores: equal to the fp32 path's to within `slack` (its GEMM sums in another order), so a
 bf16-exact run trains on the same latents with values that differ from an fp32 run's in the last bits only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -71,21 +73,30 @@ def bf16_gemm_available(device: torch.device) -> bool:
     return False
 
 
-@dataclass
+@dataclasses.dataclass
 class CertificationStats:
-    """Tokens selected on the bf16 path since the last `reset`, and how many of them were certified."""
+    """Tokens selected on the bf16 path by this thread so far, and how many of them were certified (callers take
+    differences)."""
 
     tokens: int = 0
     certified: int = 0
-
-    @property
-    def fraction(self) -> float:
-        return self.certified / self.tokens if self.tokens else float("nan")
 
 
 def stats() -> CertificationStats:
     """This thread's counters (shared by every bf16-exact selection it runs)."""
     return _state.__dict__.setdefault("stats", CertificationStats())
+
+
+@contextlib.contextmanager
+def counted() -> Iterator[CertificationStats]:
+    """The tokens this thread selects on the bf16 path inside the block, and how many were certified (filled in
+    when the block exits; `tokens` stays 0 where the fp32 path ran)."""
+    before = dataclasses.replace(stats())
+    block = CertificationStats()
+    try:
+        yield block
+    finally:
+        block.tokens, block.certified = stats().tokens - before.tokens, stats().certified - before.certified
 
 
 @contextlib.contextmanager
@@ -127,10 +138,8 @@ def certified_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, spans: list[
     w16f = w16.float()
     nu = w16f.norm(dim=1).max()
     rho = (weight - w16f).norm(dim=1).max()
-    beta = b16.float().abs().max() if n_latents else bias.new_zeros(())
-    beta_r = (bias - b16.float()).abs().max() if n_latents else bias.new_zeros(())
-    w_max = weight.norm(dim=1).max()
-    b_max = bias.abs().max() if n_latents else bias.new_zeros(())
+    beta, beta_r = b16.float().abs().max(), (bias - b16.float()).abs().max()
+    w_max, b_max = weight.norm(dim=1).max(), bias.abs().max()
     d = x.shape[1]
     gamma = (d + 1) * FP32_UNIT
     u1 = BF16_UNIT / (1 - BF16_UNIT)  # |fl(z) - z| <= u1·|fl(z)| for a bf16 rounding to nearest
@@ -150,8 +159,9 @@ def certified_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, spans: list[
         top = approx.topk(min(n_latents, c + 1), dim=1, sorted=False)
         if c < n_latents:
             # the best excluded: the smallest of the c + 1 leaders; the c others are the candidates
-            last = top.values.float().argmin(dim=1, keepdim=True)
-            out_bound = top.values.float().gather(1, last).squeeze(1)
+            leaders = top.values.float()
+            last = leaders.argmin(dim=1, keepdim=True)
+            out_bound = leaders.gather(1, last).squeeze(1)
             keep = torch.ones_like(top.indices, dtype=torch.bool).scatter_(1, last, False)
             cand = top.indices[keep].view(-1, c)
         else:

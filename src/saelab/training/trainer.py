@@ -348,8 +348,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        counted = certified.stats().tokens, certified.stats().certified
-        with self._autocast(), certified.selection_precision(cfg.precision):
+        with self._autocast(), certified.selection_precision(cfg.precision), certified.counted() as selection:
             output = sae(x_n)
             x_hat, latents = output
             terms = sae.training_loss(x_n, output, context, self.tracker.dead_mask)
@@ -387,9 +386,8 @@ class Trainer:
                 n_tokens = share.n_tokens
                 self.tracker.update(counts, n_tokens)
             stats["lr"] = torch.tensor(lr)
-            selected = certified.stats().tokens - counted[0]
-            if selected:  # bf16-exact selections ran this step
-                stats["certified_fraction"] = torch.tensor((certified.stats().certified - counted[1]) / selected)
+            if selection.tokens:  # bf16-exact selections ran this step
+                stats["certified_fraction"] = torch.tensor(selection.certified / selection.tokens)
         self.step += 1
         self.tokens_seen += n_tokens
         if cfg.resample_every_steps and self.step % cfg.resample_every_steps == 0:
