@@ -14,15 +14,21 @@ import peers  # noqa: E402
 from peerbench import results  # noqa: E402
 
 
-def test_our_worker_trains_tiny_sae_and_prints_json() -> None:
-    argv = ["--d", "16", "--n", "64", "--k", "4", "--batch", "32", "--steps", "2", "--warmup", "1", "--eval-rows", "16"]
+def run_our_worker(*argv: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "peerbench.workers.ours", *argv], cwd=BENCH, capture_output=True,
                           text=True, check=True)
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_our_worker_trains_tiny_sae_and_prints_json() -> None:
+    argv = ["--d", "16", "--n", "64", "--k", "4", "--batch", "32", "--steps", "2", "--warmup", "1", "--eval-rows", "16"]
+    row = run_our_worker(*argv)
     assert row["trainer"] == "ours" and (row["d"], row["n"], row["k"], row["steps"]) == (16, 64, 4, 2)
     assert row["tokens_trained"] == 4 * 32  # warmup + steps + the untimed last step
     assert row["median_tokens_per_s"] > 0 and row["encode_median_tokens_per_s"] > 0 and row["fvu"] >= 0
     assert row["gemm_median_tokens_per_s"] > 0
+    # a second process starts from the same init (torch's global generator differs from process to process)
+    assert run_our_worker(*argv)["fvu"] == row["fvu"]
 
 
 def test_warmup_grows_at_narrower_sizes_up_to_eight_fold() -> None:

@@ -22,6 +22,7 @@ from train_throughput import encode_only, gemm_only, timed  # noqa: E402
 
 from saelab.saes import SparseAutoencoder, TopKSAE, TopKSAEConfig, certified  # noqa: E402
 from saelab.saes.deep import DeepSAE, DeepSAEConfig  # noqa: E402
+from saelab.saes.initialization import seeded  # noqa: E402
 from saelab.saes.multilayer import MultiLayerSAE, MultiLayerSAEConfig  # noqa: E402
 from saelab.training import Trainer, TrainerConfig  # noqa: E402
 
@@ -61,7 +62,8 @@ def main() -> None:
         raise SystemExit(f"--precision {precision!r}: use one of {list(PRECISIONS)}")
     args = parse_args(__doc__.split("\n\n")[0])
     data = Activations(args)
-    sae = build_sae(arch, data.d, args.n, args.k).to(data.device)
+    with seeded(args.seed):  # the same init in every run, as the peers' workers seed theirs
+        sae = build_sae(arch, data.d, args.n, args.k).to(data.device)
     encode_s: list[float] = []
     gemm_s: list[float] = []
 
