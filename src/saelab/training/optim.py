@@ -59,10 +59,17 @@ class MaskedAdam(torch.optim.Optimizer):
 def build_optimizer(params: list[nn.Parameter], cfg: TrainerConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "masked_adam":
         return MaskedAdam(params, lr=lr, betas=cfg.betas, eps=cfg.eps)
+    return adam(params, lr, cfg.betas, cfg.eps)
+
+
+def adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+         eps: float = 1e-8) -> torch.optim.Optimizer:
+    """`torch.optim.Adam`, fused where the backend has a kernel for these parameters, else the per-parameter loop."""
+    params = list(params)
     try:
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError):  # no fused kernel for this device/dtype on this torch build
-        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
 
 
 def reset_moments(optimizer: torch.optim.Optimizer, param: Tensor, index: Tensor, dim: int) -> None:

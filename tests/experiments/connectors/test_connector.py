@@ -8,6 +8,7 @@ from saelab.errors import CheckpointError, ConfigError, DataError
 from saelab.experiments.connectors.connector import (
     ConnectorConfig,
     FeatureConnector,
+    InputMajorLinear,
     alive_features,
     connector_mse,
     count_large_weights,
@@ -144,6 +145,33 @@ def test_weight_l1_is_the_mean_row_l1_norm_summed_over_matrices() -> None:
     b = torch.tensor([[0.5, -0.5, 1.0]])  # one row, norm 2
     assert weight_l1([a]).item() == pytest.approx(2.0)
     assert weight_l1([a, b]).item() == pytest.approx(4.0)
+    # its gradient is the one autograd takes of the definition: sign(W) / rows, and 0 where W is 0
+    leaves = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    (2.5 * weight_l1(leaves)).backward()
+    assert torch.equal(leaves[0].grad, 2.5 * torch.sign(a) / 3) and torch.equal(leaves[1].grad, 2.5 * torch.sign(b))
+
+
+def test_input_major_linear_is_an_nn_linear_with_its_weight_stored_transposed() -> None:
+    torch.manual_seed(3)
+    reference = nn.Linear(7, 5)
+    torch.manual_seed(3)
+    linear = InputMajorLinear(7, 5)
+    assert torch.equal(linear.weight, reference.weight) and torch.equal(linear.bias, reference.bias)  # same init
+    assert linear.weight_t.shape == (7, 5) and linear.weight_t.is_contiguous()
+    state = linear.state_dict()
+    assert list(state) == ["weight", "bias"] and state["weight"].shape == (5, 7)  # nn.Linear's state dict
+    x = torch.randn(4, 7)
+    (linear(x) ** 2).sum().backward()
+    (reference(x) ** 2).sum().backward()
+    torch.testing.assert_close(linear.weight_t.grad.t(), reference.weight.grad)
+    assert linear.weight_t.grad.is_contiguous()  # the gradient, and so Adam's moments, keep the layout
+    other = nn.Linear(7, 5)
+    linear.load_state_dict(other.state_dict())
+    assert torch.equal(linear.weight, other.weight) and linear.weight_t.is_contiguous()
+    other.load_state_dict(linear.state_dict())  # and back into a plain nn.Linear
+    with torch.no_grad():
+        linear.weight.fill_(2.0)  # writes through the view land in the parameter
+    assert (linear.weight_t == 2.0).all()
 
 
 def test_mse_over_alive_features_only() -> None:
