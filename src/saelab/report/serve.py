@@ -20,13 +20,19 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass  # a request log would drown the address in the terminal
 
 
+class _Server(ThreadingHTTPServer):
+    # Closing does not wait for open connections: a browser keeps speculative ones open without sending a request,
+    # and their handler threads (daemons) would hold Ctrl-C's stop until the browser gave them up.
+    block_on_close = False
+
+
 def make_server(folder: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A listening server of `folder`'s files (port 0: a free port; read it from `server.server_address`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder; pass a run folder (e.g. runs/demo)")
     try:
-        return ThreadingHTTPServer((host, port), functools.partial(_QuietHandler, directory=str(folder)))
+        return _Server((host, port), functools.partial(_QuietHandler, directory=str(folder)))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port, or 0 for "
                           "a free one") from None
