@@ -43,7 +43,6 @@ def test_view_serves_the_folder_until_interrupted(tmp_path: Path, open_page) -> 
             assert response.status == 200 and b"features/index.html" in response.read()
         page, _ = open_page(url + "features/index.html")  # loads its data script over HTTP too
         assert page.evaluate("document.title") == "loaded 42"
-        page.close()  # the browser's own connections to the server go with the page
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(url + "nothing.html", timeout=10)
         assert missing.value.code == 404
