@@ -27,6 +27,7 @@ MSE per connector form in `layers/<L>/per_feature.safetensors`. Re-running resum
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -511,14 +512,9 @@ def _relations(cfg: LMConnectorsConfig, model: nn.Module, store: ActivationStore
                                      store, window_before=12, window_after=2)
                 for role, site in (("in", site_in), ("out", site_out))}
     contexts = store.contexts()
-    described: dict[tuple[str, int], dict[str, Any]] = {}  # an input feature often feeds several shown outputs
 
+    @functools.cache  # an input feature often feeds several shown outputs: describe it once
     def describe(role: str, feature: int, site: str) -> dict[str, Any]:
-        if (role, feature) not in described:
-            described[role, feature] = _describe(role, feature, site)
-        return described[role, feature]
-
-    def _describe(role: str, feature: int, site: str) -> dict[str, Any]:
         examples = samplers[role].top(feature, cfg.n_examples)
         rows = sorted({example.context for example in examples})
         effects = feature_ablation_effects(model, site, saes[role], feature, contexts[rows],
