@@ -22,8 +22,8 @@ runs in bf16; parameters, gradients and Adam stay fp32.
 `--precision bf16-exact` times the trainer's bf16-exact selection (`saelab.saes.certified`) against fp32 instead: two
 SAEs from the same init trained side by side, step by step, on the same batches, and before each step both
 selections of the bf16-exact SAE's weights compared token by token (`selection_mismatches` counts tokens whose
-positive latents differ: must be 0). Where the device has no fast bf16 the trainer runs fp32 for bf16-exact and
-`speedup` is about 1; `--force` runs the bf16 path anyway (emulated, slower) to measure `certified_fraction`.
+positive latents differ, `value_mismatches` tokens whose selected values differ in any bit: both must be 0). Where
+the device has no fast bf16 the trainer runs fp32 for bf16-exact and `speedup` is about 1; `--force` runs the bf16 path anyway (emulated, slower) to measure `certified_fraction`.
 
 Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu
                                         --autocast bfloat16 | --precision bf16-exact [--force]]
@@ -203,7 +203,7 @@ def compare_precisions(args: argparse.Namespace) -> None:
         with certified.selection_precision("bf16-exact", force=force):
             train_step(exact, opt_exact, x)
 
-    fp32_s, exact_s, mismatches, tokens, certified_tokens = [], [], 0, 0, 0
+    fp32_s, exact_s, mismatches, value_mismatches, tokens, certified_tokens = [], [], 0, 0, 0, 0
     for step in range(args.warmup + args.steps):
         x = batches[step % 2]
         with torch.no_grad():  # the same weights selected both ways
@@ -215,6 +215,8 @@ def compare_precisions(args: argparse.Namespace) -> None:
                 set(i[v > 0].tolist()) != set(j[w > 0].tolist())
                 for v, i, w, j in zip(ref.values, ref.indices, got.values, got.indices, strict=True)
             )
+            dense = [torch.zeros(x.shape[0], args.n, device=device).scatter(1, s.indices, s.values) for s in (ref, got)]
+            value_mismatches += int((dense[0] != dense[1]).any(dim=1).sum())
         t_fp32, _ = timed(lambda x=x: train_step(fp32, opt_fp32, x), device)
         t_exact, _ = timed(lambda x=x: exact_step(x), device)
         if step >= args.warmup:
@@ -228,6 +230,7 @@ def compare_precisions(args: argparse.Namespace) -> None:
         "speedup": round(exact_tps / fp32_tps, 4),
         "certified_fraction": round(certified_tokens / tokens, 4) if tokens else None,
         "selection_mismatches": mismatches,
+        "value_mismatches": value_mismatches,
         "tokens_compared": (args.warmup + args.steps) * args.batch,
         "bf16_hardware": hardware,
         "bf16_path_ran": tokens > 0,

@@ -1,32 +1,35 @@
-"""Exact top-k selection at bf16 speed: the encoder GEMM in bf16, the choice certified equal to the fp32 path's.
+"""Exact top-k selection, found cheaply: what every fp32 top-k selection on CPU means, and how bf16 runs it.
 
-Where the hardware multiplies bf16 much faster than fp32 (AVX512-BF16/AMX CPUs, every recent GPU), the top-k's
-one dense cost, the encoder GEMM, runs in bf16 and only a few candidates per token are scored in fp32:
+The selection is defined exactly: the k latents with the largest *exact scores* R_j = x · w_j + b_j, each an fp32
+dot product summed in one fixed order that depends only on the two vectors (`native.rescore_topk`), ties to the
+lower latent, values clamped at 0. An fp32 GEMM cannot define it: its rounding depends on the batch, the blocking
+and the thread count, and at training sizes the k-th and (k+1)-th scores of a token are closer than that rounding
+can move them in about a third of tokens, so "the fp32 top-k" would otherwise be a matter of summation order.
 
-1. ŝ = bf16(x) @ bf16(W).T + bf16(b) for a chunk of tokens, and each token's top (k + m + 1) of ŝ: the first k + m
-   are its candidates, the last bounds every non-candidate from above (`ŝ_out`);
-2. the candidates are rescored in fp32 (s̄ = x · w_j + b_j, one fixed-order dot each) and the k largest kept;
-3. the token is *certified* when no latent outside that choice can be in the fp32 path's top-k whatever order its
-   GEMM sums in, from rigorous bounds (below); every token that is not certified is recomputed by the fp32 path.
+Finding it costs one dense filter GEMM and a few exact dot products per token:
 
-The bounds, with u = 2⁻⁸ (bf16 unit roundoff), u' = u/(1 − u), γ = (d + 1)·2⁻²⁴ (an fp32 dot product of d terms plus
-a bias, in any order), and x = x̃ + r_x, w_j = w̃_j + r_j split into their bf16 parts and exact remainders:
+1. a filter score a_j for every latent (the encoder GEMM, in fp32 or, where the hardware multiplies bf16 much
+   faster, in bf16), and each token's top (c + 1) of it: the first c = k + m are its candidates, the last, a_out,
+   bounds every other latent's filter score from above;
+2. the candidates' exact scores, and the k best of them (values, indices, and the k-th best R_k);
+3. the token is *certified* when no latent outside the candidates can score above R_k (or, if R_k <= 0, above 0):
+   R_j <= a_out + e_a + e_R for every non-candidate, with rigorous bounds e_a on |a_j - s_j| and e_R on |R_j - s_j|
+   (s_j the real-number score). Tokens that are not certified are scored exactly against every latent.
 
-- bf16 score vs the exact pre-activation s_j: |ŝ_j − s_j| ≤ ‖x̃‖·ρ + ‖r_x‖·ν + ‖r_x‖·ρ + γ·‖x̃‖·ν + u'·β + β_r
-  + u'(2 + u')·|ŝ_j|, with ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b̃_j|, β_r = max_j |b_j − b̃_j| (input
-  rounding by Cauchy-Schwarz, fp32 accumulation, the bias's rounding, and up to two bf16 roundings of the output,
-  bounded through the rounded value itself). Monotone in ŝ_j, so at ŝ_out it bounds every non-candidate;
-- fp32 vs exact, for the fp32 path's GEMM and the rescoring alike: |g_j − s_j| ≤ γ·(Σ_i |x_i w_j,i| + |b_j|), which
-  the rescoring computes per candidate (`slack` = twice that separates any two fp32 evaluations), and bounds by
-  γ·(‖x‖·max_j ‖w_j‖ + max_j |b_j|) for non-candidates.
+The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 rounding, relative to the rounded value):
 
-Certified when every kept latent (among the k best rescores, positive) is surely positive and, if all k are kept,
-surely above every other candidate and every non-candidate; or, if fewer than k are positive, when every other
-latent is surely ≤ 0 (then the fp32 path's positive latents are the same ones). A selection is compared by its
-positive latents: the fp32 path clamps the others to 0, where they carry no value and no gradient.
+- e_R = γ·(‖x‖·max_j ‖w_j‖ + max_j |b_j|) (a dot product of d terms plus a bias, in any order);
+- fp32 filter: e_a = e_R + u·|a_out| (the bias added to the GEMM's output once more);
+- bf16 filter (x = x̃ + r_x and w_j = w̃_j + r_j split into their bf16 parts and exact remainders, the GEMM
+  accumulating exact products in fp32 and rounding its output to bf16 up to twice, the bias added in fp32):
+  e_a = ‖x̃‖·ρ + ‖r_x‖·ν + ‖r_x‖·ρ + γ·‖x̃‖·ν + u16·(2 + u16)·(|a_out| + β)·(1 + u) + u·|a_out|, with
+  ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b_j|;
+- both: plus d·2^-126·(1 + ‖x‖_∞ + max|w|) for products flushed to zero.
 
-The values are the fp32 rescores: equal to the fp32 path's to within `slack` (its GEMM sums in another order), so a
-bf16-exact run trains on the same latents with values that differ from an fp32 run's in the last bits only.
+Each bound is monotone in a_j, so a_out's bounds every non-candidate. The fp32 filter needs few extra candidates
+(its error is ~10^-3 of a score's spread); the bf16 one needs m = k. Both paths give the same latents and the
+same values, bit for bit: the values are the exact scores. The exact scores need the native kernels (`native`);
+without them, and off the CPU, selections keep the plain fp32 GEMM's top-k and bf16-exact runs fp32.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from saelab.saes import native
+
 BF16_UNIT = 2.0**-8
 FP32_UNIT = 2.0**-24
 PRECISIONS = ("fp32", "bf16-exact")
 FORCE_ENV = "SAELAB_FORCE_BF16_EXACT"
-RESCORE_ROWS = 256  # tokens whose candidates are gathered at once in the rescoring (bounded temporary memory)
+FP32_EXTRA = 8  # candidates beyond k per token when the filter GEMM runs in fp32
+FLUSHED = 2.0**-126  # below this, a bf16 GEMM may flush a product to zero
 
 _state = threading.local()
 
@@ -114,92 +120,79 @@ def selection_precision(precision: str, force: bool | None = None) -> Iterator[N
         _state.mode = before
 
 
+def exact_available(device: torch.device) -> bool:
+    """Whether fp32 selections on `device` are exact selections (CPU with the native kernels built)."""
+    return device.type == "cpu" and native.library() is not None
+
+
 def active(device: torch.device) -> bool:
-    """Whether selections on `device` run the certified bf16 path now."""
+    """Whether selections on `device` run their filter GEMM in bf16 now."""
     mode = getattr(_state, "mode", None)
-    if mode is None or mode[0] != "bf16-exact":
+    if mode is None or mode[0] != "bf16-exact" or not exact_available(device):
         return False
     return mode[1] or bf16_gemm_available(device)
 
 
-Fp32Select = Callable[[Tensor], tuple[Tensor, Tensor]]
+ApproxTopk = Callable[[Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
-def certified_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, spans: list[tuple[int, int]],
-                   fp32_select: Fp32Select, extra: int | None = None) -> tuple[Tensor, Tensor]:
-    """(values, indices) [B, k] of the top-k of x @ weight.T + bias per row, values clamped at 0, with the same
-    positive latents as `fp32_select` (the fp32 path on a block of rows) would give; see the module docstring.
-    `extra` (m) candidates beyond k per token: k by default."""
-    n_tokens, n_latents = x.shape[0], weight.shape[0]
-    m = k if extra is None else extra
-    c = min(n_latents, k + m)
-    w16, b16 = weight.to(torch.bfloat16), bias.to(torch.bfloat16)
-    w16f = w16.float()
-    nu = w16f.norm(dim=1).max()
-    rho = (weight - w16f).norm(dim=1).max()
-    beta, beta_r = b16.float().abs().max(), (bias - b16.float()).abs().max()
-    w_max, b_max = weight.norm(dim=1).max(), bias.abs().max()
-    d = x.shape[1]
-    gamma = (d + 1) * FP32_UNIT
-    u1 = BF16_UNIT / (1 - BF16_UNIT)  # |fl(z) - z| <= u1·|fl(z)| for a bf16 rounding to nearest
-
-    values = x.new_empty(n_tokens, k)
-    indices = torch.empty(n_tokens, k, dtype=torch.long, device=x.device)
-    certified = torch.zeros(n_tokens, dtype=torch.bool, device=x.device)
-    for start, stop in spans:
-        xs = x[start:stop]
-        x16 = xs.to(torch.bfloat16)
-        x16f = x16.float()
-        xn, rn = x16f.norm(dim=1), (xs - x16f).norm(dim=1)
-        big_e = xn * rho + rn * nu + rn * rho + gamma * xn * nu + u1 * beta + beta_r  # + u1(2 + u1)|ŝ_out|, below
-        small_e = gamma * (xs.norm(dim=1) * w_max + b_max)
-
-        approx = torch.addmm(b16, x16, w16.t())  # [rows, n] bf16
-        top = approx.topk(min(n_latents, c + 1), dim=1, sorted=False)
-        if c < n_latents:
-            # the best excluded: the smallest of the c + 1 leaders; the c others are the candidates
-            leaders = top.values.float()
-            last = leaders.argmin(dim=1, keepdim=True)
-            out_bound = leaders.gather(1, last).squeeze(1)
-            keep = torch.ones_like(top.indices, dtype=torch.bool).scatter_(1, last, False)
-            cand = top.indices[keep].view(-1, c)
-        else:
-            out_bound = torch.full((stop - start,), float("-inf"), device=x.device)
-            cand = top.indices
-        scores, scale = _rescore(xs, weight, bias, cand)
-        best = scores.topk(k, dim=1, sorted=False)
-        slack = 2 * gamma * scale  # |any fp32 evaluation − the rescore|, per candidate
-        kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, best.indices, True) & (scores > 0)
-        floor = torch.where(kept, scores - slack, torch.full_like(scores, float("inf"))).min(dim=1).values
-        others = torch.where(kept, torch.full_like(scores, float("-inf")), scores + slack).max(dim=1).values
-        # every latent outside the candidates: its fp32 score is at most ŝ_out plus the bf16 and fp32 errors
-        outside = out_bound + u1 * (2 + u1) * out_bound.abs() + big_e + small_e if c < n_latents else out_bound
-        ceiling = torch.maximum(others, outside)
-        full = kept.sum(dim=1) == k
-        ok = (floor > 0) & torch.where(full, floor > ceiling, ceiling <= 0)
-        certified[start:stop] = ok
-        values[start:stop] = best.values
-        indices[start:stop] = cand.gather(1, best.indices)
-
+def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: torch.dtype,
+               approx_topk: ApproxTopk, extra: int | None = None) -> tuple[Tensor, Tensor]:
+    """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
+    0. `approx_topk(x, c, dtype)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
+    in `dtype`; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m) candidates beyond k (default:
+    FP32_EXTRA, or k in bf16). Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32
+    one cannot (exact ties, NaN) are scored against every latent."""
+    x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
+    n_latents, d = weight.shape
+    low = filter_dtype == torch.bfloat16
+    c = k + (extra if extra is not None else k if low else FP32_EXTRA)
+    if c + 1 > n_latents:  # the candidates would be every latent: score them all
+        values, indices, _ = native.rescore_topk(x, weight, bias, None, k)
+        _count(low, x.shape[0], x.shape[0])
+        return values.clamp_min_(0), indices
+    approx, leaders = approx_topk(x, c + 1, filter_dtype)
+    last = approx.argmin(dim=1, keepdim=True)
+    a_out = approx.gather(1, last).squeeze(1)
+    candidates = leaders[torch.ones_like(leaders, dtype=torch.bool).scatter_(1, last, False)].view(-1, c)
+    values, indices, kth = native.rescore_topk(x, weight, bias, candidates, k)
+    ceiling = a_out + _filter_error(x, weight, bias, a_out, low)
+    certified = torch.where(kth > 0, kth > ceiling, ceiling <= 0)
     redo = (~certified).nonzero().squeeze(1)
-    if redo.numel():
-        v, i = fp32_select(redo)
-        values[redo], indices[redo] = v, i
-    counters = stats()
-    counters.tokens += n_tokens
-    counters.certified += int(certified.sum())
+    _count(low, x.shape[0], x.shape[0] - redo.numel())
+    if redo.numel() and low:
+        values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk)
+    elif redo.numel():
+        values[redo], indices[redo], _ = native.rescore_topk(x[redo], weight, bias, None, k)
     return values.clamp_min_(0), indices
 
 
-def _rescore(x: Tensor, weight: Tensor, bias: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-    """[rows, c] twice: x[b] · w_j + b_j for j = cand[b, :] in fp32, and Σ_i |x[b, i]·w_j,i| + |b_j| (the scale of
-    that dot product's rounding error), a bounded number of rows at a time."""
-    out, scale = x.new_empty(cand.shape), x.new_empty(cand.shape)
-    for lo in range(0, x.shape[0], RESCORE_ROWS):
-        hi = min(lo + RESCORE_ROWS, x.shape[0])
-        rows, b = weight[cand[lo:hi]], bias[cand[lo:hi]]  # [r, c, d], [r, c]
-        xs = x[lo:hi].unsqueeze(2)
-        out[lo:hi] = torch.bmm(rows, xs).squeeze(2) + b
-        scale[lo:hi] = torch.bmm(rows.abs_(), xs.abs()).squeeze(2) + b.abs()
-    return out, scale
+def _count(low: bool, tokens: int, certified: int) -> None:
+    if low:
+        counters = stats()
+        counters.tokens += tokens
+        counters.certified += certified
+
+
+def _filter_error(x: Tensor, weight: Tensor, bias: Tensor, a_out: Tensor, low: bool) -> Tensor:
+    """[B]: e_a + e_R at a_out, the most a non-candidate's exact score can exceed a_out (module docstring)."""
+    d = weight.shape[1]
+    gamma = (d + 2) * FP32_UNIT
+    w_max = weight.norm(dim=1).max()
+    b_max = bias.abs().max()
+    x_norm = x.norm(dim=1)
+    e_r = gamma * (x_norm * w_max + b_max)
+    flushed = d * FLUSHED * (1 + x_norm + w_max)  # a norm bounds every element
+    if not low:
+        return 2 * e_r + FP32_UNIT * a_out.abs() + flushed
+    u16 = BF16_UNIT / (1 - BF16_UNIT)
+    w16 = weight.to(torch.bfloat16).float()
+    nu = w16.norm(dim=1).max()
+    rho = w16.sub_(weight).norm(dim=1).max()
+    x16 = x.to(torch.bfloat16).float()
+    xn = x16.norm(dim=1)
+    rn = x16.sub_(x).norm(dim=1)
+    e_a = (xn * rho + rn * nu + rn * rho + gamma * xn * nu + u16 * (2 + u16) * (a_out.abs() + b_max) * (1 + FP32_UNIT)
+           + FP32_UNIT * a_out.abs())
+    return e_a + e_r + flushed

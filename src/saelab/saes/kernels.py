@@ -155,35 +155,45 @@ def _groupable(n_latents: int, k: int) -> bool:
 
 
 def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
+    """The k best latents of every row: on CPU in fp32 the exact selection (`certified`), its filter GEMM in bf16
+    where bf16-exact selection is on; elsewhere the top-k of the GEMM's own scores."""
     low = gemm_dtype(x_c.device, weight.dtype)
-    if low == weight.dtype == torch.float32 and certified.active(x_c.device):
-        spans = chunk_spans(x_c.shape[0], chunk_rows)
-        return TopKSelection(*certified.certified_topk(
-            x_c, weight, bias, k, spans, lambda rows: _select_fp32(x_c[rows], weight, bias, k, chunk_rows)))
-    return _select_fp32(x_c, weight, bias, k, chunk_rows)
+    if low == weight.dtype == torch.float32 and certified.exact_available(x_c.device):
+        filter_dtype = torch.bfloat16 if certified.active(x_c.device) else torch.float32
+        return TopKSelection(*certified.exact_topk(
+            x_c, weight, bias, k, filter_dtype,
+            lambda xs, c, dtype: _approx_topk(xs, weight, bias, c, chunk_rows, dtype, fp32_bias=True)))
+    values, indices = _approx_topk(x_c, weight, bias, k, chunk_rows, low)
+    return TopKSelection(values.clamp_min_(0), indices)
 
 
-def _select_fp32(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
+def _approx_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int, dtype: torch.dtype,
+                 fp32_bias: bool = False) -> tuple[Tensor, Tensor]:
+    """(values, indices) [B, k], unsorted and not clamped: the k largest of x_c @ weight.T + bias per row, the GEMM
+    in `dtype`, a chunk of rows at a time. A bf16 GEMM's output gets the bias in bf16 (autocast's scores), or with
+    `fp32_bias` in fp32 as the native top-k reads it (the exact selection's filter, whose bounds assume that)."""
     n_tokens, n_latents = x_c.shape[0], weight.shape[0]
-    low = gemm_dtype(x_c.device, weight.dtype)
-    x_c, weight, bias = x_c.to(low), weight.to(low), bias.to(low)
-    values = x_c.new_empty(n_tokens, k)
-    indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
+    x_c, weight = x_c.to(dtype), weight.to(dtype)
+    by_latent = latent_major(x_c.device, n_latents, k)
     spans = chunk_spans(n_tokens, chunk_rows)
     buffer = workspace(max((stop - start for start, stop in spans), default=0) * n_latents, x_c)
-    by_latent = latent_major(x_c.device, n_latents, k)
-    fused_bias = by_latent and native.supports(buffer)  # the native top-k adds the bias as it reads
+    # the native top-k adds the bias in fp32 as it reads
+    fused_bias = by_latent and native.supports(buffer) and (dtype == torch.float32 or fp32_bias)
+    values = x_c.new_empty(n_tokens, k, dtype=torch.float32 if fused_bias else dtype)
+    indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
+    bias_low = bias.to(dtype)
     for start, stop in spans:
-        pre = pre_activations(x_c[start:stop], weight, None if fused_bias else bias, buffer, by_latent)
+        pre = pre_activations(x_c[start:stop], weight, None if fused_bias else bias_low, buffer, by_latent)
         if fused_bias:
             if native.topk_latent_major(pre, bias, k, values[start:stop], indices[start:stop]):
                 continue
-            pre.add_(bias.unsqueeze(1))  # it declined (a NaN or -inf column): torch.topk decides those
+            # it declined (a NaN or -inf column): torch.topk decides those, the bias added as the kernel would
+            pre = pre.float().add_(bias.unsqueeze(1)) if fp32_bias else pre.add_(bias_low.unsqueeze(1))
         if by_latent:
             values[start:stop], indices[start:stop] = _grouped_topk(pre, k)
         else:
             torch.topk(pre, k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
-    return TopKSelection(values.clamp_min_(0), indices)
+    return values, indices
 
 
 def pre_activations(x: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor, by_latent: bool) -> Tensor:

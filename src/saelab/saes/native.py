@@ -77,16 +77,18 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"saelab could not build its native top-k kernel ({detail}); using the slower torch path. "
                       "Install a C compiler (gcc) or set SAELAB_NATIVE=0 to silence this.", stacklevel=2)
         return None
-    fn = lib.saelab_topk_latent_major
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for fn in (lib.saelab_topk_latent_major, lib.saelab_topk_latent_major_bf16):
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
+        fn.restype = ctypes.c_int
+    lib.saelab_rescore_topk.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+    lib.saelab_rescore_topk.restype = ctypes.c_int
     return lib
 
 
 def supports(pre: Tensor) -> bool:
-    """Whether `topk_latent_major` can take this pre-activation matrix (CPU, float32) on this machine."""
-    return pre.device.type == "cpu" and pre.dtype == torch.float32 and library() is not None
+    """Whether `topk_latent_major` can take this pre-activation matrix (CPU, float32 or bfloat16) on this machine."""
+    return pre.device.type == "cpu" and pre.dtype in (torch.float32, torch.bfloat16) and library() is not None
 
 
 def topk_latent_major(pre: Tensor, bias: Tensor, k: int, values: Tensor, indices: Tensor) -> bool:
@@ -98,7 +100,30 @@ def topk_latent_major(pre: Tensor, bias: Tensor, k: int, values: Tensor, indices
     n, rows = pre.shape
     if lib is None or not (pre.is_contiguous() and values.is_contiguous() and indices.is_contiguous()):
         return False
-    bias = bias.detach().contiguous()
-    status = lib.saelab_topk_latent_major(pre.data_ptr(), n, rows, rows, bias.data_ptr(), k, values.data_ptr(),
-                                          indices.data_ptr(), torch.get_num_threads())
+    bias = bias.detach().float().contiguous()
+    kernel = lib.saelab_topk_latent_major_bf16 if pre.dtype == torch.bfloat16 else lib.saelab_topk_latent_major
+    status = kernel(pre.data_ptr(), n, rows, rows, bias.data_ptr(), k, values.data_ptr(), indices.data_ptr(),
+                    torch.get_num_threads())
     return status == 0
+
+
+def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | None, k: int) -> tuple[Tensor, ...]:
+    """(values, indices [rows, k], k-th best [rows]): for each row of `x` [rows, d], the exact scores x · w_j + b_j
+    of its `candidates` [rows, c] (None: every latent), each summed in one fixed order that depends on nothing but
+    the two vectors (see `saelab_rescore_topk`), and the k best under (score descending, latent ascending). CPU,
+    float32; requires `library()`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are not built on this machine")
+    x, weight, bias = x.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous()
+    rows, (n, d) = x.shape[0], weight.shape
+    c = n if candidates is None else candidates.shape[1]
+    values, kth = x.new_empty(rows, k), x.new_empty(rows)
+    indices = torch.empty(rows, k, dtype=torch.long)
+    cand = None if candidates is None else candidates.contiguous()
+    status = lib.saelab_rescore_topk(x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                     None if cand is None else cand.data_ptr(), rows, d, n, c, k, values.data_ptr(),
+                                     indices.data_ptr(), kth.data_ptr(), torch.get_num_threads())
+    if status:
+        raise MemoryError(f"the native rescoring could not allocate its buffers (status {status})")
+    return values, indices, kth

@@ -107,11 +107,12 @@ def gather_candidates(values: Tensor, indices: Tensor, group: ProcessGroup) -> t
 
 
 def select_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest of the candidates [B, m] per row, ties broken by the lower index, in (value desc, index asc)
-    order. Deterministic, so every rank selects the same latents from the same gathered candidates."""
+    """The k largest of the candidates [B, m] per row, ties broken by the lower index, in index order (the unsharded
+    exact selection's slot order, so sums over the slots match it). Deterministic, so every rank selects the same
+    latents from the same gathered candidates."""
     by_index = indices.argsort(dim=1, stable=True)
     ranked = values.detach().gather(1, by_index).sort(dim=1, descending=True, stable=True).indices[:, :k]
-    chosen = by_index.gather(1, ranked)
+    chosen = by_index.gather(1, ranked.sort(dim=1).values)
     return values.gather(1, chosen), indices.gather(1, chosen)
 
 
