@@ -23,7 +23,8 @@ runs in bf16; parameters, gradients and Adam stay fp32.
 SAEs from the same init trained side by side, step by step, on the same batches, and before each step both
 selections of the bf16-exact SAE's weights compared token by token (`selection_mismatches` counts tokens whose
 positive latents differ, `value_mismatches` tokens whose selected values differ in any bit: both must be 0). Where
-the device has no fast bf16 the trainer runs fp32 for bf16-exact and `speedup` is about 1; `--force` runs the bf16 path anyway (emulated, slower) to measure `certified_fraction`.
+the device has no fast bf16 the trainer runs fp32 for bf16-exact and `speedup` is about 1; `--force` runs the bf16
+path anyway (emulated, slower) to measure `certified_fraction`.
 
 Usage: python bench/train_throughput.py [--d 768 --n 24576 --k 32 --batch 4096 --steps 8 --warmup 2 --device cpu
                                         --autocast bfloat16 | --precision bf16-exact [--force]]
