@@ -95,10 +95,11 @@ def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
         sae.encode(x)
 
 
-def gemm_only(sae: TopKSAE, x: Tensor) -> None:
+def gemm_only(sae: TopKSAE, x: Tensor, dtype: torch.dtype = torch.float32) -> None:
     """The bare encoder GEMM (no bias) in the fast path's chunks and orientation: what any exact top-k trainer must
-    spend."""
-    weight, n = sae.W_enc.detach(), sae.n_latents
+    spend (in bf16 with `dtype`, the casts included, as bf16-exact selection runs it)."""
+    weight, n = sae.W_enc.detach().to(dtype), sae.n_latents
+    x = x.to(dtype)
     with torch.no_grad():
         spans = chunk_spans(x.shape[0], default_chunk_rows(n, weight.element_size()))
         buffer = workspace(spans[0][1] * n, x)  # the kernel's own scratch buffer: no second one in peak memory

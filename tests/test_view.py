@@ -61,3 +61,25 @@ def test_a_missing_folder_or_busy_port_is_a_clear_error(tmp_path: Path, capsys) 
         assert "choose another --port, or 0 for a free one" in capsys.readouterr().err
     finally:
         server.server_close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_view_stops_even_when_started_with_sigint_ignored(tmp_path: Path, stop: signal.Signals) -> None:
+    """A child started with SIGINT ignored inherits that, and Python then installs no Ctrl-C handler of its own: the
+    server sets one, so SIGINT (and SIGTERM) still stop it cleanly."""
+    run = _run_folder(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "saelab", "view", str(run)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert process.stdout.readline().startswith("serving ")
+    finally:
+        process.send_signal(stop)
+        try:
+            _, err = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert process.returncode == 0 and err.strip().endswith("stopped")

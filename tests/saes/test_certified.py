@@ -199,3 +199,18 @@ def test_runs_recorded_before_the_precision_setting_still_resume(tmp_path: Path)
     with pytest.raises(Exception, match="another request"):
         train(create_sae("topk", d_in=8, n_latents=32, k=2), data,
               TrainerConfig(total_tokens=128, batch_size=64, progress=False, precision="bf16-exact"), tmp_path / "run")
+
+
+def test_a_reduced_fp32_matmul_precision_keeps_the_selection_exact():
+    """With torch's fp32 matmul precision below "highest" an fp32 GEMM may round through bf16 (oneDNN on CPUs with
+    bf16): the filter is then bounded like a bf16 one, and the selection stays the definition's."""
+    torch.manual_seed(8)
+    x, weight, bias = torch.randn(300, 96), torch.randn(2048, 96) / 10, torch.randn(2048) / 10
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.no_grad():
+            got = topk_encode(x, weight, bias, 16)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(_dense(*got, 2048), _dense(*_definition(x, weight, bias, 16), 2048))

@@ -6,7 +6,8 @@ SAE's worker also times the bare encoder GEMM (`gemm_only`), the floor under any
 The trainer runs with the peers' settings: constant lr, no warm-up, decay, clipping, AuxK or checkpoints.
 
 `--precision bf16-exact` (row "ours-bf16") trains the top-k SAE with the trainer's certified bf16 selection, which
-runs fp32 where the CPU has no fast bf16 (the row says whether the bf16 path ran, and its certified fraction);
+runs fp32 where the CPU has no fast bf16 (the row says whether the bf16 path ran, and its certified fraction); its
+encode-only pass runs that selection too, and its GEMM-only pass the bf16 GEMM where that path runs;
 `--precision autocast` (row "ours-autocast") trains under torch.autocast(bfloat16) (fp32 master weights and Adam).
 """
 
@@ -17,6 +18,7 @@ from peerbench.workers.common import Activations, StepClock, fvu, parse_args, re
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from train_throughput import encode_only, gemm_only, timed  # noqa: E402
 
@@ -67,10 +69,16 @@ def main() -> None:
     encode_s: list[float] = []
     gemm_s: list[float] = []
 
-    def encode(x: Tensor) -> None:
-        encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
+    selection = "bf16-exact" if precision == "bf16-exact" else "fp32"
+    with certified.selection_precision(selection):
+        exact = certified.active(data.device)  # the bf16 path runs here
+
+    def encode(x: Tensor) -> None:  # in the row's own precision: bf16-exact's encode and GEMM run in bf16
+        with certified.selection_precision(selection):
+            encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
         if arch == "topk":
-            gemm_s.append(timed(lambda: gemm_only(sae, x), data.device)[0])
+            dtype = torch.bfloat16 if exact else torch.float32
+            gemm_s.append(timed(lambda: gemm_only(sae, x, dtype), data.device)[0])
 
     clock = StepClock(data, args, between=encode)
     cfg = TrainerConfig(

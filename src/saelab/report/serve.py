@@ -1,13 +1,17 @@
 """Serve a run folder on the loopback interface, for browsers that refuse pages opened from file://.
 
 Read-only (GET and HEAD of the folder's files), bound to 127.0.0.1 by default, on a free port unless one is asked
-for. The caller is told the address through `on_ready` once the socket listens; serving stops on KeyboardInterrupt.
+for. The caller is told the address through `on_ready` once the socket listens; serving stops on Ctrl-C (SIGINT)
+or SIGTERM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -44,9 +48,30 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 0,
     server = make_server(folder, host, port)
     bound_host, bound_port = server.server_address[:2]
     try:
-        on_ready(f"http://{bound_host}:{bound_port}/")
-        server.serve_forever(poll_interval=0.2)
+        with _stoppable():
+            on_ready(f"http://{bound_host}:{bound_port}/")
+            server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stoppable() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt while serving. A process started with SIGINT ignored (as children
+    of some launchers and of shells running jobs in the background are) keeps ignoring it in Python, so Ctrl-C
+    would never stop the server; set here, it does. Only the main thread can set handlers: elsewhere, as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

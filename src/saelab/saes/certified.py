@@ -24,12 +24,15 @@ The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 roundin
   accumulating exact products in fp32 and rounding its output to bf16 up to twice, the bias added in fp32):
   e_a = ‖x̃‖·ρ + ‖r_x‖·ν + ‖r_x‖·ρ + γ·‖x̃‖·ν + u16·(2 + u16)·(|a_out| + β)·(1 + u) + u·|a_out|, with
   ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b_j|;
-- both: plus d·2^-126·(1 + ‖x‖_∞ + max|w|) for products flushed to zero.
+- both: plus d·2^-126·(1 + ‖x‖ + max_j ‖w_j‖) for products flushed to zero.
 
-Each bound is monotone in a_j, so a_out's bounds every non-candidate. The fp32 filter needs few extra candidates
-(its error is ~10^-3 of a score's spread); the bf16 one needs m = k. Both paths give the same latents and the
-same values, bit for bit: the values are the exact scores. The exact scores need the native kernels (`native`);
-without them, and off the CPU, selections keep the plain fp32 GEMM's top-k and bf16-exact runs fp32.
+Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed in fp32, inflated by
+2^-10 (far more than that arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
+set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
+needs few extra candidates (its error is ~10^-3 of a score's spread); the bf16 one needs m = k. Both paths give the
+same latents and the same values, bit for bit: the values are the exact scores. The exact scores need the native
+kernels (`native`); without them, and off the CPU, selections keep the plain fp32 GEMM's top-k and bf16-exact runs
+fp32.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ PRECISIONS = ("fp32", "bf16-exact")
 FORCE_ENV = "SAELAB_FORCE_BF16_EXACT"
 FP32_EXTRA = 8  # candidates beyond k per token when the filter GEMM runs in fp32
 FLUSHED = 2.0**-126  # below this, a bf16 GEMM may flush a product to zero
+SAFETY = 2.0**-10  # the bounds are computed in fp32 (norms to ~(d + 1)·2^-24 relative): inflated by this margin
 
 _state = threading.local()
 
@@ -157,8 +161,10 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     a_out = approx.gather(1, last).squeeze(1)
     candidates = leaders[torch.ones_like(leaders, dtype=torch.bool).scatter_(1, last, False)].view(-1, c)
     values, indices, kth = native.rescore_topk(x, weight, bias, candidates, k)
-    ceiling = a_out + _filter_error(x, weight, bias, a_out, low)
-    certified = torch.where(kth > 0, kth > ceiling, ceiling <= 0)
+    # a matmul precision below "highest" lets an fp32 GEMM round through bf16 or tf32: bound it like bf16
+    reduced = low or torch.get_float32_matmul_precision() != "highest"
+    ceiling = a_out.double() + _filter_error(x, weight, bias, a_out, reduced).double() * (1 + SAFETY)
+    certified = torch.where(kth > 0, kth.double() > ceiling, ceiling <= 0)
     redo = (~certified).nonzero().squeeze(1)
     _count(low, x.shape[0], x.shape[0] - redo.numel())
     if redo.numel() and low:
