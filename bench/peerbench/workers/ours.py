@@ -69,12 +69,12 @@ def main() -> None:
     encode_s: list[float] = []
     gemm_s: list[float] = []
 
-    selection = "bf16-exact" if precision == "bf16-exact" else "fp32"
-    with certified.selection_precision(selection):
+    mode = "bf16-exact" if precision == "bf16-exact" else "fp32"
+    with certified.selection_precision(mode):
         exact = certified.active(data.device)  # the bf16 path runs here
 
     def encode(x: Tensor) -> None:  # in the row's own precision: bf16-exact's encode and GEMM run in bf16
-        with certified.selection_precision(selection):
+        with certified.selection_precision(mode):
             encode_s.append(timed(lambda: encode_only(sae, x), data.device)[0])
         if arch == "topk":
             dtype = torch.bfloat16 if exact else torch.float32
