@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saelab.activations.store import ActivationStore
-from saelab.saes import certified, create_sae, native
+from saelab.saes import certified, create_sae, load_sae, native
 from saelab.saes.kernels import topk_encode
 from saelab.training.config import TrainerConfig
 from saelab.training.trainer import Trainer
@@ -183,34 +183,33 @@ def test_training_follows_the_fp32_run_bit_for_bit(tmp_path: Path, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_runs_recorded_before_the_precision_setting_still_resume(tmp_path: Path):
-    """A run folder whose config predates `precision` is the fp32 request, not another one."""
+def test_precision_is_a_setting_a_run_may_change_on_resume(tmp_path: Path, monkeypatch):
+    """bf16-exact gives fp32's numbers, so a run recorded before the setting existed, or in the other precision, is
+    the same request: reused when finished, resumed from its checkpoint, with the same weights as never switching."""
     import json
 
     from saelab.training.entry import train
 
-    data = [torch.randn(64, 8) for _ in range(2)]
-    cfg = TrainerConfig(total_tokens=128, batch_size=64, progress=False, checkpoint_every_steps=None)
-    torch.manual_seed(0)
-    train(create_sae("topk", d_in=8, n_latents=32, k=2), data, cfg, tmp_path / "run")
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    monkeypatch.setenv(certified.FORCE_ENV, "1")
+    data = [torch.randn(64, 8) for _ in range(4)]
+
+    def cfg(precision: str, tokens: int = 256) -> TrainerConfig:
+        return TrainerConfig(total_tokens=tokens, batch_size=64, progress=False, checkpoint_every_steps=2,
+                             precision=precision)
+
+    def sae():
+        torch.manual_seed(0)
+        return create_sae("topk", d_in=8, n_latents=32, k=2)
+
+    straight = train(sae(), data, cfg("fp32"), tmp_path / "fp32")
+    saved = json.loads((tmp_path / "fp32" / "config.json").read_text())
     assert "precision" not in saved["trainer"]
-    train(create_sae("topk", d_in=8, n_latents=32, k=2), data, cfg, tmp_path / "run")  # the finished run, reused
-    with pytest.raises(Exception, match="another request"):
-        train(create_sae("topk", d_in=8, n_latents=32, k=2), data,
-              TrainerConfig(total_tokens=128, batch_size=64, progress=False, precision="bf16-exact"), tmp_path / "run")
-
-
-def test_a_reduced_fp32_matmul_precision_keeps_the_selection_exact():
-    """With torch's fp32 matmul precision below "highest" an fp32 GEMM may round through bf16 (oneDNN on CPUs with
-    bf16): the filter is then bounded like a bf16 one, and the selection stays the definition's."""
-    torch.manual_seed(8)
-    x, weight, bias = torch.randn(300, 96), torch.randn(2048, 96) / 10, torch.randn(2048) / 10
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")
-        with torch.no_grad():
-            got = topk_encode(x, weight, bias, 16)
-    finally:
-        torch.set_float32_matmul_precision(before)
-    assert torch.equal(_dense(*got, 2048), _dense(*_definition(x, weight, bias, 16), 2048))
+    reused = train(sae(), data, cfg("bf16-exact"), tmp_path / "fp32")  # the finished run, reused
+    assert reused.sae_dir == straight.sae_dir
+    # half the run in bf16-exact (its batches run out after 2 steps: a checkpoint), the rest in fp32
+    half = train(sae(), data[:2], cfg("bf16-exact"), tmp_path / "switched")
+    assert not half.completed
+    resumed = train(sae(), data, cfg("fp32"), tmp_path / "switched", resume=True)
+    assert resumed.completed
+    a, b = load_sae(straight.sae_dir).state_dict(), load_sae(resumed.sae_dir).state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -55,10 +55,11 @@ from saelab.training.schedule import lr_factor
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_SAE_DIR = "sae"
-# Settings that may differ between a checkpoint and the run resuming it without changing the numbers.
+# Settings that may differ between a checkpoint and the run resuming it without changing the numbers (`precision`:
+# bf16-exact selection gives fp32's latents and values bit for bit).
 RESUMABLE_CHANGES = frozenset(
     {"checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "device", "progress", "wandb_project",
-     "wandb_run_name"}
+     "wandb_run_name", "precision"}
 )
 # Settings added after runs were recorded without them, at the value that gives those runs' numbers: a request
 # records them only when they differ from it, so earlier run folders still resume.
