@@ -215,16 +215,21 @@ def test_precision_is_a_setting_a_run_may_change_on_resume(tmp_path: Path, monke
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_a_reduced_fp32_matmul_precision_keeps_the_selection_exact():
+def test_a_reduced_fp32_matmul_precision_gets_the_bf16_bound(monkeypatch):
     """With torch's fp32 matmul precision below "highest" an fp32 GEMM may round through bf16 (oneDNN on CPUs with
-    bf16): the filter is then bounded like a bf16 one, and the selection stays the definition's."""
+    bf16): the fp32 filter is then bounded like a bf16 one, and the selection stays the definition's."""
     torch.manual_seed(8)
     x, weight, bias = torch.randn(300, 96), torch.randn(2048, 96) / 10, torch.randn(2048) / 10
+    bounds: list[bool] = []
+    error = certified._filter_error
+    monkeypatch.setattr(certified, "_filter_error", lambda *args: bounds.append(args[-1]) or error(*args))
     before = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("medium")
-        with torch.no_grad():
-            got = topk_encode(x, weight, bias, 16)
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            with torch.no_grad():
+                got = topk_encode(x, weight, bias, 16)
+            assert torch.equal(_dense(*got, 2048), _dense(*_definition(x, weight, bias, 16), 2048))
     finally:
         torch.set_float32_matmul_precision(before)
-    assert torch.equal(_dense(*got, 2048), _dense(*_definition(x, weight, bias, 16), 2048))
+    assert bounds == [False, True]  # the fp32 bound at "highest", the bf16 one at "medium"
