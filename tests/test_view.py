@@ -26,12 +26,17 @@ def _run_folder(tmp_path: Path) -> Path:
     return run
 
 
-def test_view_serves_the_folder_until_interrupted(tmp_path: Path, open_page) -> None:
-    run = _run_folder(tmp_path)
+def _view(run: Path, **popen: object) -> subprocess.Popen:
+    """`saelab view run` as its own process (this checkout's package first on its path)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "saelab", "view", str(run)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-m", "saelab", "view", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def test_view_serves_the_folder_until_interrupted(tmp_path: Path, open_page) -> None:
+    run = _run_folder(tmp_path)
+    process = _view(run)
     try:
         first = process.stdout.readline()
         match = re.fullmatch(r"serving (.+) at (http://127\.0\.0\.1:(\d+)/) \(Ctrl-C stops\)\n", first)
@@ -68,11 +73,7 @@ def test_view_stops_even_when_started_with_sigint_ignored(tmp_path: Path, stop: 
     """A child started with SIGINT ignored inherits that, and Python then installs no Ctrl-C handler of its own: the
     server sets one, so SIGINT (and SIGTERM) still stop it cleanly."""
     run = _run_folder(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "saelab", "view", str(run)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = _view(run, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert process.stdout.readline().startswith("serving ")
     finally:

@@ -161,14 +161,34 @@ static int select_columns(const void *pre, int bf16, int64_t n, int64_t ld, cons
     return status;
 }
 
+/* Run fn on each of `count` jobs of `size` bytes from `jobs`: job 0 on this thread, the others on their own (or here,
+ * after it, when a thread cannot be started). Each job's first member is its int status; returns their OR. */
+static int run_all(void *(*fn)(void *), void *jobs, size_t size, int64_t count) {
+    pthread_t threads[64];
+    int started[64] = {0};
+    char *base = jobs;
+    for (int64_t w = 1; w < count; w++) started[w] = pthread_create(&threads[w], NULL, fn, base + w * size) == 0;
+    fn(base);
+    int status = *(int *)base;
+    for (int64_t w = 1; w < count; w++) {
+        if (started[w]) {
+            pthread_join(threads[w], NULL);
+        } else {
+            fn(base + w * size);
+        }
+        status |= *(int *)(base + w * size);
+    }
+    return status;
+}
+
 typedef struct {
+    int status;
     const void *pre;
     int bf16;
     const float *bias;
     float *values;
     int64_t *indices;
     int64_t n, ld, k, c0, c1;
-    int status;
 } job;
 
 static void *run_job(void *arg) {
@@ -188,24 +208,11 @@ static int topk_latent_major(const void *pre, int bf16, int64_t n, int64_t ld, i
     if (n_threads > tiles) n_threads = tiles;
     if (n_threads > 64) n_threads = 64;
     job jobs[64];
-    pthread_t threads[64];
-    int started[64] = {0};
     for (int64_t w = 0; w < n_threads; w++) {
         int64_t c0 = TILE * (tiles * w / n_threads), c1 = TILE * (tiles * (w + 1) / n_threads);
-        jobs[w] = (job){pre, bf16, bias, values, indices, n, ld, k, c0, c1 < rows ? c1 : rows, 1};
+        jobs[w] = (job){1, pre, bf16, bias, values, indices, n, ld, k, c0, c1 < rows ? c1 : rows};
     }
-    for (int64_t w = 1; w < n_threads; w++) started[w] = pthread_create(&threads[w], NULL, run_job, &jobs[w]) == 0;
-    run_job(&jobs[0]);
-    int status = jobs[0].status;
-    for (int64_t w = 1; w < n_threads; w++) {
-        if (started[w]) {
-            pthread_join(threads[w], NULL);
-        } else {
-            run_job(&jobs[w]);
-        }
-        status |= jobs[w].status;
-    }
-    return status;
+    return run_all(run_job, jobs, sizeof(job), n_threads);
 }
 
 int saelab_topk_latent_major(const float *pre, int64_t n, int64_t ld, int64_t rows, const float *bias, int64_t k,
@@ -225,7 +232,8 @@ int saelab_topk_latent_major_bf16(const uint16_t *pre, int64_t n, int64_t ld, in
  * partial sums over strided elements, then a fixed pairwise reduction, then the bias), so a score depends only on
  * the two vectors and the bias, never on the batch, the chunk or the thread count. The k best under (score
  * descending, latent ascending) go to values[r * k ...] / indices[r * k ...] in latent order (so the slots, and every
- * sum over them downstream, do not depend on how the candidates were found), and the k-th best score to kth[r]. A NaN score makes the token's values and kth NaN (it surfaces as a non-finite loss). */
+ * sum over them downstream, do not depend on how the candidates were found), and the k-th best score to kth[r].
+ * A NaN score makes the token's values and kth NaN (it surfaces as a non-finite loss). */
 
 #define LANES 16
 
@@ -241,12 +249,12 @@ static inline float exact_dot(const float *a, const float *b, int64_t d) {
 }
 
 typedef struct {
+    int status;
     const float *x, *w, *bias;
     const int64_t *cand;
     float *values, *kth;
     int64_t *indices;
-    int64_t d, n, c, k, r0, r1;
-    int status;
+    int64_t d, c, k, r0, r1;
 } rescore_job;
 
 static void *run_rescore(void *arg) {
@@ -278,7 +286,7 @@ static void *run_rescore(void *arg) {
         }
         float least = score[0];
         for (int64_t j = 0; j < k; j++) {
-            least = ranks_above(least, 0, score[j], 0) ? score[j] : least;
+            least = score[j] < least ? score[j] : least;
             jb->values[r * k + j] = nan ? NAN : score[j];
             jb->indices[r * k + j] = latent[j];
         }
@@ -290,7 +298,7 @@ static void *run_rescore(void *arg) {
 }
 
 int saelab_rescore_topk(const float *x, const float *w, const float *bias, const int64_t *cand, int64_t rows,
-                        int64_t d, int64_t n, int64_t c, int64_t k, float *values, int64_t *indices, float *kth,
+                        int64_t d, int64_t c, int64_t k, float *values, int64_t *indices, float *kth,
                         int64_t n_threads) {
     if (rows <= 0 || k <= 0) return 0;
     if (k > c) return 2;
@@ -298,21 +306,8 @@ int saelab_rescore_topk(const float *x, const float *w, const float *bias, const
     if (n_threads > rows) n_threads = rows;
     if (n_threads > 64) n_threads = 64;
     rescore_job jobs[64];
-    pthread_t threads[64];
-    int started[64] = {0};
     for (int64_t t = 0; t < n_threads; t++)
-        jobs[t] = (rescore_job){x, w, bias, cand, values, kth, indices, d, n, c, k, rows * t / n_threads,
-                                rows * (t + 1) / n_threads, 1};
-    for (int64_t t = 1; t < n_threads; t++) started[t] = pthread_create(&threads[t], NULL, run_rescore, &jobs[t]) == 0;
-    run_rescore(&jobs[0]);
-    int status = jobs[0].status;
-    for (int64_t t = 1; t < n_threads; t++) {
-        if (started[t]) {
-            pthread_join(threads[t], NULL);
-        } else {
-            run_rescore(&jobs[t]);
-        }
-        status |= jobs[t].status;
-    }
-    return status;
+        jobs[t] = (rescore_job){1, x, w, bias, cand, values, kth, indices, d, c, k, rows * t / n_threads,
+                                rows * (t + 1) / n_threads};
+    return run_all(run_rescore, jobs, sizeof(rescore_job), n_threads);
 }
