@@ -127,6 +127,31 @@ def test_exact_scores_depend_on_nothing_but_the_two_vectors():
     assert torch.equal(_dense(alone, alone_idx, 300), scores[5:6])
 
 
+def test_scores_are_the_same_across_the_kernels_token_blocks():
+    """Inputs wider than the kernel's cache block (8 MiB of x) are scored block by block, candidates grouped by latent
+    within each block: every score still equals the token's own, alone, and the k-th best is the least kept."""
+    torch.manual_seed(8)
+    x, weight, bias = torch.randn(1100, 2100), torch.randn(96, 2100), torch.randn(96)
+    cand = torch.stack([torch.randperm(96)[:20] for _ in range(1100)])
+    some, some_idx, kth = native.rescore_topk(x, weight, bias, cand, 5)
+    full, full_idx, _ = native.rescore_topk(x, weight, bias, None, 96)
+    scores = _dense(full, full_idx, 96)
+    assert torch.equal(some, scores.gather(1, some_idx))
+    assert torch.equal(kth, some.min(dim=1).values)
+    assert torch.equal(some_idx, some_idx.sort(dim=1).values)  # slots in latent order
+    best = scores.gather(1, cand).topk(5, dim=1).values.min(dim=1).values
+    assert torch.equal(kth, best)
+    for row in (0, 997, 998, 1099):  # either side of the block boundary (998 rows of 2,100 floats), alone
+        alone, alone_idx, _ = native.rescore_topk(x[row:row + 1], weight, bias, None, 96)
+        assert torch.equal(_dense(alone, alone_idx, 96), scores[row:row + 1])
+
+
+def test_a_candidate_outside_the_dictionary_is_refused():
+    x, weight, bias = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(10)
+    with pytest.raises(IndexError, match="outside"):
+        native.rescore_topk(x, weight, bias, torch.tensor([[0, 1, 10]] * 4), 2)
+
+
 def test_a_nan_input_gives_nan_values_not_a_hang():
     torch.manual_seed(6)
     x, weight, bias = torch.randn(20, 16), torch.randn(200, 16), torch.zeros(200)

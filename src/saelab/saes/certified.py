@@ -29,10 +29,10 @@ The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 roundin
 Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed in fp32, inflated by
 2^-10 (far more than that arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
 set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
-needs few extra candidates (its error is ~10^-3 of a score's spread); the bf16 one m = k, 1.5k on wide
-dictionaries. Both paths give the same latents and the same values, bit for bit: the values are the exact scores.
-The exact scores need the native kernels (`native`); without them, and off the CPU, selections keep the plain fp32
-GEMM's top-k and bf16-exact runs fp32.
+needs few extra candidates (its error is ~10^-3 of a score's spread: m = 8, k/4 for large k); the bf16 one m = k,
+1.5k on wide dictionaries or inputs (`default_extra`). Both paths give the same latents and the same values, bit
+for bit: the values are the exact scores. The exact scores need the native kernels (`native`); without them, and
+off the CPU, selections keep the plain fp32 GEMM's top-k and bf16-exact runs fp32.
 """
 
 from __future__ import annotations
@@ -53,11 +53,16 @@ BF16_UNIT = 2.0**-8
 FP32_UNIT = 2.0**-24
 PRECISIONS = ("fp32", "bf16-exact")
 FORCE_ENV = "SAELAB_FORCE_BF16_EXACT"
-FP32_EXTRA = 8  # candidates beyond k per token when the filter GEMM runs in fp32
-# The bf16 filter's extra candidates: k, or 1.5k on wide dictionaries, where more latents crowd the k-th score's
-# bf16 error band (random unit rows, d = 768, k = 32, 4,096 tokens: with k extra, 0.9985 certified at n = 24,576,
-# where 1.5k is no faster, and 0.988 at 98,304, where 1.5k certifies all and selects in 1.82 s against 2.03 s)
-WIDE_DICTIONARY = 1 << 15
+# Candidates beyond k per token (m), chosen for speed only: any m gives the same selection. The gap a token needs
+# between its k-th exact score and its (k + m + 1)-th filter score grows with k (the k-th score sits among more
+# neighbours) and, for the bf16 filter, with sqrt(d) (its error is a sum over d products). Measured on random rows,
+# 4,096 tokens: the fp32 filter with m = 8 certifies all at d = 768, k = 32, but only 37% at d = 3,456, k = 128 (the
+# rest were scored against every latent, 6 s per 2,048 tokens), and 100% with m = k/4 = 32. The bf16 filter with
+# m = k: 0.9985 at n = 24,576, d = 768, where 1.5k is no faster, and 0.988 at n = 98,304, where 1.5k certifies all;
+# at d = 3,456, k = 128 only 0.43 with m = k, and all with 1.5k (1.6 s against fp32's 2.1 s per 2,048 tokens).
+FP32_EXTRA = 8  # the fp32 filter's m for k up to 32; k/4 above
+WIDE_DICTIONARY = 1 << 15  # from this many latents, or from WIDE_INPUT dimensions, the bf16 filter's m is 1.5k
+WIDE_INPUT = 1536
 FLUSHED = 2.0**-126  # below this, a bf16 GEMM may flush a product to zero
 SAFETY = 2.0**-10  # the bounds are computed in fp32 (norms to ~(d + 1)·2^-24 relative): inflated by this margin
 
@@ -150,12 +155,12 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
     0. `approx_topk(x, c, dtype)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
     in `dtype`; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m) candidates beyond k (default:
-    FP32_EXTRA, or in bf16 k, 1.5k from WIDE_DICTIONARY latents). Tokens the bf16 filter cannot certify go through
+    `default_extra`). Tokens the bf16 filter cannot certify go through
     the fp32 one, and those the fp32 one cannot (exact ties, NaN) are scored against every latent."""
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
     n_latents, d = weight.shape
     low = filter_dtype == torch.bfloat16
-    c = k + (extra if extra is not None else _bf16_extra(k, n_latents) if low else FP32_EXTRA)
+    c = k + (extra if extra is not None else default_extra(k, n_latents, d, low))
     if c + 1 > n_latents:  # the candidates would be every latent: score them all
         values, indices, _ = native.rescore_topk(x, weight, bias, None, k)
         _count(low, x.shape[0], x.shape[0])
@@ -178,8 +183,11 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     return values.clamp_min_(0), indices
 
 
-def _bf16_extra(k: int, n_latents: int) -> int:
-    return k if n_latents < WIDE_DICTIONARY else (3 * k + 1) // 2
+def default_extra(k: int, n_latents: int, d: int, low: bool) -> int:
+    """m, the candidates beyond k a filter keeps per token (see FP32_EXTRA): a speed setting, never a result one."""
+    if not low:
+        return max(FP32_EXTRA, k // 4)
+    return k if n_latents < WIDE_DICTIONARY and d < WIDE_INPUT else (3 * k + 1) // 2
 
 
 def _count(low: bool, tokens: int, certified: int) -> None:

@@ -81,7 +81,7 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.saelab_topk_latent_major, lib.saelab_topk_latent_major_bf16):
         fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64]
         fn.restype = ctypes.c_int
-    lib.saelab_rescore_topk.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+    lib.saelab_rescore_topk.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     lib.saelab_rescore_topk.restype = ctypes.c_int
     return lib
 
@@ -122,8 +122,10 @@ def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | N
     indices = torch.empty(rows, k, dtype=torch.long)
     cand = None if candidates is None else candidates.contiguous()
     status = lib.saelab_rescore_topk(x.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                                     None if cand is None else cand.data_ptr(), rows, d, c, k, values.data_ptr(),
+                                     None if cand is None else cand.data_ptr(), rows, n, d, c, k, values.data_ptr(),
                                      indices.data_ptr(), kth.data_ptr(), torch.get_num_threads())
+    if status == 4:
+        raise IndexError(f"rescore_topk: a candidate latent is outside [0, {n})")
     if status:
         raise MemoryError(f"the native rescoring could not allocate its buffers (status {status})")
     return values, indices, kth
