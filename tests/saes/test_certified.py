@@ -146,6 +146,30 @@ def test_scores_are_the_same_across_the_kernels_token_blocks():
         assert torch.equal(_dense(alone, alone_idx, 96), scores[row:row + 1])
 
 
+def test_the_bf16_split_rounds_as_torch_and_bounds_the_norms():
+    """One pass gives torch's bf16 rounding (ties to even, infinities, NaN) and the three norms of the bound."""
+    torch.manual_seed(9)
+    weight = torch.randn(300, 101) * torch.logspace(-3, 3, 300).unsqueeze(1)
+    # exact ties between two bf16 values (the dropped half is 0x8000): one rounds down, one up, to the even one
+    ties = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x00008000]
+    weight[0, :4] = torch.tensor(ties, dtype=torch.int32).view(torch.float32)
+    weight[1, 0] = float("inf")
+    out = torch.empty(300 * 101, dtype=torch.bfloat16)
+    finite = weight[2:]
+    nu, rho, w_max = native.bf16_split(finite, out[: finite.numel()])
+    w16 = finite.to(torch.bfloat16)
+    assert torch.equal(out[: finite.numel()].view(torch.int16), w16.reshape(-1).view(torch.int16))
+    as64 = finite.double()
+    expect = (w16.double().norm(dim=1).max(), (as64 - w16.double()).norm(dim=1).max(), as64.norm(dim=1).max())
+    for got, want in zip((nu, rho, w_max), expect, strict=True):
+        assert abs(got - float(want)) <= 1e-5 * float(want)
+    native.bf16_split(weight, out)
+    assert torch.equal(out.view(torch.int16), weight.to(torch.bfloat16).reshape(-1).view(torch.int16))
+    assert native.bf16_split(finite, None) == (nu, rho, w_max)  # the same norms without the copy
+    finite[5, 7] = float("nan")
+    assert all(v != v for v in native.bf16_split(finite, None))  # a NaN weight: NaN norms, never certified
+
+
 def test_a_candidate_outside_the_dictionary_is_refused():
     x, weight, bias = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(10)
     with pytest.raises(IndexError, match="outside"):

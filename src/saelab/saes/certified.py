@@ -26,7 +26,8 @@ The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 roundin
   ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b_j|;
 - both: plus d·2^-126·(1 + ‖x‖ + max_j ‖w_j‖) for products flushed to zero.
 
-Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed in fp32, inflated by
+Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed from fp32 norms of x
+and float64 norms of the weight (summed in the same pass that rounds it to bf16: `native.bf16_split`), inflated by
 2^-10 (far more than that arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
 set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
 needs few extra candidates (its error is ~10^-3 of a score's spread: m = 8, k/4 for large k); the bf16 one m = k,
@@ -43,6 +44,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -146,17 +148,17 @@ def active(device: torch.device) -> bool:
     return mode[1] or bf16_gemm_available(device)
 
 
-ApproxTopk = Callable[[Tensor, int, torch.dtype], tuple[Tensor, Tensor]]
+ApproxTopk = Callable[[Tensor, int, Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
 def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: torch.dtype,
                approx_topk: ApproxTopk, extra: int | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
-    0. `approx_topk(x, c, dtype)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
-    in `dtype`; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m) candidates beyond k (default:
-    `default_extra`). Tokens the bf16 filter cannot certify go through
-    the fp32 one, and those the fp32 one cannot (exact ties, NaN) are scored against every latent."""
+    0. `approx_topk(x, c, w)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM with
+    `w`, the weight in the filter's dtype; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m)
+    candidates beyond k (default: `default_extra`). Tokens the bf16 filter cannot certify go through the fp32 one,
+    and those the fp32 one cannot (exact ties, NaN) are scored against every latent."""
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
     n_latents, d = weight.shape
     low = filter_dtype == torch.bfloat16
@@ -165,14 +167,17 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
         values, indices, _ = native.rescore_topk(x, weight, bias, None, k)
         _count(low, x.shape[0], x.shape[0])
         return values.clamp_min_(0), indices
-    approx, leaders = approx_topk(x, c + 1, filter_dtype)
+    # one pass over the weight: the bf16 filter's operand and the norms either bound needs
+    w16 = _bf16_weight(weight.numel()).view(n_latents, d) if low else None
+    norms = WeightNorms(*native.bf16_split(weight, w16))
+    approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16)
     last = approx.argmin(dim=1, keepdim=True)
     a_out = approx.gather(1, last).squeeze(1)
     candidates = leaders[torch.ones_like(leaders, dtype=torch.bool).scatter_(1, last, False)].view(-1, c)
     values, indices, kth = native.rescore_topk(x, weight, bias, candidates, k)
     # a matmul precision below "highest" lets an fp32 GEMM round through bf16 or tf32: bound it like bf16
     reduced = low or torch.get_float32_matmul_precision() != "highest"
-    ceiling = a_out.double() + _filter_error(x, weight, bias, a_out, reduced).double() * (1 + SAFETY)
+    ceiling = a_out.double() + _filter_error(x, bias, a_out, norms, reduced) * (1 + SAFETY)
     certified = torch.where(kth > 0, kth.double() > ceiling, ceiling <= 0)
     redo = (~certified).nonzero().squeeze(1)
     _count(low, x.shape[0], x.shape[0] - redo.numel())
@@ -190,6 +195,21 @@ def default_extra(k: int, n_latents: int, d: int, low: bool) -> int:
     return k if n_latents < WIDE_DICTIONARY and d < WIDE_INPUT else (3 * k + 1) // 2
 
 
+def _bf16_weight(numel: int) -> Tensor:
+    """This thread's buffer for the bf16 copy of the weight, kept between calls like `kernels.workspace`: a fresh
+    one costs its page faults every step (17 against 4 ms for the cast at 24,576 x 768)."""
+    buffer = getattr(_state, "bf16_weight", None)
+    if buffer is None or buffer.numel() < numel:
+        _state.bf16_weight = None  # drop the smaller one before allocating the larger
+        buffer = _state.bf16_weight = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer[:numel]
+
+
+def release() -> None:
+    """Free this thread's bf16 weight buffer (`kernels.release_workspace` calls this)."""
+    _state.__dict__.pop("bf16_weight", None)
+
+
 def _count(low: bool, tokens: int, certified: int) -> None:
     if low:
         counters = stats()
@@ -197,24 +217,31 @@ def _count(low: bool, tokens: int, certified: int) -> None:
         counters.certified += certified
 
 
-def _filter_error(x: Tensor, weight: Tensor, bias: Tensor, a_out: Tensor, low: bool) -> Tensor:
-    """[B]: e_a + e_R at a_out, the most a non-candidate's exact score can exceed a_out (module docstring)."""
-    d = weight.shape[1]
+class WeightNorms(NamedTuple):
+    """The weight's norms the bounds need (module docstring): ν = max_j ‖w̃_j‖, ρ = max_j ‖w_j - w̃_j‖ (w̃ its bf16
+    rounding) and max_j ‖w_j‖."""
+
+    nu: float
+    rho: float
+    w_max: float
+
+
+def _filter_error(x: Tensor, bias: Tensor, a_out: Tensor, norms: WeightNorms, low: bool) -> Tensor:
+    """[B] float64: e_a + e_R at a_out, the most a non-candidate's exact score can exceed a_out (module docstring)."""
+    d = x.shape[1]
     gamma = (d + 2) * FP32_UNIT
-    w_max = weight.norm(dim=1).max()
-    b_max = bias.abs().max()
-    x_norm = x.norm(dim=1)
+    nu, rho, w_max = norms
+    b_max = float(bias.abs().max())
+    x_norm = x.norm(dim=1).double()
+    a = a_out.double().abs()
     e_r = gamma * (x_norm * w_max + b_max)
     flushed = d * FLUSHED * (1 + x_norm + w_max)  # a norm bounds every element
     if not low:
-        return 2 * e_r + FP32_UNIT * a_out.abs() + flushed
+        return 2 * e_r + FP32_UNIT * a + flushed
     u16 = BF16_UNIT / (1 - BF16_UNIT)
-    w16 = weight.to(torch.bfloat16).float()
-    nu = w16.norm(dim=1).max()
-    rho = w16.sub_(weight).norm(dim=1).max()
     x16 = x.to(torch.bfloat16).float()
-    xn = x16.norm(dim=1)
-    rn = x16.sub_(x).norm(dim=1)
-    e_a = (xn * rho + rn * nu + rn * rho + gamma * xn * nu + u16 * (2 + u16) * (a_out.abs() + b_max) * (1 + FP32_UNIT)
-           + FP32_UNIT * a_out.abs())
+    xn = x16.norm(dim=1).double()
+    rn = x16.sub_(x).norm(dim=1).double()
+    e_a = (xn * rho + rn * nu + rn * rho + gamma * xn * nu + u16 * (2 + u16) * (a + b_max) * (1 + FP32_UNIT)
+           + FP32_UNIT * a)
     return e_a + e_r + flushed

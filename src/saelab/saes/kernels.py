@@ -74,6 +74,7 @@ def release_workspace() -> None:
     work)."""
     _scratch.__dict__.pop("buffers", None)
     _scratch.__dict__.pop("grouping", None)
+    certified.release()
 
 
 class TopKSelection(NamedTuple):
@@ -162,7 +163,7 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
         filter_dtype = torch.bfloat16 if certified.active(x_c.device) else torch.float32
         return TopKSelection(*certified.exact_topk(
             x_c, weight, bias, k, filter_dtype,
-            lambda xs, c, dtype: _approx_topk(xs, weight, bias, c, chunk_rows, dtype, fp32_bias=True)))
+            lambda xs, c, w: _approx_topk(xs, w, bias, c, chunk_rows, w.dtype, fp32_bias=True)))
     values, indices = _approx_topk(x_c, weight, bias, k, chunk_rows, low)
     return TopKSelection(values.clamp_min_(0), indices)
 

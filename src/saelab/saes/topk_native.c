@@ -490,3 +490,80 @@ int saelab_rescore_topk(const float *x, const float *w, const float *bias, const
     free(order);
     return status;
 }
+
+/* ---- The bf16 filter's weight, and the norms its error bound needs, in one pass ---------------------------------
+ *
+ * w is [n, d] float32. Writes w16 (unless NULL) = w rounded to bfloat16 (to nearest, ties to even, NaN to a quiet
+ * NaN: torch's rounding) and stats[0..2] = the largest over rows of ||w16_j||, ||w_j - w16_j|| and ||w_j||, each
+ * squared norm summed in LANES float32 partial sums (relative error below (d / LANES + 1) * 2^-24, which the
+ * bound's safety margin covers) and those in double. In torch the cast and the norms of the cast and of its
+ * remainder read w three times. */
+
+static inline uint16_t to_bf16(uint32_t u) {
+    const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded;
+}
+
+/* The larger of two, a NaN in either sticking (a NaN weight gives a NaN bound: never certified). */
+static inline double larger(double a, double b) {
+    return isnan(a) || !(b > a) ? (isnan(b) ? b : a) : b;
+}
+
+typedef struct {
+    int status;
+    const float *w;
+    uint16_t *w16;
+    int64_t d, lo, hi;
+    double stats[3];
+} split_job;
+
+/* One element: its bf16 rounding (stored unless out is NULL) and its squares added to lane l of the three sums. */
+static inline void split_one(uint32_t u, float acc[3][LANES], int l, uint16_t *out) {
+    const uint16_t h = to_bf16(u);
+    union { uint32_t u; float f; } full = {u}, back = {(uint32_t)h << 16};
+    const float rest = full.f - back.f;  /* exact: the bits rounding dropped */
+    acc[0][l] += back.f * back.f;
+    acc[1][l] += rest * rest;
+    acc[2][l] += full.f * full.f;
+    *out = h;
+}
+
+static void *run_split(void *arg) {
+    split_job *jb = (split_job *)arg;
+    const int64_t d = jb->d;
+    double best[3] = {0, 0, 0};
+    uint16_t *scratch = jb->w16 ? NULL : malloc(sizeof(uint16_t) * (d + 1));
+    jb->status = !jb->w16 && scratch == NULL;
+    for (int64_t i = jb->lo; i < jb->hi && !jb->status; i++) {
+        const uint32_t *row = (const uint32_t *)(jb->w + i * d);
+        uint16_t *out = jb->w16 ? jb->w16 + i * d : scratch;  /* a row's worth of scratch when not wanted */
+        float acc[3][LANES] = {{0}};
+        int64_t j0 = 0;
+        for (; j0 + LANES <= d; j0 += LANES)
+            for (int l = 0; l < LANES; l++) split_one(row[j0 + l], acc, l, out + j0 + l);
+        for (int l = 0; j0 + l < d; l++) split_one(row[j0 + l], acc, l, out + j0 + l);
+        for (int q = 0; q < 3; q++) {
+            double sum = 0;
+            for (int l = 0; l < LANES; l++) sum += acc[q][l];
+            best[q] = larger(best[q], sum);
+        }
+    }
+    for (int q = 0; q < 3; q++) jb->stats[q] = sqrt(best[q]);
+    free(scratch);
+    return NULL;
+}
+
+int saelab_bf16_split(const float *w, int64_t n, int64_t d, uint16_t *w16, double *stats, int64_t n_threads) {
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > n) n_threads = n > 0 ? n : 1;
+    split_job jobs[64];
+    for (int64_t t = 0; t < n_threads; t++)
+        jobs[t] = (split_job){1, w, w16, d, n * t / n_threads, n * (t + 1) / n_threads, {0, 0, 0}};
+    const int status = run_all(run_split, jobs, sizeof(split_job), n_threads);
+    for (int q = 0; q < 3; q++) {
+        stats[q] = 0;
+        for (int64_t t = 0; t < n_threads; t++) stats[q] = larger(stats[q], jobs[t].stats[q]);
+    }
+    return status;
+}
