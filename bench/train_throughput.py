@@ -59,13 +59,14 @@ from saelab.saes.kernels import (  # noqa: E402
     pre_activations,
     workspace,
 )
+from saelab.training.constraints import normalize_decoder, project_out_parallel_grad  # noqa: E402
+from saelab.training.optim import adam  # noqa: E402
 
 
 def make_optimizer(sae: TopKSAE, lr: float) -> tuple[torch.optim.Optimizer, bool]:
-    try:
-        return torch.optim.Adam(sae.parameters(), lr=lr, fused=True), True
-    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype
-        return torch.optim.Adam(sae.parameters(), lr=lr), False
+    """The trainer's Adam (fused where the backend has it), and whether it is fused."""
+    optimizer = adam(sae.parameters(), lr)
+    return optimizer, bool(optimizer.defaults.get("fused"))
 
 
 def precision(device: torch.device, autocast: str | None) -> contextlib.AbstractContextManager[object]:
@@ -80,14 +81,11 @@ def train_step(sae: TopKSAE, optimizer: torch.optim.Optimizer, x: Tensor, autoca
         x_hat, _ = sae(x)
         loss = (x_hat - x).pow(2).sum(dim=-1).mean()
     loss.backward()
-    w_dec = sae.W_dec
-    with torch.no_grad():  # the trainer's unit-norm constraint, done the same way, so the figure is honest
-        grad = w_dec.grad
-        coef = torch.einsum("ij,ij->i", grad, w_dec) / torch.einsum("ij,ij->i", w_dec, w_dec).clamp_min(1e-30)
-        grad.addcmul_(coef.unsqueeze(1), w_dec, value=-1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        w_dec.div_(w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    decoders = sae.decoder_matrices()  # the trainer's unit-norm constraint, by its own functions
+    project_out_parallel_grad(decoders, "per_unit")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    normalize_decoder(decoders, "per_unit")
 
 
 def encode_only(sae: TopKSAE, x: Tensor, autocast: str | None = None) -> None:
