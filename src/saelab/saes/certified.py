@@ -26,9 +26,9 @@ The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 roundin
   ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b_j|;
 - both: plus d·2^-126·(1 + ‖x‖ + max_j ‖w_j‖) for products flushed to zero.
 
-Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed from fp32 norms of x
-and float64 norms of the weight (summed in the same pass that rounds it to bf16: `native.bf16_split`), inflated by
-2^-10 (far more than that arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
+Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed from fp32 norms (the
+weight's in the same pass that rounds it to bf16: `native.bf16_split`), inflated by 2^-10 (far more than that
+arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
 set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
 needs few extra candidates (its error is ~10^-3 of a score's spread: m = 8, k/4 for large k); the bf16 one m = k,
 1.5k on wide dictionaries or inputs (`default_extra`). Both paths give the same latents and the same values, bit

@@ -1,5 +1,6 @@
-"""The compiled part of the CPU fast path: an exact one-pass top-k over latent-major pre-activations
-(`topk_native.c`), built once per machine with the system C compiler and loaded with ctypes.
+"""The compiled part of the CPU fast path (`topk_native.c`), built once per machine with the system C compiler and
+loaded with ctypes: an exact one-pass top-k over latent-major pre-activations; the exact, fixed-order scores of
+candidate latents that define a selection (`certified`); and the bf16 filter's weight with the norms its bound needs.
 
 It reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself can skip
 the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). Measured against the pure-torch
