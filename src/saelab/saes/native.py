@@ -2,9 +2,9 @@
 loaded with ctypes: an exact one-pass top-k over latent-major pre-activations; the exact, fixed-order scores of
 candidate latents that define a selection (`certified`); and the bf16 filter's weight with the norms its bound needs.
 
-It reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself can skip
-the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). Measured against the pure-torch
-grouped top-k (`kernels._grouped_topk`) on this 2-core machine, k = 32: 23-28 vs 40-46 ms for 4,096 x 4,096,
+The top-k reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself
+can skip the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). Measured against the
+pure-torch grouped top-k (`kernels._grouped_topk`) on a 2-core machine, k = 32: 23-28 vs 40-46 ms for 4,096 x 4,096,
 29-31 vs 42-48 ms for 24,576 x 2,048 and about equal at 98,304 x 1,024.
 
 Everything here is optional: without a C compiler, with `SAELAB_NATIVE=0`, or when a build fails (a warning says
