@@ -170,6 +170,25 @@ def test_the_bf16_split_rounds_as_torch_and_bounds_the_norms():
     assert all(v != v for v in native.bf16_split(finite, None))  # a NaN weight: NaN norms, never certified
 
 
+def test_the_candidate_count_adapts_to_the_weights_and_never_changes_the_selection():
+    """A few encoder rows 3x longer than the rest loosen the bf16 bound (it uses the longest): the first batch is
+    mostly uncertified, the candidate count then grows until nearly all are, and every selection is the definition's."""
+    torch.manual_seed(11)
+    d, n, k = 512, 4096, 16
+    weight, bias = torch.randn(n, d) / d**0.5, torch.zeros(n)
+    weight[:4] *= 3
+    x = torch.randn(1024, d)
+    certified._state.__dict__.pop("extra", None)  # this thread starts from the default
+    fractions = []
+    for _ in range(4):
+        with torch.no_grad(), certified.selection_precision("bf16-exact", force=True), certified.counted() as c:
+            got = topk_encode(x, weight, bias, k)
+        fractions.append(c.certified / c.tokens)
+        assert torch.equal(_dense(*got, n), _dense(*_definition(x, weight, bias, k), n))
+    assert fractions[0] < 0.7 and max(fractions[1:]) > 0.95
+    assert certified._learned_extra()[(n, d, k, True)] > certified.default_extra(k, n, d, True)
+
+
 def test_a_candidate_outside_the_dictionary_is_refused():
     x, weight, bias = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(10)
     with pytest.raises(IndexError, match="outside"):

@@ -65,6 +65,9 @@ FORCE_ENV = "SAELAB_FORCE_BF16_EXACT"
 FP32_EXTRA = 8  # the fp32 filter's m for k up to 32; k/4 above
 WIDE_DICTIONARY = 1 << 15  # from this many latents, or from WIDE_INPUT dimensions, the bf16 filter's m is 1.5k
 WIDE_INPUT = 1536
+GROW_BELOW, SHRINK_FROM = 0.9, 0.995  # certified fractions at which m doubles or shrinks (`_learn_extra`)
+MAX_EXTRA_PER_K = 8
+LEARN_MIN_TOKENS = 256  # smaller batches (e.g. the fp32 filter's retries) do not move m
 FLUSHED = 2.0**-126  # below this, a bf16 GEMM may flush a product to zero
 SAFETY = 2.0**-10  # the bounds are computed in fp32 (norms to ~(d + 1)·2^-24 relative): inflated by this margin
 
@@ -162,7 +165,9 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
     n_latents, d = weight.shape
     low = filter_dtype == torch.bfloat16
-    c = k + (extra if extra is not None else default_extra(k, n_latents, d, low))
+    learned = (n_latents, d, k, low)
+    m = extra if extra is not None else _learned_extra().get(learned, default_extra(k, n_latents, d, low))
+    c = k + m
     if c + 1 > n_latents:  # the candidates would be every latent: score them all
         values, indices, _ = native.rescore_topk(x, weight, bias, None, k)
         _count(low, x.shape[0], x.shape[0])
@@ -181,6 +186,8 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     certified = torch.where(kth > 0, kth.double() > ceiling, ceiling <= 0)
     redo = (~certified).nonzero().squeeze(1)
     _count(low, x.shape[0], x.shape[0] - redo.numel())
+    if extra is None:
+        _learn_extra(learned, m, 1 - redo.numel() / x.shape[0], x.shape[0])
     if redo.numel() and low:
         values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk)
     elif redo.numel():
@@ -189,10 +196,33 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
 
 
 def default_extra(k: int, n_latents: int, d: int, low: bool) -> int:
-    """m, the candidates beyond k a filter keeps per token (see FP32_EXTRA): a speed setting, never a result one."""
+    """m, the candidates beyond k a filter keeps per token at first (see FP32_EXTRA; `_learn_extra` adapts it): a
+    speed setting, never a result one."""
     if not low:
         return max(FP32_EXTRA, k // 4)
     return k if n_latents < WIDE_DICTIONARY and d < WIDE_INPUT else (3 * k + 1) // 2
+
+
+def _learned_extra() -> dict[tuple[int, int, int, bool], int]:
+    """This thread's m per (latents, d, k, bf16 filter), as `_learn_extra` has adapted it."""
+    return _state.__dict__.setdefault("extra", {})
+
+
+def _learn_extra(key: tuple[int, int, int, bool], m: int, certified: float, tokens: int) -> None:
+    """Adapt m to the weights as training changes them: double it while fewer than GROW_BELOW of a batch's tokens
+    are certified (up to MAX_EXTRA_PER_K·k and a quarter of the latents), shrink it by a third once nearly all are.
+    Training spreads the encoder rows' norms, and the bounds use the largest: on a multi-layer SAE (d = 3,456,
+    k = 128, n = 24,576) after 200 steps the bf16 filter certified 0.41 of real tokens with m = 1.5k, 0.91 with 3k
+    and 0.97 with 6k; an uncertified token costs an fp32 GEMM row, a candidate an exact dot."""
+    n_latents, _, k, _ = key
+    if tokens < LEARN_MIN_TOKENS:
+        return
+    if certified < GROW_BELOW:
+        grown = min(2 * m, MAX_EXTRA_PER_K * k, n_latents // 4 - k - 1)
+        if grown > m:
+            _learned_extra()[key] = grown
+    elif certified >= SHRINK_FROM:
+        _learned_extra()[key] = max(m * 2 // 3, default_extra(k, n_latents, key[1], key[3]))
 
 
 def _bf16_weight(numel: int) -> Tensor:
