@@ -187,7 +187,7 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     redo = (~certified).nonzero().squeeze(1)
     _count(low, x.shape[0], x.shape[0] - redo.numel())
     if extra is None:
-        _learn_extra(learned, m, 1 - redo.numel() / x.shape[0], x.shape[0])
+        _learn_extra(learned, m, x.shape[0] - redo.numel(), x.shape[0])
     if redo.numel() and low:
         values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk)
     elif redo.numel():
@@ -208,20 +208,21 @@ def _learned_extra() -> dict[tuple[int, int, int, bool], int]:
     return _state.__dict__.setdefault("extra", {})
 
 
-def _learn_extra(key: tuple[int, int, int, bool], m: int, certified: float, tokens: int) -> None:
-    """Adapt m to the weights as training changes them: double it while fewer than GROW_BELOW of a batch's tokens
-    are certified (up to MAX_EXTRA_PER_K·k and a quarter of the latents), shrink it by a third once nearly all are.
-    Training spreads the encoder rows' norms, and the bounds use the largest: on a multi-layer SAE (d = 3,456,
-    k = 128, n = 24,576) after 200 steps the bf16 filter certified 0.41 of real tokens with m = 1.5k, 0.91 with 3k
-    and 0.97 with 6k; an uncertified token costs an fp32 GEMM row, a candidate an exact dot."""
+def _learn_extra(key: tuple[int, int, int, bool], m: int, certified: int, tokens: int) -> None:
+    """Adapt m to the weights as training changes them (`certified` of the `tokens` just selected): double it while
+    fewer than GROW_BELOW of a batch's tokens are certified (up to MAX_EXTRA_PER_K·k and a quarter of the latents),
+    shrink it by a third once nearly all are. Training spreads the encoder rows' norms, and the bounds use the
+    largest: on a multi-layer SAE (d = 3,456, k = 128, n = 24,576) after 200 steps the bf16 filter certified 0.41 of
+    real tokens with m = 1.5k, 0.91 with 3k and 0.97 with 6k; an uncertified token costs an fp32 GEMM row, a
+    candidate an exact dot."""
     n_latents, _, k, _ = key
-    if tokens < LEARN_MIN_TOKENS:
+    if tokens < LEARN_MIN_TOKENS:  # too few to judge (and none at all on an empty batch)
         return
-    if certified < GROW_BELOW:
+    if certified < GROW_BELOW * tokens:
         grown = min(2 * m, MAX_EXTRA_PER_K * k, n_latents // 4 - k - 1)
         if grown > m:
             _learned_extra()[key] = grown
-    elif certified >= SHRINK_FROM:
+    elif certified >= SHRINK_FROM * tokens:
         _learned_extra()[key] = max(m * 2 // 3, default_extra(k, n_latents, key[1], key[3]))
 
 
