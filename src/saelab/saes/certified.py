@@ -156,12 +156,15 @@ ApproxTopk = Callable[[Tensor, int, Tensor], tuple[Tensor, Tensor]]
 
 @torch.no_grad()
 def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: torch.dtype,
-               approx_topk: ApproxTopk, extra: int | None = None) -> tuple[Tensor, Tensor]:
+               approx_topk: ApproxTopk, extra: int | None = None,
+               bf16_buffer: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
     0. `approx_topk(x, c, w)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM with
     `w`, the weight in the filter's dtype; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m)
-    candidates beyond k (default: `default_extra`). Tokens the bf16 filter cannot certify go through the fp32 one,
-    and those the fp32 one cannot (exact ties, NaN) are scored against every latent."""
+    candidates beyond k (default: `default_extra`, then as `_learn_extra` adapts it). The bf16 filter's weight is
+    written into `bf16_buffer` (a flat bfloat16 tensor of at least n·d elements, e.g. a kept workspace) or a fresh
+    one. Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32 one cannot (exact ties,
+    NaN) are scored against every latent."""
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
     n_latents, d = weight.shape
     low = filter_dtype == torch.bfloat16
@@ -173,7 +176,10 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
         _count(low, x.shape[0], x.shape[0])
         return values.clamp_min_(0), indices
     # one pass over the weight: the bf16 filter's operand and the norms either bound needs
-    w16 = _bf16_weight(weight.numel()).view(n_latents, d) if low else None
+    w16 = None
+    if low:
+        w16 = (weight.new_empty(weight.numel(), dtype=torch.bfloat16) if bf16_buffer is None
+               else bf16_buffer[: weight.numel()]).view(n_latents, d)
     norms = WeightNorms(*native.bf16_split(weight, w16))
     approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16)
     last = approx.argmin(dim=1, keepdim=True)
@@ -215,7 +221,7 @@ def _learn_extra(key: tuple[int, int, int, bool], m: int, certified: int, tokens
     largest: on a multi-layer SAE (d = 3,456, k = 128, n = 24,576) after 200 steps the bf16 filter certified 0.41 of
     real tokens with m = 1.5k, 0.91 with 3k and 0.97 with 6k; an uncertified token costs an fp32 GEMM row, a
     candidate an exact dot."""
-    n_latents, _, k, _ = key
+    n_latents, d, k, low = key
     if tokens < LEARN_MIN_TOKENS:  # too few to judge (and none at all on an empty batch)
         return
     if certified < GROW_BELOW * tokens:
@@ -223,22 +229,7 @@ def _learn_extra(key: tuple[int, int, int, bool], m: int, certified: int, tokens
         if grown > m:
             _learned_extra()[key] = grown
     elif certified >= SHRINK_FROM * tokens:
-        _learned_extra()[key] = max(m * 2 // 3, default_extra(k, n_latents, key[1], key[3]))
-
-
-def _bf16_weight(numel: int) -> Tensor:
-    """This thread's buffer for the bf16 copy of the weight, kept between calls like `kernels.workspace`: a fresh
-    one costs its page faults every step (17 against 4 ms for the cast at 24,576 x 768)."""
-    buffer = getattr(_state, "bf16_weight", None)
-    if buffer is None or buffer.numel() < numel:
-        _state.bf16_weight = None  # drop the smaller one before allocating the larger
-        buffer = _state.bf16_weight = torch.empty(numel, dtype=torch.bfloat16)
-    return buffer[:numel]
-
-
-def release() -> None:
-    """Free this thread's bf16 weight buffer (`kernels.release_workspace` calls this)."""
-    _state.__dict__.pop("bf16_weight", None)
+        _learned_extra()[key] = max(m * 2 // 3, default_extra(k, n_latents, d, low))
 
 
 def _count(low: bool, tokens: int, certified: int) -> None:

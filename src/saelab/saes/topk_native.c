@@ -90,6 +90,15 @@ static float compact(float *v, int64_t *ix, int64_t *count, int64_t k) {
     return least;
 }
 
+/* Append (v, i) to token t's buffer of `cap` entries; a full buffer is cut back to its k largest, which raises the
+ * token's threshold to their minimum. */
+static inline void offer(float *bv, int64_t *bi, int64_t *count, float *thr, int64_t t, int64_t cap, int64_t k,
+                         float v, int64_t i) {
+    bv[t * cap + count[t]] = v;
+    bi[t * cap + count[t]] = i;
+    if (++count[t] == cap) thr[t] = compact(bv + t * cap, bi + t * cap, count + t, k);
+}
+
 /* Tokens [c0, c1): every latent row streamed left to right over those columns. Each token appends what beats its
  * threshold to a buffer of CAPACITY·k entries; a full buffer is cut back to its k largest, which raises the
  * threshold to their minimum. Returns 3 when a token ends with fewer than k finite candidates (NaN or -inf), so the
@@ -114,19 +123,13 @@ static int select_block(const void *pre, int bf16, int64_t n, int64_t ld, const 
             while (mask) {
                 const int64_t t = t0 + __builtin_ctz(mask);
                 mask &= mask - 1;
-                bv[t * cap + count[t]] = load1(row, t, bf16) + b;
-                bi[t * cap + count[t]] = i;
-                if (++count[t] == cap) thr[t] = compact(bv + t * cap, bi + t * cap, count + t, k);
+                offer(bv, bi, count, thr, t, cap, k, load1(row, t, bf16) + b, i);
             }
         }
 #endif
         for (; t0 < width; t0++) {
             const float v = load1(row, t0, bf16) + b;
-            if (v > thr[t0]) {
-                bv[t0 * cap + count[t0]] = v;
-                bi[t0 * cap + count[t0]] = i;
-                if (++count[t0] == cap) thr[t0] = compact(bv + t0 * cap, bi + t0 * cap, count + t0, k);
-            }
+            if (v > thr[t0]) offer(bv, bi, count, thr, t0, cap, k, v, i);
         }
     }
     for (int64_t t = 0; t < width; t++) {
@@ -395,9 +398,7 @@ static void *score_all(void *arg) {
                 if (isnan(v)) {
                     nan[t] = 1;
                 } else if (count[t] < k || v > thr[t]) {
-                    bv[t * cap + count[t]] = v;
-                    bi[t * cap + count[t]] = i;
-                    if (++count[t] == cap) thr[t] = compact(bv + t * cap, bi + t * cap, count + t, k);
+                    offer(bv, bi, count, thr, t, cap, k, v, i);
                 }
               }
             }
