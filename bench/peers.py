@@ -13,6 +13,9 @@ Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 1]
                              [--skip-install]
                              [--peers sparsify,saelens,dictionary_learning] [--store DIR] [--no-costs] [--out FILE]
 (`make bench-peers` runs it with the defaults; `--quick` is a smoke test: n=4,096 only, few steps.)
+
+`--device cuda` runs on a GPU machine instead: ours (fp32, bf16-exact, autocast) and sparsify's GPU path, with the
+Python running this script (which must have sparsify importable), and replaces only the CUDA section of `--out`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from peerbench import end_to_end_results, harvest_results, install, results
+from peerbench import cuda_results, end_to_end_results, harvest_results, install, results
 
 BENCH = Path(__file__).resolve().parent
 # Real SmolLM2 resid_post.15 activations: the frontier recipe's reduced store if present, else `make demo`'s.
@@ -37,7 +40,7 @@ WORKERS = {
     "saelens": "peerbench.workers.saelens",
     "dictionary_learning": "peerbench.workers.dictionary_learning",
 }
-KEPT_SECTIONS = (end_to_end_results.HEADING, harvest_results.HEADING)  # written by their own scripts
+KEPT_SECTIONS = (end_to_end_results.HEADING, harvest_results.HEADING, cuda_results.HEADING)  # written by other runs
 PEERS = [name for name in WORKERS if name != "ours"]
 # Rows of our worker beside the plain top-k one: other SAE architectures on the same fast path, and other precisions
 OURS_VARIANTS = {
@@ -107,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--no-costs", action="store_true", help="skip the SmolLM2 harvesting/evaluation costs")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"), help="where the table is written")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU rows only, into the CUDA section of --out (see above)")
     args = parser.parse_args(argv)
     args.store, args.out = str(Path(args.store).resolve()), str(Path(args.out).resolve())
     return args
@@ -121,11 +126,14 @@ def main() -> None:
     unknown = set(peers) - set(PEERS)
     if unknown:
         raise SystemExit(f"--peers: no worker for {sorted(unknown)}; choose from {PEERS}")
+    common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr)]
+    warmups = {n: warmup_steps(args.warmup, n, sizes) for n in sizes}
+    if args.device == "cuda":
+        cuda_section(args, sizes, common, warmups)
+        return
     python = install.venv_python() if args.skip_install else install.install(peers)
 
-    common = ["--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr)]
     speed: list[dict[str, Any]] = []
-    warmups = {n: warmup_steps(args.warmup, n, sizes) for n in sizes}
     for n in sizes:
         argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
         speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer", "ours-bf16"], argv, args.rounds)
@@ -152,6 +160,27 @@ def main() -> None:
         if section is not None:
             end_to_end_results.write_section(args.out, section)
     print(text)
+
+
+def cuda_section(args: argparse.Namespace, sizes: list[int], common: list[str], warmups: dict[int, int]) -> None:
+    """The GPU rows, measured as the CPU ones are, written into the CUDA section of `args.out`."""
+    import datetime
+
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    for n in sizes:
+        argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps),
+                "--device", "cuda"]
+        rows += measure(Path(sys.executable), cuda_results.TRAINERS, argv, args.rounds)
+    gpu = {"gpu": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    settings = (f"{install.PEER_PINS['sparsify']}; TopK, d={args.d}, k={args.k}, batch {args.batch}, Adam lr "
+                f"{args.lr}; {args.steps} timed steps after " + " / ".join(f"{warmups[n]} (n={n:,})" for n in sizes)
+                + f" warm-up, {args.rounds} alternating rounds, synthetic activations")
+    section = cuda_results.render(gpu, settings, rows, sizes)
+    end_to_end_results.write_section(args.out, section)
+    print(section)
 
 
 if __name__ == "__main__":

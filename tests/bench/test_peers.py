@@ -90,3 +90,22 @@ def test_bf16_target_is_judged_only_where_the_bf16_path_ran() -> None:
         target = [t for t in results.speed_targets([bf16(ran), sparsify], [24576]) if "ours-bf16" in t.name][0]
         assert (target.measured, target.met) == (3.0, met)
         assert ("fp32 ran" in target.name) is not ran
+
+
+def test_the_cuda_section_renders_its_rows_and_survives_a_cpu_rerun(tmp_path) -> None:
+    from peerbench import cuda_results, end_to_end_results
+
+    rows = [{**_row(trainer, tps, 0.0, 0.5), "n": 24576, "peak_cuda_mb": 900.0}
+            for trainer, tps in (("ours", 300_000.0), ("sparsify", 200_000.0), ("ours-bf16", 650_000.0))]
+    gpu = {"gpu": "Test GPU", "cuda": "13.0", "torch": "2.11.0", "date": "2026-01-01"}
+    section = cuda_results.render(gpu, "fixed", rows, [24576])
+    assert section.startswith(cuda_results.HEADING) and "Test GPU; CUDA 13.0" in section
+    assert "| ours | 24,576 | 768 | 300,000 | 150,000 | 900 | 27,000 | 1.50 |" in section
+    verdicts = {t.name: (t.measured, t.met) for t in cuda_results.targets(rows, [24576])}
+    assert verdicts["tokens/s ours vs sparsify (CUDA)"] == (1.5, False)
+    assert verdicts["tokens/s ours-bf16 vs sparsify (CUDA)"] == (3.25, True)
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Peer benchmark results\n\n## Targets\n\nold\n")
+    end_to_end_results.write_section(out, section)
+    assert cuda_results.HEADING in peers.KEPT_SECTIONS
+    assert end_to_end_results.read_section(out, cuda_results.HEADING) == section.rstrip("\n") + "\n"

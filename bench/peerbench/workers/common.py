@@ -139,6 +139,8 @@ def report(trainer: str, args: argparse.Namespace, data: Activations, clock: Ste
         "threads": torch.get_num_threads(),
         "malloc_tuned": MALLOC_TUNED,
         "torch": torch.__version__,
+        **({"peak_cuda_mb": round(torch.cuda.max_memory_allocated(data.device) / 2**20, 1)}
+           if data.device.type == "cuda" else {}),
         **extra,
     }
     print(json.dumps(result), flush=True)

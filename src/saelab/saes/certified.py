@@ -1,7 +1,8 @@
 """Exact top-k selection, found cheaply: what every fp32 top-k selection on CPU means, and how bf16 runs it.
 
 The selection is defined exactly: the k latents with the largest *exact scores* R_j = x · w_j + b_j, each an fp32
-dot product summed in one fixed order that depends only on the two vectors (`native.rescore_topk`), ties to the
+dot product summed in one fixed order that depends only on the two vectors (`native.rescore_topk`; on CUDA the same
+bits from torch ops, `exact_scores`, so a CUDA selection is the CPU's), ties to the
 lower latent, values clamped at 0. An fp32 GEMM cannot define it: its rounding depends on the batch, the blocking
 and the thread count, and at training sizes the k-th and (k+1)-th scores of a token are closer than that rounding
 can move them in about a third of tokens, so "the fp32 top-k" would otherwise be a matter of summation order.
@@ -32,8 +33,8 @@ arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul pr
 set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
 needs few extra candidates (its error is ~10^-3 of a score's spread: m = 8, k/4 for large k); the bf16 one m = k,
 1.5k on wide dictionaries or inputs (`default_extra`). Both paths give the same latents and the same values, bit
-for bit: the values are the exact scores. The exact scores need the native kernels (`native`); without them, and
-off the CPU, selections keep the plain fp32 GEMM's top-k and bf16-exact runs fp32.
+for bit: the values are the exact scores. On CPU the exact scores need the native kernels (`native`); without
+them, and on devices other than CPU and CUDA, selections keep the plain fp32 GEMM's top-k and bf16-exact runs fp32.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ import dataclasses
 import functools
 import os
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from saelab.saes import native
+from saelab.saes import exact_scores, native
 
 BF16_UNIT = 2.0**-8
 FP32_UNIT = 2.0**-24
@@ -139,8 +141,15 @@ def selection_precision(precision: str, force: bool | None = None) -> Iterator[N
 
 
 def exact_available(device: torch.device) -> bool:
-    """Whether fp32 selections on `device` are exact selections (CPU with the native kernels built)."""
-    return device.type == "cpu" and native.library() is not None
+    """Whether fp32 selections on `device` are exact selections: on CPU with the native kernels built, and on CUDA
+    (the same scores in torch ops, `exact_scores`)."""
+    return device.type == "cuda" or (device.type == "cpu" and native.library() is not None)
+
+
+def _kernels(device: torch.device) -> types.ModuleType:
+    """What computes the exact scores and the bf16 split on `device`: the native kernels on CPU, torch ops on CUDA
+    (the same scores, bit for bit)."""
+    return native if device.type == "cpu" else exact_scores
 
 
 def active(device: torch.device) -> bool:
@@ -166,13 +175,14 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     one. Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32 one cannot (exact ties,
     NaN) are scored against every latent."""
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
+    kernels = _kernels(x.device)
     n_latents, d = weight.shape
     low = filter_dtype == torch.bfloat16
     learned = (n_latents, d, k, low)
     m = extra if extra is not None else _learned_extra().get(learned, default_extra(k, n_latents, d, low))
     c = k + m
     if c + 1 > n_latents:  # the candidates would be every latent: score them all
-        values, indices, _ = native.rescore_topk(x, weight, bias, None, k)
+        values, indices, _ = kernels.rescore_topk(x, weight, bias, None, k)
         _count(low, x.shape[0], x.shape[0])
         return values.clamp_min_(0), indices
     # one pass over the weight: the bf16 filter's operand and the norms either bound needs
@@ -180,12 +190,12 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     if low:
         w16 = (weight.new_empty(weight.numel(), dtype=torch.bfloat16) if bf16_buffer is None
                else bf16_buffer[: weight.numel()]).view(n_latents, d)
-    norms = WeightNorms(*native.bf16_split(weight, w16))
+    norms = WeightNorms(*kernels.bf16_split(weight, w16))
     approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16)
     last = approx.argmin(dim=1, keepdim=True)
     a_out = approx.gather(1, last).squeeze(1)
     candidates = leaders[torch.ones_like(leaders, dtype=torch.bool).scatter_(1, last, False)].view(-1, c)
-    values, indices, kth = native.rescore_topk(x, weight, bias, candidates, k)
+    values, indices, kth = kernels.rescore_topk(x, weight, bias, candidates, k)
     # a matmul precision below "highest" lets an fp32 GEMM round through bf16 or tf32: bound it like bf16
     reduced = low or torch.get_float32_matmul_precision() != "highest"
     ceiling = a_out.double() + _filter_error(x, bias, a_out, norms, reduced) * (1 + SAFETY)
@@ -197,7 +207,7 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     if redo.numel() and low:
         values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk)
     elif redo.numel():
-        values[redo], indices[redo], _ = native.rescore_topk(x[redo], weight, bias, None, k)
+        values[redo], indices[redo], _ = kernels.rescore_topk(x[redo], weight, bias, None, k)
     return values.clamp_min_(0), indices
 
 

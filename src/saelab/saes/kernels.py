@@ -156,8 +156,8 @@ def _groupable(n_latents: int, k: int) -> bool:
 
 
 def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: int) -> TopKSelection:
-    """The k best latents of every row: on CPU in fp32 the exact selection (`certified`), its filter GEMM in bf16
-    where bf16-exact selection is on; elsewhere the top-k of the GEMM's own scores."""
+    """The k best latents of every row: in fp32 on CPU and CUDA the exact selection (`certified`), its filter GEMM in
+    bf16 where bf16-exact selection is on; elsewhere (autocast) the top-k of the GEMM's own scores."""
     low = gemm_dtype(x_c.device, weight.dtype)
     if low == weight.dtype == torch.float32 and certified.exact_available(x_c.device):
         bf16 = certified.active(x_c.device)
@@ -181,11 +181,15 @@ def _approx_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: 
     buffer = workspace(max((stop - start for start, stop in spans), default=0) * n_latents, x_c)
     # the native top-k adds the bias in fp32 as it reads
     fused_bias = by_latent and native.supports(buffer) and (dtype == torch.float32 or fp32_bias)
-    values = x_c.new_empty(n_tokens, k, dtype=torch.float32 if fused_bias else dtype)
+    bias_after = fp32_bias and not fused_bias and dtype != torch.float32  # added in fp32 to the low GEMM's output
+    values = x_c.new_empty(n_tokens, k, dtype=torch.float32 if fused_bias or bias_after else dtype)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
     bias_low = bias.to(dtype)
     for start, stop in spans:
-        pre = pre_activations(x_c[start:stop], weight, None if fused_bias else bias_low, buffer, by_latent)
+        pre = pre_activations(x_c[start:stop], weight, None if fused_bias or bias_after else bias_low, buffer,
+                              by_latent)
+        if bias_after:
+            pre = pre.float().add_(bias.float().unsqueeze(1) if by_latent else bias.float())
         if fused_bias:
             if native.topk_latent_major(pre, bias, k, values[start:stop], indices[start:stop]):
                 continue

@@ -32,7 +32,9 @@ from torch import Tensor
 from saelab.user_cache import cache_dir
 
 SOURCE = Path(__file__).with_name("topk_native.c")
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-pthread")
+# -ffp-contract=off: every product and sum of an exact score rounded on its own, as elementwise torch ops round them
+# (`exact_scores`), so the definition is the same with or without fused multiply-add, on CPU and on CUDA
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
 
 
 def _cpu_signature() -> str:
