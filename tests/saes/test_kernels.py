@@ -182,6 +182,26 @@ def test_grouped_topk_selects_what_one_topk_does(levels: int, monkeypatch) -> No
     assert torch.equal(pre.gather(1, indices), values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_token_major_grouped_topk_selects_what_one_topk_does(dtype) -> None:
+    """The GPU's orientation: winners bunched in one group, spread one per group, and in neighbouring groups."""
+    k = 5
+    n = 4 * k * kernels.TOPK_GROUP * 3
+    stride = n // kernels.TOPK_GROUP
+    pre = torch.randn(5, n)
+    pre[1, 5 : 5 + 5 * stride : stride] = 50.0 + torch.arange(5.0)
+    pre[2, 3 :: n // 20] = 40.0 + torch.arange(20.0)
+    pre[3, 10:15] = 60.0 + torch.arange(5.0)
+    pre = pre.to(dtype)
+    values, indices = kernels._grouped_topk_rows(pre, k)
+    ref = pre.topk(k, dim=1)
+    assert torch.equal(_sorted_selection(values, indices)[1], _sorted_selection(ref.values, ref.indices)[1])
+    assert torch.equal(pre.gather(1, indices), values)
+    odd = pre[:, :-1]  # not whole groups: one plain top-k
+    assert torch.equal(kernels._grouped_topk_rows(odd.contiguous(), k)[0].sort(-1).values,
+                       odd.topk(k, dim=1).values.sort(-1).values)
+
+
 @pytest.mark.parametrize("n", [4 * 3 * kernels.TOPK_GROUP * 5, 4 * 3 * kernels.TOPK_GROUP * 5 + 1],
                          ids=["groupable", "not_groupable"])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])

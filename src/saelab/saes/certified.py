@@ -194,7 +194,8 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16)
     last = approx.argmin(dim=1, keepdim=True)
     a_out = approx.gather(1, last).squeeze(1)
-    candidates = leaders[torch.ones_like(leaders, dtype=torch.bool).scatter_(1, last, False)].view(-1, c)
+    # the other c, in any order (the rescoring's result does not depend on it): the last column moved into a_out's
+    candidates = leaders.scatter(1, last, leaders[:, -1:])[:, :c]
     values, indices, kth = kernels.rescore_topk(x, weight, bias, candidates, k)
     # a matmul precision below "highest" lets an fp32 GEMM round through bf16 or tf32: bound it like bf16
     reduced = low or torch.get_float32_matmul_precision() != "highest"
@@ -251,11 +252,11 @@ def _count(low: bool, tokens: int, certified: int) -> None:
 
 class WeightNorms(NamedTuple):
     """The weight's norms the bounds need (module docstring): ν = max_j ‖w̃_j‖, ρ = max_j ‖w_j - w̃_j‖ (w̃ its bf16
-    rounding) and max_j ‖w_j‖."""
+    rounding) and max_j ‖w_j‖ (floats from the native kernel, float64 scalars on the device from `exact_scores`)."""
 
-    nu: float
-    rho: float
-    w_max: float
+    nu: float | Tensor
+    rho: float | Tensor
+    w_max: float | Tensor
 
 
 def _filter_error(x: Tensor, bias: Tensor, a_out: Tensor, norms: WeightNorms, low: bool) -> Tensor:
@@ -263,7 +264,7 @@ def _filter_error(x: Tensor, bias: Tensor, a_out: Tensor, norms: WeightNorms, lo
     d = x.shape[1]
     gamma = (d + 2) * FP32_UNIT
     nu, rho, w_max = norms
-    b_max = float(bias.abs().max())
+    b_max = bias.abs().max().double()  # a device scalar: no wait for the device
     x_norm = x.norm(dim=1).double()
     a = a_out.double().abs()
     e_r = gamma * (x_norm * w_max + b_max)

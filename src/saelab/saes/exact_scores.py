@@ -9,18 +9,40 @@ multiply-add merges them). Elementwise fp32 multiplication and addition are corr
 CUDA alike, so spelling that order out as elementwise ops over [tokens, candidates, LANES] gives every score's bits
 on any device: a CUDA selection is the CPU's.
 
-Cost: the candidates' weight rows are gathered (tokens × c × d floats, in chunks of CHUNK_BYTES), then d / LANES
-elementwise adds run in sequence. On a GPU that is a few milliseconds per 4,096 tokens; on CPU the native kernel is
-far faster, so there this module serves as the reference the native one is tested against.
+Cost: the candidates' weight rows are gathered (tokens × c × d floats, in chunks of CHUNK_BYTES), multiplied, and
+summed lane by lane: in one `cumsum` over the d / LANES blocks where the device's scan adds in sequence (CUDA; checked
+once per process, `_scan_is_sequential`), else in d / LANES elementwise adds. No step waits for the device. On CPU
+the native kernel is far faster, so there this module is the reference the native one is tested against.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 
 LANES = 16  # topk_native.c's LANES
-CHUNK_BYTES = 256 << 20  # gathered weight rows per chunk of tokens
+CHUNK_BYTES = {"cuda": 1 << 30}  # gathered weight rows per chunk of tokens, by device type (fewer launches on a GPU)
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_bytes(device: torch.device) -> int:
+    return CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+
+
+@functools.cache
+def _scan_is_sequential(device_type: str) -> bool:
+    """Whether `cumsum` over a middle dimension of float32 on this device type adds in sequence in fp32 (acc = 0;
+    acc += each element in order), as CUDA's outer-dimension scan does: then one scan replaces d / LANES separate
+    adds. Checked on random data, where any other order or a wider accumulator differs in some bit (CPU's cumsum
+    accumulates in float64: the loop runs there)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(64, 48, LANES, generator=gen) * torch.logspace(-3, 3, 48).view(1, 48, 1)).to(device_type)
+    folded = torch.zeros_like(probe[:, 0])
+    for block in range(probe.shape[1]):
+        folded.add_(probe[:, block])
+    return torch.equal(probe.cumsum(1)[:, -1], folded)
 
 
 def scores(x: Tensor, weight: Tensor, bias: Tensor, latents: Tensor) -> Tensor:
@@ -30,14 +52,18 @@ def scores(x: Tensor, weight: Tensor, bias: Tensor, latents: Tensor) -> Tensor:
     d = x.shape[1]
     out = x.new_empty(rows, c)
     full, tail = divmod(d, LANES)
-    step = max(1, CHUNK_BYTES // max(1, 4 * c * d))
+    step = max(1, _chunk_bytes(x.device) // max(1, 4 * c * d))
+    scan = full > 1 and _scan_is_sequential(x.device.type)
     for start in range(0, rows, step):
         latent = latents[start : start + step]
         products = weight[latent].mul_(x[start : start + step].unsqueeze(1))  # [r, c, d], each product rounded
-        acc = products.new_zeros(*latent.shape, LANES)
         blocks = products[..., : full * LANES].unflatten(-1, (full, LANES))
-        for block in range(full):
-            acc.add_(blocks[..., block, :])
+        if scan:  # 0 + p_0 + p_1 + ... in sequence, in one launch
+            acc = blocks.cumsum(-2)[..., -1, :]
+        else:
+            acc = products.new_zeros(*latent.shape, LANES)
+            for block in range(full):
+                acc.add_(blocks[..., block, :])
         if tail:
             acc[..., :tail].add_(products[..., full * LANES :])
         width = LANES // 2
@@ -56,46 +82,45 @@ def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | N
     n = weight.shape[0]
     if candidates is None:
         candidates = torch.arange(n, device=x.device).expand(x.shape[0], n)
-        step = max(1, CHUNK_BYTES // max(1, 4 * n * x.shape[1]))  # rows per chunk; one row may span chunks below
+        step = max(1, _chunk_bytes(x.device) // max(1, 4 * n * x.shape[1]))  # rows per chunk (a row may span some)
         score = torch.cat([_score_all(x[s : s + step], weight, bias) for s in range(0, x.shape[0], step)]) if len(
             x) else x.new_empty(0, n)
     else:
-        if candidates.numel() and (int(candidates.min()) < 0 or int(candidates.max()) >= n):
-            raise IndexError(f"rescore_topk: a candidate latent is outside [0, {n})")
+        if candidates.numel():
+            low, high = torch.aminmax(candidates)  # one wait for the device, not two
+            if int(low) < 0 or int(high) >= n:
+                raise IndexError(f"rescore_topk: a candidate latent is outside [0, {n})")
         score = scores(x, weight, bias, candidates)
     latent, order = candidates.sort(dim=1)  # latent ascending, so a stable sort by score puts ties lower-latent first
     score = score.gather(1, order)
     rank = (score + 0.0).sort(dim=1, descending=True, stable=True).indices[:, :k]  # + 0.0: -0 ties with +0
     kept_latent, by_latent = latent.gather(1, rank).sort(dim=1)
     kept = score.gather(1, rank).gather(1, by_latent)
-    kth = kept.amin(dim=1)
-    nan = score.isnan().any(dim=1)
-    if bool(nan.any()):
-        kept[nan], kth[nan] = float("nan"), float("nan")
-        kept_latent[nan] = torch.arange(k, device=x.device)
-    return kept, kept_latent, kth
+    nan = score.isnan().any(dim=1, keepdim=True)  # no host round trip to ask whether any is
+    kept = kept.masked_fill(nan, float("nan"))
+    kept_latent = torch.where(nan, torch.arange(k, device=x.device), kept_latent)
+    return kept, kept_latent, kept.amin(dim=1)
 
 
 def _score_all(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """[r, n]: every latent's exact score, a block of latents at a time."""
     n, d = weight.shape
-    per_block = max(1, CHUNK_BYTES // max(1, 4 * d * max(1, x.shape[0])))
+    per_block = max(1, _chunk_bytes(x.device) // max(1, 4 * d * max(1, x.shape[0])))
     latents = torch.arange(n, device=x.device)
     return torch.cat([scores(x, weight, bias, latents[s : s + per_block].expand(x.shape[0], -1))
                       for s in range(0, n, per_block)], dim=1)
 
 
-def bf16_split(weight: Tensor, out: Tensor | None) -> tuple[float, float, float]:
+def bf16_split(weight: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`native.bf16_split` in torch ops: (max_j ||w16_j||, max_j ||w_j - w16_j||, max_j ||w_j||) of a float32 [n, d]
     weight and its bfloat16 rounding w16 (round to nearest even, as torch casts), written into `out` (n·d bfloat16
     elements) unless None. The norms are torch's fp32 reductions (relative error far under the bounds' 2^-10
-    margin); a NaN weight makes them NaN."""
+    margin), returned as float64 scalars on the weight's device (no wait for it); a NaN weight makes them NaN."""
     weight = weight.detach()
     n, d = weight.shape
     if out is not None and not (out.dtype == torch.bfloat16 and out.is_contiguous() and out.numel() == n * d):
         raise ValueError(f"bf16_split: out must be a contiguous bfloat16 tensor of {n * d} elements")
     w16 = weight.to(torch.bfloat16) if out is None else out.view(n, d).copy_(weight)
     back = w16.float()
-    norms = torch.stack([back.norm(dim=1).max(), back.sub_(weight).norm(dim=1).max(), weight.norm(dim=1).max()])
-    nu, rho, w_max = norms.double().tolist()
-    return nu, rho, w_max
+    nu, rho, w_max = back.norm(dim=1).max(), back.sub_(weight).norm(dim=1).max(), weight.norm(dim=1).max()
+    return nu.double(), rho.double(), w_max.double()

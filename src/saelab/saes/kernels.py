@@ -48,6 +48,7 @@ from saelab.saes import certified, native
 # Pre-activation buffer per chunk of tokens: bounded memory, but chunks under ~1,024 rows make the GEMM slower
 # (measured at d = 768, 2 cores: 256 rows 93 GFLOP/s, 1,024 rows 111 at n = 98,304).
 DEFAULT_CHUNK_BYTES = 256 << 20
+CUDA_CHUNK_BYTES = 2 << 30  # a GPU has the memory, and each chunk costs launches and waits
 MIN_CHUNK_ROWS = 1024
 TOPK_GROUP = 8  # latents per group of the two-stage top-k (see `_grouped_topk`)
 
@@ -103,7 +104,8 @@ def topk_encode(
     """
     if x.dim() != 2:
         raise ValueError(f"topk_encode expects x of shape [tokens, d_in], got {tuple(x.shape)}")
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.element_size())
+    budget = CUDA_CHUNK_BYTES if weight.device.type == "cuda" else DEFAULT_CHUNK_BYTES
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], weight.element_size(), budget)
     return TopKSelection(*_TopKEncode.apply(x, weight, bias, pre_bias, k, rows))
 
 
@@ -186,10 +188,10 @@ def _approx_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: 
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
     bias_low = bias.to(dtype)
     for start, stop in spans:
-        pre = pre_activations(x_c[start:stop], weight, None if fused_bias or bias_after else bias_low, buffer,
-                              by_latent)
         if bias_after:
-            pre = pre.float().add_(bias.float().unsqueeze(1) if by_latent else bias.float())
+            pre = _low_gemm_plus_bias(x_c[start:stop], weight, bias.float(), buffer, by_latent)
+        else:
+            pre = pre_activations(x_c[start:stop], weight, None if fused_bias else bias_low, buffer, by_latent)
         if fused_bias:
             if native.topk_latent_major(pre, bias, k, values[start:stop], indices[start:stop]):
                 continue
@@ -197,9 +199,24 @@ def _approx_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: 
             pre = pre.float().add_(bias.unsqueeze(1)) if fp32_bias else pre.add_(bias_low.unsqueeze(1))
         if by_latent:
             values[start:stop], indices[start:stop] = _grouped_topk(pre, k)
+        elif pre.device.type == "cuda":
+            values[start:stop], indices[start:stop] = _grouped_topk_rows(pre, k)
         else:
             torch.topk(pre, k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
     return values, indices
+
+
+def _low_gemm_plus_bias(x: Tensor, weight: Tensor, bias: Tensor, buffer: Tensor, by_latent: bool) -> Tensor:
+    """x @ weight.T in their low dtype, accumulated in fp32, plus the fp32 bias, as fp32: on CUDA one cuBLAS call
+    with an fp32 output (`out_dtype`, where this torch has it), else the low GEMM's output widened and the bias
+    added. Either way the bf16 filter's bound holds (at most the two output roundings it allows, the bias in fp32)."""
+    if x.device.type == "cuda" and not by_latent:
+        try:
+            return torch.addmm(bias, x, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without out_dtype
+            pass
+    pre = pre_activations(x, weight, None, buffer, by_latent).float()
+    return pre.add_(bias.unsqueeze(1) if by_latent else bias)
 
 
 def pre_activations(x: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor, by_latent: bool) -> Tensor:
@@ -233,6 +250,21 @@ def _grouped_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     members = torch.arange(0, n, n_groups, device=pre.device)
     candidates = (groups.unsqueeze(-1) + members).view(rows, k * TOPK_GROUP)
     best, within = pre.t().gather(1, candidates).topk(k, dim=1, sorted=False)
+    return best, candidates.gather(1, within)
+
+
+def _grouped_topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`_grouped_topk` for token-major `pre` [rows, n] (the GPU's orientation): group g is {g, g + n/TOPK_GROUP, ...},
+    its maxima one `amax` over a [rows, TOPK_GROUP, n/TOPK_GROUP] view; then a top-k over the maxima and one over the
+    k winning groups' members. The same k entries as `torch.topk` (ties aside), 2-3x faster on an H200 (measured at
+    4,096 x 24,576 and x 98,304, k = 41-81: 0.6 vs 1.35 ms and 1.4 vs 4.5 ms)."""
+    rows, n = pre.shape
+    if not _groupable(n, k):
+        return pre.topk(k, dim=1, sorted=False)
+    n_groups = n // TOPK_GROUP
+    groups = pre.view(rows, TOPK_GROUP, n_groups).amax(1).topk(k, dim=1, sorted=False).indices
+    candidates = (groups.unsqueeze(-1) + torch.arange(0, n, n_groups, device=pre.device)).view(rows, k * TOPK_GROUP)
+    best, within = pre.gather(1, candidates).topk(k, dim=1, sorted=False)
     return best, candidates.gather(1, within)
 
 
