@@ -1,4 +1,4 @@
-"""Exact top-k selection, found cheaply: what every fp32 top-k selection on CPU means, and how bf16 runs it.
+"""Exact top-k selection, found cheaply: what every fp32 top-k selection on CPU and CUDA means, and how bf16 runs it.
 
 The selection is defined exactly: the k latents with the largest *exact scores* R_j = x · w_j + b_j, each an fp32
 dot product summed in one fixed order that depends only on the two vectors (`native.rescore_topk`; on CUDA the same
