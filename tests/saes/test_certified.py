@@ -166,13 +166,20 @@ def test_the_bf16_split_rounds_as_torch_and_bounds_the_norms():
     native.bf16_split(weight, out)
     assert torch.equal(out.view(torch.int16), weight.to(torch.bfloat16).reshape(-1).view(torch.int16))
     assert native.bf16_split(finite, None) == (nu, rho, w_max)  # the same norms without the copy
+    rows = torch.empty(finite.shape[0], 3, dtype=torch.float64)
+    native.bf16_split(finite, None, rows)  # and each row's squared norms
+    per_row = torch.stack([w16.double().norm(dim=1), (as64 - w16.double()).norm(dim=1), as64.norm(dim=1)], dim=1)
+    assert torch.allclose(rows.sqrt(), per_row, rtol=1e-5, atol=0)
+    assert torch.equal(rows.sqrt().amax(dim=0), torch.tensor([nu, rho, w_max], dtype=torch.float64))
     finite[5, 7] = float("nan")
     assert all(v != v for v in native.bf16_split(finite, None))  # a NaN weight: NaN norms, never certified
 
 
-def test_the_candidate_count_adapts_to_the_weights_and_never_changes_the_selection():
-    """A few encoder rows 3x longer than the rest loosen the bf16 bound (it uses the longest): the first batch is
-    mostly uncertified, the candidate count then grows until nearly all are, and every selection is the definition's."""
+def test_the_candidate_count_adapts_to_the_weights_and_never_changes_the_selection(monkeypatch):
+    """A few encoder rows 3x longer than the rest loosen the bf16 bound (it uses the longest; here with the long-row
+    tier off): the first batch is mostly uncertified, the candidate count then grows until nearly all are, and every
+    selection is the definition's."""
+    monkeypatch.setattr(certified, "LONG_ROW_RATIO", float("inf"))
     torch.manual_seed(11)
     d, n, k = 512, 4096, 16
     weight, bias = torch.randn(n, d) / d**0.5, torch.zeros(n)
@@ -187,6 +194,31 @@ def test_the_candidate_count_adapts_to_the_weights_and_never_changes_the_selecti
         assert torch.equal(_dense(*got, n), _dense(*_definition(x, weight, bias, k), n))
     assert fractions[0] < 0.7 and max(fractions[1:]) > 0.95
     assert certified._learned_extra()[(n, d, k, True)] > certified.default_extra(k, n, d, True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-exact"])
+def test_the_longest_rows_are_every_tokens_candidates_and_the_bound_is_the_others(precision):
+    """The same few 3x rows: they are rescored for every token and bound the others no more, so the first batch is
+    nearly all certified at the default candidate count, and the selection is the definition's; rows of equal norms
+    (as at initialisation) have no such tier."""
+    torch.manual_seed(11)
+    d, n, k = 512, 4096, 16
+    weight, bias = torch.randn(n, d) / d**0.5, torch.zeros(n)
+    weight[:4] *= 3
+    x = torch.randn(1024, d)
+    x[:100] += 2 * weight[:4].sum(0)  # tokens whose winners include the long rows
+    certified._state.__dict__.pop("extra", None)
+    with torch.no_grad(), certified.selection_precision(precision, force=True), certified.counted() as c:
+        got = topk_encode(x, weight, bias, k)
+    assert torch.equal(_dense(*got, n), _dense(*_definition(x, weight, bias, k), n))
+    assert (got.indices[:100] < 4).any(dim=1).all()
+    if precision == "bf16-exact":
+        assert c.certified > 0.95 * c.tokens
+    squared = weight.norm(dim=1).double().square()
+    assert set(certified._long_rows(squared, k + 8, n).tolist()) == {0, 1, 2, 3}
+    equal = torch.nn.functional.normalize(torch.randn(n, d), dim=1).norm(dim=1).double().square()
+    assert certified._long_rows(equal, k + 8, n) is None
+    assert certified._long_rows(squared, n - 4, n) is None  # no room beside the candidates
 
 
 def test_a_candidate_outside_the_dictionary_is_refused():

@@ -85,6 +85,10 @@ def test_the_bf16_split_rounds_as_torch_and_bounds_the_norms():
     for got, want in zip((nu, rho, w_max), expect, strict=True):
         assert abs(got - float(want)) <= 1e-5 * float(want)
     assert exact_scores.bf16_split(weight, None) == (nu, rho, w_max)
+    rows = torch.empty(300, 3, dtype=torch.float64)
+    exact_scores.bf16_split(weight, None, rows)
+    per_row = torch.stack([w16.double().norm(dim=1), (as64 - w16.double()).norm(dim=1), as64.norm(dim=1)], dim=1)
+    assert torch.allclose(rows.sqrt(), per_row, rtol=1e-5, atol=0)
     weight[5, 7] = float("nan")
     assert all(v != v for v in exact_scores.bf16_split(weight, None))
     with pytest.raises(ValueError, match="bfloat16"):

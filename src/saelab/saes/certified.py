@@ -27,7 +27,10 @@ The bounds, with u = 2^-24, γ = (d + 2)·u, u16 = 2^-8/(1 - 2^-8) (bf16 roundin
   ν = max_j ‖w̃_j‖, ρ = max_j ‖r_j‖, β = max_j |b_j|;
 - both: plus d·2^-126·(1 + ‖x‖ + max_j ‖w_j‖) for products flushed to zero.
 
-Each bound is monotone in a_j, so a_out's bounds every non-candidate. The bounds are computed from fp32 norms (the
+Each bound is monotone in a_j, so a_out's bounds every non-candidate. The norms are maxima over rows, so training,
+which lengthens a few encoder rows well beyond the rest, would loosen every token's bound; once the longest row is
+clearly longer than the rest, the few longest rows are candidates of every token, the filter ranks only the others,
+and the norms are the others' maxima (`_long_rows`). The bounds are computed from fp32 norms (the
 weight's in the same pass that rounds it to bf16: `native.bf16_split`), inflated by 2^-10 (far more than that
 arithmetic's own rounding) and compared in float64. Where torch's fp32 matmul precision is
 set below "highest" (an fp32 GEMM may then round through bf16), the fp32 filter gets the bf16 bound. The fp32 filter
@@ -68,6 +71,11 @@ FP32_EXTRA = 8  # the fp32 filter's m for k up to 32; k/4 above
 WIDE_DICTIONARY = 1 << 15  # from this many latents, or from WIDE_INPUT dimensions, the bf16 filter's m is 1.5k
 WIDE_INPUT = 1536
 GROW_BELOW, SHRINK_FROM = 0.9, 0.995  # certified fractions at which m doubles or shrinks (`_learn_extra`)
+# The longest encoder rows, once training has spread the norms (`_long_rows`): always candidates, so the bound of the
+# others uses the others' norms. On the multi-layer full run's final SAE (d = 3,456, k = 128, n = 24,576; row norms
+# median 0.80, p99 1.20, max 2.95), 1,024 real tokens with m = 1.5k: certified 0.51 without, 0.97 with the 16
+# longest rows (0.94 took m = 6k without).
+LONG_ROWS_PER, LONG_ROWS_MIN, LONG_ROW_RATIO = 1024, 4, 1.1
 MAX_EXTRA_PER_K = 8
 LEARN_MIN_TOKENS = 256  # smaller batches (e.g. the fp32 filter's retries) do not move m
 FLUSHED = 2.0**-126  # below this, a bf16 GEMM may flush a product to zero
@@ -160,7 +168,7 @@ def active(device: torch.device) -> bool:
     return mode[1] or bf16_gemm_available(device)
 
 
-ApproxTopk = Callable[[Tensor, int, Tensor], tuple[Tensor, Tensor]]
+ApproxTopk = Callable[[Tensor, int, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @torch.no_grad()
@@ -168,8 +176,9 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
                approx_topk: ApproxTopk, extra: int | None = None,
                bf16_buffer: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
-    0. `approx_topk(x, c, w)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM with
-    `w`, the weight in the filter's dtype; the filter runs in `filter_dtype` (float32 or bfloat16), `extra` (m)
+    0. `approx_topk(x, c, w, b)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
+    with `w`, the weight in the filter's dtype, plus the bias `b`; the filter runs in `filter_dtype` (float32 or
+    bfloat16), `extra` (m)
     candidates beyond k (default: `default_extra`, then as `_learn_extra` adapts it). The bf16 filter's weight is
     written into `bf16_buffer` (a flat bfloat16 tensor of at least n·d elements, e.g. a kept workspace) or a fresh
     one. Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32 one cannot (exact ties,
@@ -190,12 +199,20 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     if low:
         w16 = (weight.new_empty(weight.numel(), dtype=torch.bfloat16) if bf16_buffer is None
                else bf16_buffer[: weight.numel()]).view(n_latents, d)
-    norms = WeightNorms(*kernels.bf16_split(weight, w16))
-    approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16)
+    rows = torch.empty(n_latents, 3, dtype=torch.float64, device=weight.device)  # each row's squared norms
+    norms = WeightNorms(*kernels.bf16_split(weight, w16, rows))
+    long_rows, filter_bias = _long_rows(rows[:, 2], c, n_latents), bias
+    if long_rows is not None:  # always candidates; the bound covers the other rows, with their own norms
+        rest = torch.ones(n_latents, dtype=torch.bool, device=weight.device).index_fill_(0, long_rows, False)
+        norms = WeightNorms(*rows[rest].amax(dim=0).sqrt())
+        filter_bias = bias.index_fill(0, long_rows, float("-inf"))  # the filter ranks the others only
+    approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16, filter_bias)
     last = approx.argmin(dim=1, keepdim=True)
     a_out = approx.gather(1, last).squeeze(1)
     # the other c, in any order (the rescoring's result does not depend on it): the last column moved into a_out's
     candidates = leaders.scatter(1, last, leaders[:, -1:])[:, :c]
+    if long_rows is not None:
+        candidates = torch.cat([candidates, long_rows.expand(x.shape[0], -1)], dim=1)
     values, indices, kth = kernels.rescore_topk(x, weight, bias, candidates, k)
     # a matmul precision below "highest" lets an fp32 GEMM round through bf16 or tf32: bound it like bf16
     reduced = low or torch.get_float32_matmul_precision() != "highest"
@@ -210,6 +227,18 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     elif redo.numel():
         values[redo], indices[redo], _ = kernels.rescore_topk(x[redo], weight, bias, None, k)
     return values.clamp_min_(0), indices
+
+
+def _long_rows(squared_norms: Tensor, c: int, n_latents: int) -> Tensor | None:
+    """The q = max(LONG_ROWS_MIN, n / LONG_ROWS_PER) longest encoder rows, when the longest is more than
+    LONG_ROW_RATIO times the (q + 1)-th (else None: no tail worth separating, as at initialisation)."""
+    q = max(LONG_ROWS_MIN, n_latents // LONG_ROWS_PER)
+    if c + q + 1 > n_latents:
+        return None
+    top = squared_norms.topk(q + 1)
+    if not bool(top.values[0] > LONG_ROW_RATIO**2 * top.values[q]):  # NaN: no
+        return None
+    return top.indices[:q]
 
 
 def default_extra(k: int, n_latents: int, d: int, low: bool) -> int:

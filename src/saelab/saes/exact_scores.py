@@ -111,16 +111,20 @@ def _score_all(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
                       for s in range(0, n, per_block)], dim=1)
 
 
-def bf16_split(weight: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def bf16_split(weight: Tensor, out: Tensor | None, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """`native.bf16_split` in torch ops: (max_j ||w16_j||, max_j ||w_j - w16_j||, max_j ||w_j||) of a float32 [n, d]
     weight and its bfloat16 rounding w16 (round to nearest even, as torch casts), written into `out` (n·d bfloat16
     elements) unless None. The norms are torch's fp32 reductions (relative error far under the bounds' 2^-10
-    margin), returned as float64 scalars on the weight's device (no wait for it); a NaN weight makes them NaN."""
+    margin), returned as float64 scalars on the weight's device (no wait for it); a NaN weight makes them NaN. With
+    `rows` ([n, 3] float64) each row's three squared norms are written there too."""
     weight = weight.detach()
     n, d = weight.shape
     if out is not None and not (out.dtype == torch.bfloat16 and out.is_contiguous() and out.numel() == n * d):
         raise ValueError(f"bf16_split: out must be a contiguous bfloat16 tensor of {n * d} elements")
     w16 = weight.to(torch.bfloat16) if out is None else out.view(n, d).copy_(weight)
     back = w16.float()
-    nu, rho, w_max = back.norm(dim=1).max(), back.sub_(weight).norm(dim=1).max(), weight.norm(dim=1).max()
-    return nu.double(), rho.double(), w_max.double()
+    per_row = torch.stack([back.norm(dim=1), back.sub_(weight).norm(dim=1), weight.norm(dim=1)], dim=1)
+    if rows is not None:
+        rows.copy_(per_row.double().square())
+    nu, rho, w_max = per_row.max(dim=0).values.double()
+    return nu, rho, w_max

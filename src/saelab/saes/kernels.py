@@ -169,7 +169,7 @@ def _select_chunked(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_row
         buffer = workspace(weight.numel(), weight.new_empty(0, dtype=torch.bfloat16), "bf16 weight") if bf16 else None
         return TopKSelection(*certified.exact_topk(
             x_c, weight, bias, k, torch.bfloat16 if bf16 else torch.float32,
-            lambda xs, c, w: _approx_topk(xs, w, bias, c, chunk_rows, w.dtype, fp32_bias=True), bf16_buffer=buffer))
+            lambda xs, c, w, b: _approx_topk(xs, w, b, c, chunk_rows, w.dtype, fp32_bias=True), bf16_buffer=buffer))
     values, indices = _approx_topk(x_c, weight, bias, k, chunk_rows, low)
     return TopKSelection(values.clamp_min_(0), indices)
 

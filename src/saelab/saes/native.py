@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.saelab_rescore_topk.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     lib.saelab_rescore_topk.restype = ctypes.c_int
-    lib.saelab_bf16_split.argtypes = [ptr, i64, i64, ptr, ptr, i64]
+    lib.saelab_bf16_split.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
     lib.saelab_bf16_split.restype = ctypes.c_int
     return lib
 
@@ -136,10 +136,11 @@ def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | N
     return values, indices, kth
 
 
-def bf16_split(weight: Tensor, out: Tensor | None) -> tuple[float, float, float]:
+def bf16_split(weight: Tensor, out: Tensor | None, rows: Tensor | None = None) -> tuple[float, float, float]:
     """(max_j ||w16_j||, max_j ||w_j - w16_j||, max_j ||w_j||) of a float32 [n, d] weight and its bfloat16 rounding
     w16, written into `out` (n·d bfloat16 elements) unless None, in one pass over the weight (a NaN weight makes the
-    norms NaN): the bf16 filter's GEMM operand and the norms its error bound needs. CPU; requires `library()`."""
+    norms NaN): the bf16 filter's GEMM operand and the norms its error bound needs. With `rows` (a contiguous
+    [n, 3] float64 tensor) each row's three squared norms are written there too. CPU; requires `library()`."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native kernels are not built on this machine")
@@ -147,9 +148,11 @@ def bf16_split(weight: Tensor, out: Tensor | None) -> tuple[float, float, float]
     n, d = weight.shape
     if out is not None and not (out.dtype == torch.bfloat16 and out.is_contiguous() and out.numel() == n * d):
         raise ValueError(f"bf16_split: out must be a contiguous bfloat16 tensor of {n * d} elements")
+    if rows is not None and not (rows.dtype == torch.float64 and rows.is_contiguous() and rows.shape == (n, 3)):
+        raise ValueError(f"bf16_split: rows must be a contiguous float64 tensor of shape ({n}, 3)")
     stats = torch.zeros(3, dtype=torch.float64)
     status = lib.saelab_bf16_split(weight.data_ptr(), n, d, None if out is None else out.data_ptr(), stats.data_ptr(),
-                                   torch.get_num_threads())
+                                   None if rows is None else rows.data_ptr(), torch.get_num_threads())
     if status:
         raise MemoryError(f"the native bf16 split could not allocate its buffers (status {status})")
     nu, rho, w_max = stats.tolist()

@@ -497,8 +497,8 @@ int saelab_rescore_topk(const float *x, const float *w, const float *bias, const
  * w is [n, d] float32. Writes w16 (unless NULL) = w rounded to bfloat16 (to nearest, ties to even, NaN to a quiet
  * NaN: torch's rounding) and stats[0..2] = the largest over rows of ||w16_j||, ||w_j - w16_j|| and ||w_j||, each
  * squared norm summed in LANES float32 partial sums (relative error below (d / LANES + 1) * 2^-24, which the
- * bound's safety margin covers) and those in double. In torch the cast and the norms of the cast and of its
- * remainder read w three times. */
+ * bound's safety margin covers) and those in double; with `rows` (n x 3 doubles) also each row's three squared
+ * norms. In torch the cast and the norms of the cast and of its remainder read w three times. */
 
 static inline uint16_t to_bf16(uint32_t u) {
     const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
@@ -514,6 +514,7 @@ typedef struct {
     int status;
     const float *w;
     uint16_t *w16;
+    double *rows;
     int64_t d, lo, hi;
     double stats[3];
 } split_job;
@@ -547,6 +548,7 @@ static void *run_split(void *arg) {
             double sum = 0;
             for (int l = 0; l < LANES; l++) sum += acc[q][l];
             best[q] = larger(best[q], sum);
+            if (jb->rows) jb->rows[i * 3 + q] = sum;
         }
     }
     for (int q = 0; q < 3; q++) jb->stats[q] = sqrt(best[q]);
@@ -554,13 +556,14 @@ static void *run_split(void *arg) {
     return NULL;
 }
 
-int saelab_bf16_split(const float *w, int64_t n, int64_t d, uint16_t *w16, double *stats, int64_t n_threads) {
+int saelab_bf16_split(const float *w, int64_t n, int64_t d, uint16_t *w16, double *stats, double *rows,
+                      int64_t n_threads) {
     if (n_threads < 1) n_threads = 1;
     if (n_threads > 64) n_threads = 64;
     if (n_threads > n) n_threads = n > 0 ? n : 1;
     split_job jobs[64];
     for (int64_t t = 0; t < n_threads; t++)
-        jobs[t] = (split_job){1, w, w16, d, n * t / n_threads, n * (t + 1) / n_threads, {0, 0, 0}};
+        jobs[t] = (split_job){1, w, w16, rows, d, n * t / n_threads, n * (t + 1) / n_threads, {0, 0, 0}};
     const int status = run_all(run_split, jobs, sizeof(split_job), n_threads);
     for (int q = 0; q < 3; q++) {
         stats[q] = 0;
