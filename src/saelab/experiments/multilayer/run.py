@@ -10,11 +10,13 @@ first set's summary.json and report.html put both sets' figures side by side wit
 
 Budgets (`--budget`; any flag given beside it wins):
 - small (the defaults): 4,096 latents, k = 128, per-layer normalisation, a 65,536-token store of the KJV text,
-  150k training tokens (about 2.3 epochs), 16,384 held-out tokens, for each layer set. Measured end to end (both
-  sets, harvest, training, analyses, reports) on a shared 2-core AVX2 EPYC: see MEASURED_SMALL_WALL_TIME below.
+  150k training tokens (about 2.3 epochs), 16,384 held-out tokens, for each layer set. Each run records the seconds
+  of its steps in summary.json (`timings_s`).
 - full: the write-up's dictionary, 24,576 latents, over a 920k-token store (nearly all of the KJV text; the corpus
   holds 991k tokens, and the 65,536 held-out tokens follow the training ones), 2M training tokens (roughly 6 x the
-  latents and 13 x the tokens of small per set: several hours on 2 CPU cores, meant for a GPU or a larger CPU).
+  latents and 13 x the tokens of small per set). Measured with `--trainer.precision bf16-exact` on a 2-core Zen 4
+  (AVX512-BF16): harvest 24 min; per set 37-44 min of training (2M tokens at 750-900 tokens/s) and 5-6 min of
+  analyses: about 2 h end to end.
 
 Steps: tokenise training and held-out contexts (the held-out ones follow the training ones); harvest the layers of
 both sets in one forward pass per batch into one store (or reuse `--store`); per set, train the SAE (or analyse
