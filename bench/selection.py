@@ -20,8 +20,10 @@ from saelab.saes import SparseAutoencoder, certified, load_sae
 
 
 def compare(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float | bool]:
-    """One fp32 and one bf16-exact encode of `x` (raw activations): seconds, certified fraction, equality."""
+    """One fp32 and one bf16-exact encode of `x` (raw activations, normalised as the SAE normalises its input):
+    seconds, certified fraction, equality."""
     with torch.no_grad():
+        x = sae.normalize(x)[0]
         start = time.perf_counter()
         ref = sae.encode(x)
         fp32_s = time.perf_counter() - start
