@@ -94,3 +94,14 @@ def test_switched_off_or_unbuildable_means_the_torch_path(fresh_build, monkeypat
     assert list((fresh_build / "native").glob("*")) == []  # nothing half-written
     assert not native.topk_latent_major(torch.randn(4, 2), torch.zeros(4), 2, torch.empty(2, 2),
                                         torch.empty(2, 2, dtype=torch.long))
+
+
+def test_builds_the_source_it_was_imported_with(built, fresh_build, monkeypatch, tmp_path) -> None:
+    """The library is built lazily; a source file changed under a running process (an editable install updated
+    mid-run) must not be built against the argument lists the process already declared."""
+    changed = tmp_path / "changed.c"
+    changed.write_text("this is not C")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.library() is not None
+    x, weight, bias = torch.randn(3, 20), torch.randn(10, 20), torch.zeros(10)
+    assert native.rescore_topk(x, weight, bias, None, 2)[0].shape == (3, 2)

@@ -32,6 +32,9 @@ from torch import Tensor
 from saelab.user_cache import cache_dir
 
 SOURCE = Path(__file__).with_name("topk_native.c")
+# Read once, at import: the library is built lazily, and a source file changed under a running process (an editable
+# install updated mid-run) would otherwise be built against the argument lists declared below from the old one
+_SOURCE_TEXT = SOURCE.read_bytes()
 # -ffp-contract=off: every product and sum of an exact score rounded on its own, as elementwise torch ops round them
 # (`exact_scores`), so the definition is the same with or without fused multiply-add, on CPU and on CUDA
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-pthread")
@@ -51,12 +54,15 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    source = Path(tmp).with_suffix(".c")
     try:
-        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        source.write_bytes(_SOURCE_TEXT)
+        subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+        source.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -68,7 +74,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
+        b"\0".join([_SOURCE_TEXT, compiler.encode(), " ".join(_FLAGS).encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / "native" / f"topk-{platform.machine()}-{key}.so"
     try:
