@@ -115,6 +115,7 @@ def test_the_cuda_way_selects_what_the_cpu_way_does(monkeypatch, precision):
         assert selection.tokens == 600 and selection.certified > 0.9 * 600
 
 
+@needs_native
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("precision", ["fp32", "bf16-exact"])
 def test_a_cuda_selection_is_the_cpu_selection(precision):
