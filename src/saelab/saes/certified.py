@@ -203,8 +203,7 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     norms = WeightNorms(*kernels.bf16_split(weight, w16, rows))
     long_rows, filter_bias = _long_rows(rows[:, 2], c, n_latents), bias
     if long_rows is not None:  # always candidates; the bound covers the other rows, with their own norms
-        rest = torch.ones(n_latents, dtype=torch.bool, device=weight.device).index_fill_(0, long_rows, False)
-        norms = WeightNorms(*rows[rest].amax(dim=0).sqrt())
+        norms = WeightNorms(*rows.index_fill(0, long_rows, 0.0).amax(dim=0).sqrt())  # no mask: no wait on a GPU
         filter_bias = bias.index_fill(0, long_rows, float("-inf"))  # the filter ranks the others only
     approx, leaders = approx_topk(x, c + 1, weight if w16 is None else w16, filter_bias)
     last = approx.argmin(dim=1, keepdim=True)
