@@ -51,8 +51,9 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 CUDA_CHUNK_BYTES = 2 << 30  # a GPU has the memory, and each chunk costs launches and waits
 MIN_CHUNK_ROWS = 1024
 TOPK_GROUP = 8  # latents per group of the two-stage top-k (see `_grouped_topk`)
-# On a GPU the grouped top-k pays on wide dictionaries (measured faster at 24,576 and 98,304 latents); at 4,096 every
-# CUDA training row ran 10-25% slower with it on an H200, so torch.topk stays below this width
+# On a GPU the grouped top-k pays on wide dictionaries (measured faster at 24,576 and 98,304 latents); at 4,096 the
+# autocast training row, for which it was the only change, ran 24% slower with it on an H200, so torch.topk stays
+# below this width
 GPU_GROUPED_FROM = 16_384
 
 
