@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -55,6 +56,8 @@ from saelab.saes.initialization import seeded
 from saelab.saes.kernels import sparse_decode
 from saelab.saes.shallow import ShallowSAE
 from saelab.training.optim import adam
+
+log = logging.getLogger(__name__)
 
 ConnectorForm = Literal["linear", "relu", "mlp", "residual"]
 ConnectorInit = Literal["random", "smart"]
@@ -365,6 +368,9 @@ def train_connector(
             sums += torch.stack([mse.detach(), l1.detach(), loss.detach()]).double() * len(batch)
         history.append(ConnectorEpoch(*(sums / n_rows(f_in)).tolist(),
                                       validation_mse=None if best is None else best.update(connector)))
+        held_out = "" if best is None else f", held-out MSE {history[-1].validation_mse:.6g}"
+        log.info("%s connector: epoch %d/%d, training MSE %.6g%s", connector.form, epoch + 1, cfg.epochs,
+                 history[-1].mse, held_out)  # a long run's only sign of life between its files
         if on_epoch is not None:
             on_epoch(epoch, connector)
         if best is not None and best.epochs_since_best >= cfg.patience:
