@@ -178,8 +178,8 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
     0. `approx_topk(x, c, w, b)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
     with `w`, the weight in the filter's dtype, plus the bias `b`; the filter runs in `filter_dtype` (float32 or
-    bfloat16), `extra` (m)
-    candidates beyond k (default: `default_extra`, then as `_learn_extra` adapts it). The bf16 filter's weight is
+    bfloat16), `extra` (m) candidates beyond k (default: `default_extra`, then as `_learn_extra` adapts it). The
+    longest rows may join every token's candidates (`_long_rows`). The bf16 filter's weight is
     written into `bf16_buffer` (a flat bfloat16 tensor of at least n·d elements, e.g. a kept workspace) or a fresh
     one. Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32 one cannot (exact ties,
     NaN) are scored against every latent."""

@@ -80,19 +80,15 @@ def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | N
     NaN score gets NaN values and kth and indices 0..k-1."""
     x, weight, bias = x.detach().float(), weight.detach().float(), bias.detach().float()
     n = weight.shape[0]
-    if candidates is None:
-        candidates = torch.arange(n, device=x.device).expand(x.shape[0], n)
-        step = max(1, _chunk_bytes(x.device) // max(1, 4 * n * x.shape[1]))  # rows per chunk (a row may span some)
-        score = torch.cat([_score_all(x[s : s + step], weight, bias) for s in range(0, x.shape[0], step)]) if len(
-            x) else x.new_empty(0, n)
+    if candidates is None:  # every latent, already in ascending order
+        latent, score = torch.arange(n, device=x.device).expand(x.shape[0], n), _score_all(x, weight, bias)
     else:
         if candidates.numel():
             low, high = torch.aminmax(candidates)  # one wait for the device, not two
             if int(low) < 0 or int(high) >= n:
                 raise IndexError(f"rescore_topk: a candidate latent is outside [0, {n})")
-        score = scores(x, weight, bias, candidates)
-    latent, order = candidates.sort(dim=1)  # latent ascending, so a stable sort by score puts ties lower-latent first
-    score = score.gather(1, order)
+        latent, order = candidates.sort(dim=1)  # latent ascending: a stable sort by score puts ties lower-latent first
+        score = scores(x, weight, bias, candidates).gather(1, order)
     rank = (score + 0.0).sort(dim=1, descending=True, stable=True).indices[:, :k]  # + 0.0: -0 ties with +0
     kept_latent, by_latent = latent.gather(1, rank).sort(dim=1)
     kept = score.gather(1, rank).gather(1, by_latent)
@@ -103,7 +99,7 @@ def rescore_topk(x: Tensor, weight: Tensor, bias: Tensor, candidates: Tensor | N
 
 
 def _score_all(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """[r, n]: every latent's exact score, a block of latents at a time."""
+    """[r, n]: every latent's exact score, a block of latents at a time (`scores` splits the rows further)."""
     n, d = weight.shape
     per_block = max(1, _chunk_bytes(x.device) // max(1, 4 * d * max(1, x.shape[0])))
     latents = torch.arange(n, device=x.device)
