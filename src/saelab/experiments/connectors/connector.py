@@ -88,6 +88,9 @@ class ConnectorConfig(Config):
         default=2, metadata={"help": "with validation data: stop after this many epochs without a better held-out "
                                      "MSE, keeping the best weights (epochs is then the maximum)"}
     )
+    min_improvement: float = dataclasses.field(
+        default=0.0, metadata={"help": "with validation data: an epoch counts as better only when it lowers the best "
+                                       "held-out MSE by at least this fraction (the best weights are kept anyway)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the initial weights and the batch order"})
 
     def validate(self) -> None:
@@ -99,6 +102,8 @@ class ConnectorConfig(Config):
             raise ConfigError("mlp_hidden, epochs, batch_size, patience and lr must be positive")
         if self.l1_coefficient < 0:
             raise ConfigError(f"l1_coefficient must be >= 0 (got {self.l1_coefficient})")
+        if not 0 <= self.min_improvement < 1:
+            raise ConfigError(f"min_improvement must be in [0, 1) (got {self.min_improvement})")
 
 
 class FeatureConnector(nn.Module):
@@ -192,6 +197,78 @@ def residual_from_linear(linear: FeatureConnector, hidden: int, seed: int = 0) -
     if outer.bias is not None:
         outer.bias.zero_()
     return residual
+
+
+class LinearMap(NamedTuple):
+    weight: Tensor  # [n_out, n_in]
+    bias: Tensor  # [n_out]
+
+
+@torch.no_grad()
+def least_squares_map(f_in: Latents, f_out: Latents, ridge: float = 1e-6, chunk: int = 8192) -> LinearMap:
+    """The linear map W F + b of least mean squared error on the pairs: the exact minimum a linear connector
+    without L1 can reach on them, where Adam from a random start needs many epochs over 3k x 3k weights fed by
+    k-sparse inputs (an input's row only moves when it fires).
+
+    Normal equations in float64 over the features with a column of ones: [FᵀF Fᵀ1; 1ᵀF N] [Wᵀ; bᵀ] = [FᵀY; 1ᵀY],
+    with `ridge` × the mean diagonal of FᵀF added to the weight block (not the bias), so inputs that never fire get
+    zero weights. Sparse features enter by scattering each example's k x k outer products, never densely."""
+    n_in, n_out, n = _width(f_in), _width(f_out), n_rows(f_in)
+    if n != n_rows(f_out) or n == 0:
+        raise DataError(f"need paired non-empty features for least squares, got {n} and {n_rows(f_out)} examples")
+    gram = torch.zeros((n_in + 1) * (n_in + 1), dtype=torch.float64)
+    cross = torch.zeros((n_in + 1) * n_out, dtype=torch.float64)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        x_values, x_index = _with_one(take_rows(f_in, rows), n_in)
+        y_values, y_index = _sparse_rows(take_rows(f_out, rows))
+        _scatter_outer(gram, x_values, x_index, x_values, x_index, n_in + 1)
+        _scatter_outer(cross, x_values, x_index, y_values, y_index, n_out)
+    gram = gram.view(n_in + 1, n_in + 1)
+    diagonal = gram.diagonal()[:n_in]
+    diagonal += ridge * max(float(diagonal.mean()), 1e-12)
+    solution = torch.linalg.solve(gram, cross.view(n_in + 1, n_out))  # [n_in + 1, n_out]
+    return LinearMap(solution[:n_in].T.float().contiguous(), solution[n_in].float().contiguous())
+
+
+@torch.no_grad()
+def set_first_layer_(connector: FeatureConnector, linear_map: LinearMap) -> None:
+    """Start a linear or relu connector at `linear_map` (e.g. the least-squares one)."""
+    if connector.form not in ("linear", "relu"):
+        raise ConfigError(f"only linear and relu connectors start at a linear map, not {connector.form} ones")
+    first = connector.linears[0]
+    if first.weight.shape != linear_map.weight.shape or first.bias is None:
+        raise ConfigError(f"a linear map {tuple(linear_map.weight.shape)} with bias does not fit a connector "
+                          f"{tuple(first.weight.shape)} (bias: {first.bias is not None})")
+    first.weight.copy_(linear_map.weight)
+    first.bias.copy_(linear_map.bias)
+
+
+def _width(features: Latents) -> int:
+    return features.n_latents if isinstance(features, SparseLatents) else features.shape[1]
+
+
+def _sparse_rows(features: Latents) -> tuple[Tensor, Tensor]:
+    """(values, indices) `[N, k]` of sparse features; dense ones as all their columns."""
+    if isinstance(features, SparseLatents):
+        return features.values.double(), features.indices.long()
+    dense = features.double()
+    return dense, torch.arange(dense.shape[1]).expand(len(dense), -1)
+
+
+def _with_one(features: Latents, width: int) -> tuple[Tensor, Tensor]:
+    """The rows' (values, indices) with a constant 1 at column `width` appended (the bias's input)."""
+    values, indices = _sparse_rows(features)
+    ones = torch.ones(len(values), 1, dtype=values.dtype)
+    return torch.cat([values, ones], dim=1), torch.cat([indices, torch.full_like(ones, width, dtype=torch.long)], 1)
+
+
+def _scatter_outer(out: Tensor, a_values: Tensor, a_index: Tensor, b_values: Tensor, b_index: Tensor,
+                   b_width: int) -> None:
+    """out.view(-1, b_width)[a_index[r, i], b_index[r, j]] += a_values[r, i] * b_values[r, j] over every row r."""
+    products = a_values[:, :, None] * b_values[:, None, :]
+    positions = a_index[:, :, None] * b_width + b_index[:, None, :]
+    out.index_add_(0, positions.reshape(-1), products.reshape(-1))
 
 
 # ---- saved connectors ----------------------------------------------------------------------------------------
@@ -344,8 +421,9 @@ def train_connector(
 
     With `validation` (held-out input and output features): early stopping. The held-out MSE (over the alive
     features when `alive_only`) is measured before training and after each epoch; training stops after
-    `cfg.patience` epochs without a lower one, and the connector ends with the weights of the lowest, which may be
-    its starting weights: a connector that starts as another never ends worse than it on the validation data."""
+    `cfg.patience` epochs without one lower by `cfg.min_improvement` (relative), and the connector ends with the
+    weights of the lowest, which may be its starting weights: a connector that starts as another never ends worse
+    than it on the validation data."""
     shapes = [tuple(f.values.shape if isinstance(f, SparseLatents) else f.shape) for f in (f_in, f_out)]
     if any(len(shape) != 2 for shape in shapes) or n_rows(f_in) != n_rows(f_out) or n_rows(f_in) == 0:
         raise DataError(f"need paired non-empty [N, n] (or [N, k] sparse) features, got {shapes[0]} and {shapes[1]}")
@@ -355,7 +433,7 @@ def train_connector(
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = adam(connector.parameters(), cfg.lr)
     history = []
-    best = None if validation is None else _Best(connector, validation, alive)
+    best = None if validation is None else _Best(connector, validation, alive, cfg.min_improvement)
     for epoch in range(cfg.epochs):
         sums = torch.zeros(3, dtype=torch.float64)
         for batch in torch.randperm(n_rows(f_in), generator=generator).split(cfg.batch_size):
@@ -381,11 +459,13 @@ def train_connector(
 
 
 class _Best:
-    """The connector's weights at its lowest validation MSE so far (starting with its initial weights)."""
+    """The connector's weights at its lowest validation MSE so far (starting with its initial weights), and the
+    epochs since the MSE last fell by at least `min_improvement` (relative) below the MSE of that epoch."""
 
-    def __init__(self, connector: nn.Module, validation: tuple[Latents, Latents], alive: Tensor | None):
-        self.validation, self.alive = validation, alive
-        self.mse = self._mse(connector)
+    def __init__(self, connector: nn.Module, validation: tuple[Latents, Latents], alive: Tensor | None,
+                 min_improvement: float = 0.0):
+        self.validation, self.alive, self.min_improvement = validation, alive, min_improvement
+        self.mse = self.mark = self._mse(connector)
         self.state = _copy_state(connector)
         self.epochs_since_best = 0
 
@@ -397,7 +477,9 @@ class _Best:
         """Score the connector's current weights, keep them if best; return their validation MSE."""
         mse = self._mse(connector)
         if mse < self.mse:
-            self.mse, self.state, self.epochs_since_best = mse, _copy_state(connector), 0
+            self.mse, self.state = mse, _copy_state(connector)
+        if mse < self.mark * (1 - self.min_improvement):
+            self.mark, self.epochs_since_best = mse, 0
         else:
             self.epochs_since_best += 1
         return mse
