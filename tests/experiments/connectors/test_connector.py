@@ -9,18 +9,21 @@ from saelab.experiments.connectors.connector import (
     ConnectorConfig,
     FeatureConnector,
     InputMajorLinear,
+    LinearMap,
     alive_features,
     connector_mse,
     count_large_weights,
     encode_features,
     evaluate_spans,
     heldout_feature_mse,
+    least_squares_map,
     linear_features,
     load_connector,
     network_feature_weights,
     per_feature_mse,
     residual_from_linear,
     save_connector,
+    set_first_layer_,
     simulate,
     smart_init_,
     top_connections,
@@ -30,7 +33,7 @@ from saelab.experiments.connectors.connector import (
 )
 from saelab.models.mnist_mlp import MnistMLP, MnistMLPConfig
 from saelab.run_folder import RunFolder
-from saelab.saes.base import SparseLatents
+from saelab.saes.base import SparseLatents, to_dense
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
 
 
@@ -339,3 +342,76 @@ def test_early_stopping_keeps_the_best_weights_which_may_be_the_start() -> None:
     frozen = residual_from_linear(linear, hidden=16)
     history = train_connector(frozen, *train, cfg.replace(form="residual", lr=1e-12, patience=2), validation=valid)
     assert len(history) == 2 and torch.equal(frozen(valid[0]), linear(valid[0]))
+
+
+def seeded_sparse(n_rows: int, width: int, k: int, seed: int) -> SparseLatents:
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(n_rows, width, generator=g).argsort(dim=1)[:, :k]
+    return SparseLatents(torch.rand(n_rows, k, generator=g), indices, width)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_least_squares_map_is_the_normal_equations_solution(dense: bool) -> None:
+    f_in, f_out = seeded_sparse(400, 12, 3, seed=0), seeded_sparse(400, 7, 2, seed=1)
+    x, y = (to_dense(f).double() for f in (f_in, f_out))
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], 1), y).solution
+    fitted = least_squares_map(to_dense(f_in) if dense else f_in, to_dense(f_out) if dense else f_out, ridge=0.0,
+                               chunk=64)
+    torch.testing.assert_close(fitted.weight, solution[:12].T.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fitted.bias, solution[12].float(), rtol=1e-5, atol=1e-5)
+    # no linear map does better on the pairs: a perturbed one has a higher MSE
+    connector = FeatureConnector(12, 7, form="linear")
+    set_first_layer_(connector, fitted)
+    best = connector_mse(connector(f_in), to_dense(f_out))
+    with torch.no_grad():
+        connector.linears[0].weight.add_(1e-3 * torch.randn(7, 12))
+    assert connector_mse(connector(f_in), to_dense(f_out)) > best
+
+
+def test_least_squares_gives_inputs_that_never_fire_zero_weights() -> None:
+    f_in = seeded_sparse(300, 10, 2, seed=2)
+    f_in.values[f_in.indices == 9] = 0.0  # input 9 never fires
+    fitted = least_squares_map(f_in, seeded_sparse(300, 4, 2, seed=3))
+    assert torch.isfinite(fitted.weight).all() and (fitted.weight[:, 9] == 0).all()
+
+
+def test_a_relu_connector_starts_at_a_linear_map_and_other_forms_refuse() -> None:
+    linear_map = LinearMap(torch.randn(4, 6), torch.randn(4))
+    relu = FeatureConnector(6, 4, form="relu")
+    set_first_layer_(relu, linear_map)
+    f = torch.rand(5, 6)
+    torch.testing.assert_close(relu(f), torch.relu(f @ linear_map.weight.T + linear_map.bias))
+    with pytest.raises(ConfigError, match="only linear and relu"):
+        set_first_layer_(FeatureConnector(6, 4, form="mlp"), linear_map)
+    with pytest.raises(ConfigError, match="does not fit"):
+        set_first_layer_(FeatureConnector(6, 4, form="linear", bias=False), linear_map)
+
+
+def test_early_stopping_counts_only_improvements_of_the_minimum_fraction() -> None:
+    g = torch.Generator().manual_seed(0)
+    f_in = torch.rand(600, 6, generator=g)
+    f_out = torch.relu(f_in @ torch.randn(6, 4, generator=g)) + 0.1 * torch.randn(600, 4, generator=g)
+    train, valid = (f_in[:500], f_out[:500]), (f_in[500:], f_out[500:])
+    cfg = ConnectorConfig(form="linear", epochs=40, batch_size=50, lr=1e-2, l1_coefficient=0.0, patience=2)
+
+    def run(min_improvement: float) -> tuple[list[float], float]:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            connector = FeatureConnector.from_config(6, 4, cfg)
+        history = train_connector(connector, *train, cfg.replace(min_improvement=min_improvement), validation=valid)
+        return [e.validation_mse for e in history], float(heldout_feature_mse(connector, *valid).mean())
+
+    plain, _ = run(0.0)
+    scores, end = run(0.05)
+    assert scores == plain[:len(scores)] and len(scores) < len(plain)  # same epochs, stopped sooner
+    assert end == pytest.approx(min(scores))  # still the best weights seen
+    # the stop: the last two epochs did not go 5% below the MSE of the last epoch that did
+    marks = []
+    mark = None
+    for score in scores:
+        if mark is None or score < mark * 0.95:
+            mark = score
+        marks.append(mark)
+    assert all(score >= marks[-3] * 0.95 for score in scores[-2:])
+    with pytest.raises(ConfigError, match="min_improvement"):
+        ConnectorConfig(min_improvement=1.0).validate()

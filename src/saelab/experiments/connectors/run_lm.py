@@ -138,8 +138,10 @@ class LMConnectorsConfig(BudgetConfig):
         default=False, metadata={"help": "give the transcoder a linear skip connection"})
     # The write-up found a bias did not help; here it is kept (the SAEs' b_dec offsets need one) and reported.
     connector: ConnectorConfig = dataclasses.field(
-        default_factory=lambda: ConnectorConfig(epochs=4, batch_size=1024, lr=1e-3, l1_coefficient=3e-4,
-                                                mlp_hidden=512)
+        default_factory=lambda: ConnectorConfig(epochs=4, batch_size=1024, lr=1e-3, l1_coefficient=0.0,
+                                                mlp_hidden=512),
+        metadata={"help": "the connectors of the per-layer table; without L1 the linear one is the least-squares map "
+                          "(L1 trades error for sparse weights: see l1_sweep)"}
     )
     reference: ConnectorConfig = dataclasses.field(
         default_factory=lambda: ConnectorConfig(form=REFERENCE, epochs=10, patience=2, batch_size=1024, lr=1e-3,
@@ -149,7 +151,7 @@ class LMConnectorsConfig(BudgetConfig):
         default=True, metadata={"help": "linear and relu connectors start at the least-squares linear map of the fit "
                                         "tokens (solved exactly) instead of random weights"})
     l1_sweep: list[float] = dataclasses.field(
-        default_factory=lambda: [0.0, 1e-4, 1e-3, 3e-3],
+        default_factory=lambda: [0.0, 1e-4, 3e-4, 1e-3, 3e-3],
         metadata={"help": "L1 coefficients of extra linear connectors on the main block (the write-up's sweep)"})
     linear_tolerance: float = dataclasses.field(
         default=1e-3,
@@ -566,8 +568,8 @@ def _fit_connector(cfg: ConnectorConfig, saes: dict[str, SparseAutoencoder], fea
                    base: FeatureConnector | None = None) -> tuple[FeatureConnector, list[dict[str, float]]]:
     """Train one connector on the fit tokens, or load it when the folder holds one trained with the same settings
     and SAEs (a rerun then only redoes the cheap analyses). A linear or relu connector starts at `start()` when
-    given. With `base` (a trained linear connector), a residual connector starting from it, early-stopped on the
-    validation tokens."""
+    given (a linear one without L1 is then that map, untrained). With `base` (a trained linear connector), a
+    residual connector starting from it, early-stopped on the validation tokens."""
     with seeded(cfg.seed):
         connector = (FeatureConnector.from_config(saes["in"].n_latents, saes["out"].n_latents, cfg) if base is None
                      else residual_from_linear(base, cfg.mlp_hidden, cfg.seed))
@@ -577,6 +579,8 @@ def _fit_connector(cfg: ConnectorConfig, saes: dict[str, SparseAutoencoder], fea
     def fit(current: FeatureConnector) -> list[dict[str, float]]:
         if start is not None:
             set_first_layer_(current, start())
+            if cfg.form == "linear" and cfg.l1_coefficient == 0:
+                return []  # already the minimum of the training loss
         history = train_connector(current, features["in", "fit"], features["out", "fit"], cfg, validation=validation)
         return [epoch._asdict() for epoch in history]
 
