@@ -26,6 +26,7 @@ from saelab.experiments.connectors.connector import (
     set_first_layer_,
     simulate,
     smart_init_,
+    take_rows,
     top_connections,
     train_connector,
     trained_connector,
@@ -35,6 +36,7 @@ from saelab.models.mnist_mlp import MnistMLP, MnistMLPConfig
 from saelab.run_folder import RunFolder
 from saelab.saes.base import SparseLatents, to_dense
 from saelab.saes.relu import ReluSAE, ReluSAEConfig
+from saelab.training.optim import adam
 
 
 def identity_connector(n: int) -> FeatureConnector:
@@ -415,3 +417,27 @@ def test_early_stopping_counts_only_improvements_of_the_minimum_fraction() -> No
     assert all(score >= marks[-3] * 0.95 for score in scores[-2:])
     with pytest.raises(ConfigError, match="min_improvement"):
         ConnectorConfig(min_improvement=1.0).validate()
+
+
+@pytest.mark.parametrize("form", ["relu", "residual"])
+def test_training_without_l1_is_training_with_a_zero_l1_term(form: str) -> None:
+    f_in, f_out = seeded_sparse(300, 16, 3, seed=4), seeded_sparse(300, 12, 3, seed=5)
+    cfg = ConnectorConfig(form=form, epochs=2, batch_size=64, l1_coefficient=0.0, mlp_hidden=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        trained, by_hand = FeatureConnector.from_config(16, 12, cfg), FeatureConnector.from_config(16, 12, cfg)
+    by_hand.load_state_dict(trained.state_dict())
+    history = train_connector(trained, f_in, f_out, cfg)
+    # the plain loop with the penalty term times zero, in the same batch order
+    generator, optimizer = torch.Generator().manual_seed(cfg.seed), adam(by_hand.parameters(), cfg.lr)
+    alive = alive_features(f_out)
+    for _ in range(cfg.epochs):
+        for batch in torch.randperm(300, generator=generator).split(cfg.batch_size):
+            mse = connector_mse(by_hand(take_rows(f_in, batch)), to_dense(take_rows(f_out, batch)), alive)
+            loss = mse + 0.0 * weight_l1(by_hand.weight_matrices())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for name, value in by_hand.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], value), name
+    assert history[-1].l1 > 0  # the curve still records the weights' L1
