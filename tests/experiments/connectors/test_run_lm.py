@@ -54,12 +54,15 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     linearity = saved["linearity"]
     assert 0.0 <= linearity["fraction_linear_absolute"] <= 1.0 and 0.0 <= linearity["fraction_linear_relative"] <= 1
     assert 0 < linearity["alive_output_features"] <= 64
-    # the reference is linear where its correction did not beat linear on the validation tokens: never worse there
+    # per feature, the reference is one connector's error (linear, the corrected one, relu or mlp): the one of least
+    # validation MSE, so the count of features per connector covers every alive feature
     per_feature = load_file(saved["files"]["per_feature"])
-    reference, linear, residual = (per_feature[f"mse.{name}"] for name in ("reference", "linear", "residual"))
-    corrected = reference != linear
-    assert torch.equal(reference[corrected], residual[corrected]) and int(corrected.sum()) == pytest.approx(
-        linearity["reference"]["features_corrected"], abs=int((~per_feature["alive"]).sum()))
+    reference, linear = per_feature["mse.reference"], per_feature["mse.linear"]
+    forms = torch.stack([per_feature[f"mse.{name}"] for name in ("linear", "residual", "relu", "mlp")])
+    assert ((forms == reference).any(dim=0)).all()
+    chosen = linearity["reference"]["features_chosen_from"]
+    assert set(chosen) == {"linear", "residual", "relu", "mlp"}
+    assert sum(chosen.values()) == linearity["alive_output_features"]
     alive = per_feature["alive"]
     assert linearity["fraction_linear_absolute_vs_reference"] == pytest.approx(
         ((linear - reference)[alive] <= 1e-3).float().mean().item())
