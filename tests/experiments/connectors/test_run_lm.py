@@ -66,6 +66,9 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     alive = per_feature["alive"]
     assert linearity["fraction_linear_absolute_vs_reference"] == pytest.approx(
         ((linear - reference)[alive] <= 1e-3).float().mean().item())
+    relu = per_feature["mse.relu"]
+    assert linearity["fraction_relu_linear_absolute_vs_reference"] == pytest.approx(
+        ((relu - reference)[alive] <= 1e-3).float().mean().item())
     assert linearity["reference"]["features_worse_than_linear_on_test"] == int(((reference - linear)[alive] > 0).sum())
     # the per-layer table: every block, the main one's row its detailed figures
     assert [row["layer"] for row in saved["per_layer"]] == [0, 1, 2]
@@ -73,6 +76,7 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     assert main["fraction_linear_vs_reference"] == linearity["fraction_linear_absolute_vs_reference"]
     assert main["fraction_linear_vs_mlp"] == linearity["fraction_linear_absolute"]
     assert main["fraction_linear_vs_relu"] == linearity["fraction_linear_absolute_vs_relu"]
+    assert main["fraction_relu_linear_vs_reference"] == linearity["fraction_relu_linear_absolute_vs_reference"]
     for layer in (0, 2):
         assert (out / "layers" / str(layer) / "connectors" / "residual.safetensors").exists()
     # the L1 sweep: its coefficients and the main connector's, more L1 never more large weights here

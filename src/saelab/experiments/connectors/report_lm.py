@@ -94,8 +94,10 @@ def write_report(summary: dict[str, Any], path: Path) -> Path:
         "the MLP connectors has the lowest MSE on validation tokens: by construction at least as good as linear (and "
         "as each of them) on every feature there. The write-up compared against an independently trained MLP "
         "connector (column vs_mlp), which can end worse than linear and so call features linear for the wrong "
-        "reason; the ReLU connector is the second comparison (vs_relu). The L1 sweep trains linear connectors with "
-        "the write-up's penalty from the least-squares map."
+        "reason; the ReLU connector is the second comparison (vs_relu). fraction_relu_linear_vs_reference counts "
+        "the features a ReLU of a linear map (the write-up's connector form; the features are non-negative) predicts "
+        "within the tolerance of the reference. The L1 sweep trains linear connectors with the write-up's penalty "
+        "from the least-squares map."
     )
     report.heading("Fraction of output features that are linear, per layer")
     write_up = summary["write_up"]

@@ -375,8 +375,10 @@ def _table_row(block: Block) -> dict[str, Any]:
         "fraction_linear_vs_reference": linearity["fraction_linear_absolute_vs_reference"],
         "fraction_linear_vs_reference_relative": linearity["fraction_linear_relative_vs_reference"],
         "fraction_linear_vs_mlp": linearity["fraction_linear_absolute"],
-        **({"fraction_linear_vs_relu": linearity["fraction_linear_absolute_vs_relu"]}
-           if "fraction_linear_absolute_vs_relu" in linearity else {}),
+        **({"fraction_linear_vs_relu": linearity["fraction_linear_absolute_vs_relu"],
+            "fraction_relu_linear_vs_reference": linearity["fraction_relu_linear_absolute_vs_reference"],
+            "fraction_relu_linear_vs_reference_relative": linearity["fraction_relu_linear_relative_vs_reference"]}
+           if "relu" in block.connectors else {}),
         "test_mse_linear": results["linear"]["test_mse_alive"],
         "test_mse_reference": linearity["reference"]["test_mse_alive"],
         "test_mse_mlp": results["mlp"]["test_mse_alive"],
@@ -463,10 +465,12 @@ def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor
     """Fractions of alive output features that are linear: against the nonlinear reference (the main test), the
     mlp connector (the write-up's test; an mlp connector trained on its own can end worse than linear, which calls
     features linear for the wrong reason) and the relu connector; each with the absolute tolerance and relative to
-    the feature's variance. `chosen`: how many alive features take their reference from each connector."""
-    def fractions(reference: Tensor) -> tuple[float, float]:
-        absolute = linear_features(mse["linear"], reference, cfg.linear_tolerance)[alive]
-        relative = linear_features(mse["linear"], reference, cfg.linear_tolerance_relative, scale=variance)[alive]
+    the feature's variance. Also the features whose relu connector is within the tolerance of the reference: a
+    ReLU of a linear map, the write-up's connector form. `chosen`: how many alive features take their reference
+    from each connector."""
+    def fractions(reference: Tensor, form: str = "linear") -> tuple[float, float]:
+        absolute = linear_features(mse[form], reference, cfg.linear_tolerance)[alive]
+        relative = linear_features(mse[form], reference, cfg.linear_tolerance_relative, scale=variance)[alive]
         return absolute.float().mean().item(), relative.float().mean().item()
 
     result: dict[str, Any] = {"alive_output_features": int(alive.sum()), "tolerance_absolute": cfg.linear_tolerance,
@@ -476,6 +480,9 @@ def _linearity(cfg: LMConnectorsConfig, mse: dict[str, Tensor], variance: Tensor
         if name in mse:
             result[f"fraction_linear_absolute_vs_{name}"], result[f"fraction_linear_relative_vs_{name}"] = fractions(
                 mse[name])
+    if "relu" in mse:  # ReLU of a linear map: the write-up's own connector form, features being non-negative
+        result["fraction_relu_linear_absolute_vs_reference"], result["fraction_relu_linear_relative_vs_reference"] = (
+            fractions(mse["reference"], "relu"))
     excess = (mse["reference"] - mse["linear"])[alive]
     result["reference"] = {
         "test_mse_alive": mse["reference"][alive].mean().item(),
