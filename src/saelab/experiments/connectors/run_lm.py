@@ -20,7 +20,9 @@ Budgets (`--budget`): "small" (the defaults) harvests 150k tokens of blocks 2, 6
 100k; measured on a 2-core AVX2 EPYC shared with other jobs (load 2-6): harvest 8.3 min, 11-12 min per block at
 load 2 (31 min at load 6), then transcoder, L1 sweep, CE and relations 15 min: about 45 min on a busy machine,
 near half an hour on an idle one. "full" adds blocks 14, 18 and 22, harvests 600k tokens, trains each SAE on 1M
-and widens the connectors (several hours on two cores; meant for a GPU or a larger CPU).
+and widens the connectors; measured on 2 Zen 4 cores: harvest 43 min, then 22-25 min per block (two SAEs 3 min, the
+ReLU and MLP connectors 10, the corrected linear one 11-15 epochs of about 75 s), about 3 h in all before the main
+block's transcoder, L1 sweep, CE and relations.
 
 Writes `summary.json`, `report.html` and the figures (see `report_lm`), and per block each output feature's held-out
 MSE per connector form in `layers/<L>/per_feature.safetensors`. Re-running resumes: the store, the trained SAEs
