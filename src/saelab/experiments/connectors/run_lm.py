@@ -216,6 +216,7 @@ class Block:
     alive: Tensor
     linearity: dict[str, Any]
     per_feature: Path
+    start: Callable[[], LinearMap] | None  # the least-squares map of the fit tokens, solved once when first asked
 
 
 def run(cfg: LMConnectorsConfig) -> dict[str, Any]:
@@ -355,7 +356,7 @@ def _block(cfg: LMConnectorsConfig, store: ActivationStore, split: StoreSplit, l
     per_feature = _save_per_feature(feature_mse, variance, alive, folder.file(_block_path(layer,
                                                                                          "per_feature.safetensors")))
     return Block(layer, sites, saes, sae_logs, features, connectors, connector_results, feature_mse, variance, alive,
-                 linearity, per_feature)
+                 linearity, per_feature, start)
 
 
 def _connector_result(cfg: LMConnectorsConfig, connector: FeatureConnector, history: list[dict[str, float]],
@@ -399,7 +400,7 @@ def _l1_sweep(cfg: LMConnectorsConfig, block: Block, folder: RunFolder) -> list[
         else:
             connector, _ = _fit_connector(connector_cfg, block.saes, block.features, folder,
                                           _block_path(block.layer, f"l1_sweep/linear_l1_{coefficient:g}"),
-                                          _least_squares_start(cfg, block.features))
+                                          block.start)
         mse = heldout_feature_mse(connector, block.features["in", "test"], block.features["out", "test"])
         alive, weight = block.alive, connector.weight_matrices()[0]
         rows.append({
