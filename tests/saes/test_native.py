@@ -46,6 +46,29 @@ def test_ties_keep_the_largest_values(built) -> None:
     assert len(set(indices[1].tolist())) == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_go_to_the_lower_latent_across_buffer_cuts(built, dtype, threads) -> None:
+    # Values on a coarse grid: many ties at every threshold. More latents than the kernel streams tile by tile first,
+    # more tokens than one tile, and k large enough that every token's buffer is cut back many times.
+    gen = torch.Generator().manual_seed(3)
+    n, rows, k = 1500, 300, 40
+    pre = ((torch.randn(n, rows, generator=gen) * 4).round() / 4).to(dtype)
+    bias = (torch.randn(n, generator=gen) * 2).round() / 2
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ok, values, indices = _select(pre, bias, k)
+    finally:
+        torch.set_num_threads(previous)
+    assert ok
+    scores = (pre.float() + bias[:, None]).t()
+    # (value descending, latent ascending): a stable descending sort keeps equal values in latent order
+    want = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices.sort(1).values, want.sort(1).values)
+    assert torch.equal(scores.gather(1, indices), values)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_declines_a_column_with_too_few_finite_candidates(built, bad) -> None:
     pre = torch.randn(10, 20)
