@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from saelab.saes import native
 from saelab.training.constraints import grad_of, normalize_decoder, project_out_parallel_grad
 
 
@@ -80,3 +81,38 @@ def test_projected_step_keeps_norm_to_first_order(axis) -> None:
     with torch.no_grad():
         moved = w - 1e-4 * w.grad
     assert torch.allclose(moved.norm(dim=dim), torch.ones(moved.shape[1 - dim]), atol=1e-6)  # unprojected: ~1e-4
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler here: the native kernels cannot be built")
+def test_native_rows_match_the_torch_formulas_and_ignore_the_thread_count() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 77, generator=gen) * torch.rand(300, 1, generator=gen) * 3  # d not a multiple of 16
+    w[5] = 0.0  # a zero row: projection leaves its gradient, normalisation leaves it zero
+    g = torch.randn(300, 77, generator=gen)
+    ww = (w * w).sum(1, keepdim=True).clamp_min(1e-30)
+    want_g = g - (g * w).sum(1, keepdim=True) / ww * w
+    want_w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            w_t, g_t = w.clone(), g.clone()
+            native.project_rows(w_t, g_t)
+            native.normalize_rows(w_t)
+            results.append((w_t, g_t))
+    finally:
+        torch.set_num_threads(previous)
+    (w1, g1), (w3, g3) = results
+    assert torch.equal(w1, w3) and torch.equal(g1, g3)  # each row's sums in one fixed order
+    assert torch.allclose(g1, want_g, atol=1e-5) and torch.allclose(w1, want_w, atol=1e-6)
+    assert torch.equal(g1[5], g[5]) and torch.equal(w1[5], torch.zeros(77))
+    assert (w1 * g1).sum(1).abs().max() < 1e-4  # nothing left along any row
+
+
+def test_native_rows_mark_the_tensors_written() -> None:
+    w = _param_with_grad((40, 20))
+    before = (w._version, w.grad._version)
+    project_out_parallel_grad([w], "per_unit")
+    normalize_decoder([w], "per_unit")
+    assert w._version > before[0] and w.grad._version > before[1]

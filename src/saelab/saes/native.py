@@ -94,6 +94,10 @@ def library() -> ctypes.CDLL | None:
     lib.saelab_rescore_topk.restype = ctypes.c_int
     lib.saelab_bf16_split.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
     lib.saelab_bf16_split.restype = ctypes.c_int
+    lib.saelab_project_rows.argtypes = [ptr, ptr, i64, i64, i64]
+    lib.saelab_project_rows.restype = ctypes.c_int
+    lib.saelab_normalize_rows.argtypes = [ptr, i64, i64, i64]
+    lib.saelab_normalize_rows.restype = ctypes.c_int
     return lib
 
 
@@ -163,3 +167,33 @@ def bf16_split(weight: Tensor, out: Tensor | None, rows: Tensor | None = None) -
         raise MemoryError(f"the native bf16 split could not allocate its buffers (status {status})")
     nu, rho, w_max = stats.tolist()
     return nu, rho, w_max
+
+
+def rows_supported(*matrices: Tensor) -> bool:
+    """Whether `project_rows` / `normalize_rows` can take these matrices: contiguous float32 on CPU, built library."""
+    return library() is not None and all(
+        m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 2 and m.is_contiguous() for m in matrices)
+
+
+def project_rows(weight: Tensor, grad: Tensor) -> None:
+    """In place, row by row: grad_i -= (<grad_i, w_i> / max(<w_i, w_i>, 1e-30)) w_i, one pass over both matrices, each
+    sum in the exact scores' fixed order (a row's result depends only on the row). Requires `rows_supported`."""
+    lib = library()
+    if lib is None or not rows_supported(weight, grad) or weight.shape != grad.shape:
+        raise ValueError("project_rows needs the native library and two contiguous float32 CPU matrices of one shape")
+    n, d = weight.shape
+    if lib.saelab_project_rows(weight.data_ptr(), grad.data_ptr(), n, d, torch.get_num_threads()):
+        raise RuntimeError("the native row projection could not start its threads")
+    torch.autograd.graph.increment_version(grad)  # written behind autograd's back: as an in-place op would mark it
+
+
+def normalize_rows(weight: Tensor) -> None:
+    """In place: every row w_i /= max(||w_i||, 1e-12), one pass, the norm summed in the exact scores' fixed order.
+    Requires `rows_supported`."""
+    lib = library()
+    if lib is None or not rows_supported(weight):
+        raise ValueError("normalize_rows needs the native library and a contiguous float32 CPU matrix")
+    n, d = weight.shape
+    if lib.saelab_normalize_rows(weight.data_ptr(), n, d, torch.get_num_threads()):
+        raise RuntimeError("the native row normalisation could not start its threads")
+    torch.autograd.graph.increment_version(weight)

@@ -776,3 +776,63 @@ int saelab_bf16_split(const float *w, int64_t n, int64_t d, uint16_t *w16, doubl
     }
     return status;
 }
+
+/* ---- The unit-norm decoder constraint, one pass per row ------------------------------------------------------
+ *
+ * w [n, d] float32, row i = one latent's decoder vector, and g its gradient. Before the optimiser step, the gradient
+ * component along each row is removed, g_i <- g_i - (<g_i, w_i> / max(<w_i, w_i>, 1e-30)) w_i; after it, each row is
+ * rescaled to unit norm, w_i <- w_i / max(||w_i||, 1e-12). torch spends three passes over the matrices on the first
+ * (a dot, a norm, an update) and two on the second; here each row is read once and updated while it is in cache.
+ * Every sum is exact_dot's fixed order, so a row's result depends on nothing but the row (not the thread count). */
+
+typedef struct {
+    int status;
+    float *w, *g;
+    int64_t d, lo, hi;
+} rows_job;
+
+static void *project_rows(void *arg) {
+    rows_job *jb = (rows_job *)arg;
+    const int64_t d = jb->d;
+    for (int64_t i = jb->lo; i < jb->hi; i++) {
+        const float *w = jb->w + i * d;
+        float *g = jb->g + i * d;
+        float ww = exact_dot(w, w, d);
+        ww = ww > 1e-30f ? ww : 1e-30f;
+        const float coef = exact_dot(g, w, d) / ww;
+        for (int64_t j = 0; j < d; j++) g[j] -= coef * w[j];
+    }
+    jb->status = 0;
+    return NULL;
+}
+
+static void *normalize_rows(void *arg) {
+    rows_job *jb = (rows_job *)arg;
+    const int64_t d = jb->d;
+    for (int64_t i = jb->lo; i < jb->hi; i++) {
+        float *w = jb->w + i * d;
+        float norm = sqrtf(exact_dot(w, w, d));
+        norm = norm > 1e-12f ? norm : 1e-12f;
+        for (int64_t j = 0; j < d; j++) w[j] /= norm;
+    }
+    jb->status = 0;
+    return NULL;
+}
+
+static int run_rows(void *(*fn)(void *), float *w, float *g, int64_t n, int64_t d, int64_t n_threads) {
+    if (n <= 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > n) n_threads = n;
+    rows_job jobs[64];
+    for (int64_t t = 0; t < n_threads; t++) jobs[t] = (rows_job){1, w, g, d, n * t / n_threads, n * (t + 1) / n_threads};
+    return run_all(fn, jobs, sizeof(rows_job), n_threads);
+}
+
+int saelab_project_rows(float *w, float *g, int64_t n, int64_t d, int64_t n_threads) {
+    return run_rows(project_rows, w, g, n, d, n_threads);
+}
+
+int saelab_normalize_rows(float *w, int64_t n, int64_t d, int64_t n_threads) {
+    return run_rows(normalize_rows, w, NULL, n, d, n_threads);
+}

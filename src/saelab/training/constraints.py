@@ -1,6 +1,10 @@
 """Unit-norm decoder constraint: renormalise after each step, and before it remove the gradient component that
 would only change the norm (it is undone by the renormalisation anyway and wastes Adam's step size).
 
+On CPU, row-wise constraints on contiguous float32 matrices run in the native kernels, one pass per row instead of
+torch's three (projection) and two (renormalisation): at 24,576 x 768 the projection took 15-18 ms of a ~550 ms
+bf16-exact training step.
+
 Matrices come from `sae.decoder_matrices()` in the `[units_in, d_out]` layout. They may be parameters or views of
 parameters (e.g. `linear.weight.T`); the gradient is read through the same view.
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.saes import native
 from saelab.training.config import DecoderNormAxis
 
 
@@ -38,6 +43,9 @@ def project_out_parallel_grad(matrices: list[Tensor], axis: DecoderNormAxis) -> 
         g = grad_of(w)
         if g is None:
             continue
+        if dim == 1 and native.rows_supported(w, g):  # one pass per row on CPU (`native.project_rows`)
+            native.project_rows(w.detach(), g)
+            continue
         # vecdot and norm are fused reductions without [units, d_out] temporaries. An einsum was 1.4x slower per
         # row and 20x slower per column (it becomes a batched GEMV over 1-column matrices), at 24,576 x 768.
         coef = torch.linalg.vecdot(g, w, dim=dim) / w.norm(dim=dim).square_().clamp_min_(1e-30)
@@ -49,4 +57,7 @@ def normalize_decoder(matrices: list[Tensor], axis: DecoderNormAxis) -> None:
     """w ← w / ||w|| for every constrained vector, in place (zero vectors stay zero)."""
     dim = norm_dim(axis)
     for w in matrices:
+        if dim == 1 and native.rows_supported(w):  # one pass per row on CPU (`native.normalize_rows`)
+            native.normalize_rows(w.detach())
+            continue
         w.div_(w.norm(dim=dim, keepdim=True).clamp_min(1e-12))
