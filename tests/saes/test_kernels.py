@@ -342,3 +342,20 @@ def test_shared_grouping_reuses_only_the_same_unchanged_selection() -> None:
     assert changed is not again and torch.equal(changed.starts, group_by_latent(indices, 4).starts)
     kernels.release_workspace()
     assert "grouping" not in kernels._scratch.__dict__
+
+
+@pytest.mark.parametrize("by_latent", [True, False])
+def test_pre_activations_through_onednn_are_the_fp32_gemm(by_latent: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(70, 48, generator=gen), torch.randn(130, 48, generator=gen)
+    buffer = torch.empty(70 * 130)
+    out = kernels.pre_activations(x, weight, None, buffer, by_latent)
+    want = (weight @ x.t()) if by_latent else (x @ weight.t())
+    assert out.shape == want.shape and out.is_contiguous()
+    assert torch.allclose(out, want, atol=1e-4)
+    if kernels.onednn_fp32():  # held to full precision only: below "highest" torch.mm (and its bound) takes over
+        try:
+            torch.set_float32_matmul_precision("medium")
+            assert not kernels.onednn_fp32()
+        finally:
+            torch.set_float32_matmul_precision("highest")
