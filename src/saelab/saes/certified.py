@@ -85,7 +85,8 @@ _state = threading.local()
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -103,7 +104,7 @@ def bf16_gemm_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     return False
 
 

@@ -242,9 +242,12 @@ def pre_activations(x: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tens
 
 def onednn_fp32() -> bool:
     """Whether fp32 GEMMs without a bias run through oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`) instead
-    of torch.mm (MKL): 10-15% faster on x86 CPUs (2-core Zen 4, 4,096 tokens x 768: 213-216 against 184-194 GFLOP/s
-    at n = 4,096-24,576). Only while fp32 matmuls are held to full precision (oneDNN may otherwise round through
-    bf16), and only where the op exists and agrees with torch.mm (checked once)."""
+    of torch.mm (MKL): 10-15% faster on an AVX-512 CPU (2-core Zen 4, 4,096 tokens x 768: 213-216 against 184-194
+    GFLOP/s at n = 4,096-24,576). Only on AVX-512 CPUs, where it was measured (elsewhere MKL stays: no machine gets
+    slower on an unmeasured path), while fp32 matmuls are held to full precision (oneDNN may otherwise round through
+    bf16), and where the op exists and agrees with torch.mm (checked once)."""
+    if "avx512f" not in certified.cpu_flags():
+        return False
     mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
     if getattr(mkldnn_matmul, "fp32_precision", "none") not in ("none", "ieee"):
         return False
