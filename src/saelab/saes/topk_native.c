@@ -66,6 +66,7 @@ static inline int ranks_above(float va, int64_t ia, float vb, int64_t ib) {
     return va > vb || (va == vb && ia < ib);
 }
 
+#ifndef __AVX512F__
 /* Move the k best of v[0..m) (with their indices) to the front under `ranks_above` (quickselect). The indices are
  * distinct, so the order is strict and the kept set is exactly defined whatever the pivots. */
 static void keep_largest(float *v, int64_t *ix, int64_t m, int64_t k) {
@@ -98,6 +99,7 @@ static void keep_largest(float *v, int64_t *ix, int64_t m, int64_t k) {
         }
     }
 }
+#endif
 
 #ifdef __AVX512F__
 /* Scratch a compaction of up to `cap` entries needs (bytes): three float buffers for the selection, the kept values,
@@ -488,7 +490,7 @@ static inline void exact_dot4(const float *const a[4], const float *b, int64_t d
 
 /* One token's k best of m scored latents (score[], latent[] are scratch, reordered) into its output slots. */
 static void finish_token(float *score, int64_t *latent, int64_t m, int64_t k, int nan, float *values,
-                         int64_t *indices, float *kth) {
+                         int64_t *indices, float *kth, void *scratch) {
     if (nan) {
         for (int64_t j = 0; j < k; j++) {
             values[j] = NAN;
@@ -497,7 +499,7 @@ static void finish_token(float *score, int64_t *latent, int64_t m, int64_t k, in
         *kth = NAN;
         return;
     }
-    keep_largest(score, latent, m, k);
+    if (m > k) compact(score, latent, &m, k, scratch);  /* the k best under `ranks_above` to the front */
     for (int64_t j = 1; j < k; j++) {  /* the k kept in latent order (k is small: insertion sort) */
         const float v = score[j];
         const int64_t i = latent[j];
@@ -557,7 +559,8 @@ static void *select_pairs(void *arg) {
     const int64_t c = jb->c, k = jb->k;
     float *score = malloc(sizeof(float) * c);
     int64_t *latent = malloc(sizeof(int64_t) * c);
-    jb->status = score == NULL || latent == NULL;
+    void *scratch = malloc(SCRATCH_BYTES(c) + 64);
+    jb->status = score == NULL || latent == NULL || scratch == NULL;
     for (int64_t r = jb->lo; r < jb->hi && !jb->status; r++) {
         int nan = 0;
         for (int64_t j = 0; j < c; j++) {
@@ -565,10 +568,11 @@ static void *select_pairs(void *arg) {
             latent[j] = jb->cand[r * c + j];
             nan |= isnan(score[j]);
         }
-        finish_token(score, latent, c, k, nan, jb->values + r * k, jb->indices + r * k, jb->kth + r);
+        finish_token(score, latent, c, k, nan, jb->values + r * k, jb->indices + r * k, jb->kth + r, scratch);
     }
     free(score);
     free(latent);
+    free(scratch);
     return NULL;
 }
 
@@ -610,7 +614,7 @@ static void *score_all(void *arg) {
         for (int64_t t = 0; t < width; t++) {
             const int64_t r = jb->lo + t;
             finish_token(bv + t * cap, bi + t * cap, count[t], k, nan[t] || count[t] < k, jb->values + r * k,
-                         jb->indices + r * k, jb->kth + r);
+                         jb->indices + r * k, jb->kth + r, scratch);
         }
     }
     free(bv);
@@ -825,7 +829,8 @@ static int run_rows(void *(*fn)(void *), float *w, float *g, int64_t n, int64_t 
     if (n_threads > 64) n_threads = 64;
     if (n_threads > n) n_threads = n;
     rows_job jobs[64];
-    for (int64_t t = 0; t < n_threads; t++) jobs[t] = (rows_job){1, w, g, d, n * t / n_threads, n * (t + 1) / n_threads};
+    for (int64_t t = 0; t < n_threads; t++)
+        jobs[t] = (rows_job){1, w, g, d, n * t / n_threads, n * (t + 1) / n_threads};
     return run_all(fn, jobs, sizeof(rows_job), n_threads);
 }
 
