@@ -25,10 +25,10 @@ def tiny_config(model: Path, corpus: Path, out: Path, **changes) -> LMConnectors
         sae=SAESpec(architecture="topk", n_latents=64, k=4, preprocessing="scale"),
         trainer=TrainerConfig(total_tokens=1_024, batch_size=128, warmup_steps=2, log_every_steps=2,
                               checkpoint_every_steps=None, progress=False),
-        connector=ConnectorConfig(epochs=2, batch_size=128, lr=1e-3, l1_coefficient=1e-4, mlp_hidden=32),
+        connector=ConnectorConfig(epochs=2, batch_size=128, lr=1e-3, l1_coefficient=0.0, mlp_hidden=32),
         reference=ConnectorConfig(form="residual", epochs=4, patience=1, batch_size=128, lr=1e-3, l1_coefficient=0.0,
                                   mlp_hidden=32),
-        l1_sweep=[0.0, 1e-3],
+        l1_sweep=[1e-4, 1e-3],
         n_shown=3, n_connections=2, min_frequency=0.0, record_tokens=600, n_examples=2, harvest_batch_size=32,
     )
     return cfg.replace(**changes)
@@ -82,7 +82,9 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     # the L1 sweep: its coefficients and the main connector's, more L1 never more large weights here
     sweep = {row["l1_coefficient"]: row for row in saved["l1_sweep"]}
     assert set(sweep) == {0.0, 1e-4, 1e-3}
-    assert sweep[1e-4]["test_mse_alive"] == pytest.approx(saved["connectors"]["linear"]["test_mse_alive"])
+    # without L1 the linear connector is the least-squares map, untrained (the report says so in place of a loss)
+    assert saved["connectors"]["linear"]["train_curve"] == []
+    assert sweep[0.0]["test_mse_alive"] == pytest.approx(saved["connectors"]["linear"]["test_mse_alive"])
     assert sweep[0.0]["mean_row_l1"] > sweep[1e-3]["mean_row_l1"]
     assert 1 <= len(saved["relations"]) <= 3
     relation = saved["relations"][0]
@@ -94,6 +96,7 @@ def test_recipe_writes_linearity_ce_and_relations(saved_tiny_llama, tmp_path: Pa
     assert (out / "layers" / "1" / "connectors" / "linear.safetensors").exists()
     html = (out / "report.html").read_text()
     assert "Readable connections" in html and "mlp_zero_ablated" in html and "transcoder" in html
+    assert "least squares" in html
     page, _ = open_page(out / "report.html")
     shows_values(page, {k: v for k, v in saved["linearity"].items() if k not in ("median_variance_explained",
                                                                                   "reference")})

@@ -122,8 +122,10 @@ def write_report(summary: dict[str, Any], path: Path) -> Path:
         )
     report.figure(Path(summary["figures"]["cross_entropy"]), "held-out next-token cross-entropy")
     report.heading("Connectors")
+    # a linear connector without L1 is the least-squares map, solved rather than trained: no training curve
     report.table([{"form": form, "test_mse_alive": r["test_mse_alive"], "large_weights": r["large_weights"],
-                   "total_weights": r["total_weights"], "final_train_loss": r["train_curve"][-1]["loss"]}
+                   "total_weights": r["total_weights"],
+                   "final_train_loss": r["train_curve"][-1]["loss"] if r["train_curve"] else "least squares"}
                   for form, r in summary["connectors"].items()])
     report.heading("Readable connections (linear connector)")
     report.figure(Path(summary["figures"]["connections"]), "signed weights of the shown features' top inputs")
