@@ -12,22 +12,24 @@ def built() -> None:
         pytest.skip("no C compiler here: the native top-k kernel cannot be built")
 
 
-def _select(pre: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[bool, torch.Tensor, torch.Tensor]:
+def _select(pre: torch.Tensor, bias: torch.Tensor, k: int,
+            threads: int | None = None) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """The native top-k of `pre`, run on `threads` threads (default: the current count)."""
     values = torch.full((pre.shape[1], k), float("nan"))
     indices = torch.full((pre.shape[1], k), -1, dtype=torch.long)
-    return native.topk_latent_major(pre, bias, k, values, indices), values, indices
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return native.topk_latent_major(pre, bias, k, values, indices), values, indices
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize(("n", "rows", "k", "threads"), [(50, 37, 5, 1), (1000, 70, 32, 3), (7, 16, 7, 2),
                                                            (300, 5, 1, 4)])
 def test_selects_what_torch_topk_does(built, n, rows, k, threads) -> None:
     pre, bias = torch.randn(n, rows), torch.randn(n)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ok, values, indices = _select(pre, bias, k)
-    finally:
-        torch.set_num_threads(previous)
+    ok, values, indices = _select(pre, bias, k, threads)
     assert ok
     want = (pre + bias[:, None]).t().topk(k, dim=1)
     assert torch.equal(values.sort(1).values, want.values.sort(1).values)  # the same float32 sums, bit for bit
@@ -55,12 +57,7 @@ def test_ties_go_to_the_lower_latent_across_buffer_cuts(built, dtype, threads) -
     n, rows, k = 1500, 300, 40
     pre = ((torch.randn(n, rows, generator=gen) * 4).round() / 4).to(dtype)
     bias = (torch.randn(n, generator=gen) * 2).round() / 2
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ok, values, indices = _select(pre, bias, k)
-    finally:
-        torch.set_num_threads(previous)
+    ok, values, indices = _select(pre, bias, k, threads)
     assert ok
     scores = (pre.float() + bias[:, None]).t()
     # (value descending, latent ascending): a stable descending sort keeps equal values in latent order

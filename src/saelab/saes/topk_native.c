@@ -106,6 +106,11 @@ static void keep_largest(float *v, int64_t *ix, int64_t m, int64_t k) {
  * the kept indices and the ties' indices, each with 16 entries of slack for full-vector stores. */
 #define SCRATCH_BYTES(cap) ((size_t)((cap) + 16) * (4 * sizeof(float) + 2 * sizeof(int64_t)))
 
+/* The lanes of the 16 entries from i on that lie below n. */
+static inline __mmask16 live_lanes(int64_t i, int64_t n) {
+    return n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+}
+
 /* The k-th largest of v[0..m) (1 <= k <= m; no NaN: none enters a buffer): quickselect whose partitions split 16
  * values at a time into those above and below the pivot (vector compress), counting the ones equal to it. */
 static float kth_largest(const float *v, int64_t m, int64_t k, float *const bufs[3]) {
@@ -135,7 +140,7 @@ static float kth_largest(const float *v, int64_t m, int64_t k, float *const bufs
         const __m512 p = _mm512_set1_ps(pivot);
         int64_t na = 0, nb = 0;
         for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 live = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __mmask16 live = live_lanes(i, n);
             const __m512 x = _mm512_maskz_loadu_ps(live, src + i);
             const __mmask16 ma = _mm512_mask_cmp_ps_mask(live, x, p, _CMP_GT_OQ);
             const __mmask16 mb = _mm512_mask_cmp_ps_mask(live, x, p, _CMP_LT_OQ);
@@ -175,7 +180,7 @@ static float compact(float *v, int64_t *ix, int64_t *count, int64_t k, void *scr
     const __m512 t16 = _mm512_set1_ps(tau);
     int64_t g = 0, e = 0;
     for (int64_t i = 0; i < m; i += 16) {
-        const __mmask16 live = m - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - i)) - 1);
+        const __mmask16 live = live_lanes(i, m);
         const __m512 x = _mm512_maskz_loadu_ps(live, v + i);
         const __mmask16 mg = _mm512_mask_cmp_ps_mask(live, x, t16, _CMP_GT_OQ);
         const __mmask16 me = _mm512_mask_cmp_ps_mask(live, x, t16, _CMP_EQ_OQ);
