@@ -41,21 +41,24 @@ def _steps_logged(metrics: Path) -> int:
 
 
 def _kill_and_resume(args: list[str], out: Path, metrics: Path, seed: int) -> list[int]:
-    """Start the command, SIGKILL it a random moment after it has made new progress, KILLS times, then let it
-    finish; returns the logged step counts seen at each kill."""
+    """Start the command, SIGKILL it at a random moment after it has made new progress (1-6 more logged steps, then
+    up to 50 ms), KILLS times, then let it finish; returns the logged step counts seen at each kill."""
     chooser = random.Random(seed)
     seen = []
     for _ in range(KILLS):
         before = _steps_logged(metrics)
         process = subprocess.Popen([sys.executable, "-m", "saelab", *args, "--resume", "true"], env=_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a random moment measured in progress, not in seconds (a faster trainer would otherwise finish before the
+        # kills land): a few more steps logged, then a random fraction of a step
+        target = before + 1 + chooser.randrange(6)
         deadline = time.monotonic() + 120
-        while _steps_logged(metrics) <= before and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while _steps_logged(metrics) < target and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         if process.poll() is not None:  # finished before a kill could land: nothing left to interrupt
             assert process.returncode == 0, process.stderr.read().decode()
             break
-        time.sleep(chooser.uniform(0.0, 0.4))
+        time.sleep(chooser.uniform(0.0, 0.05))
         process.send_signal(signal.SIGKILL)
         process.wait()
         seen.append(_steps_logged(metrics))
