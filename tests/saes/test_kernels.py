@@ -236,6 +236,31 @@ def test_per_latent_sum_and_selected_dots_match_their_definitions() -> None:
     torch.testing.assert_close(selected_dots(rows, groups, weight), (weight[indices] * rows[:, None, :]).sum(-1))
 
 
+def test_the_decoder_backward_in_one_native_pass_is_the_torch_one(monkeypatch) -> None:
+    if native.library() is None:
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    g = torch.Generator().manual_seed(3)
+    values, weight = torch.rand(40, 5, generator=g), torch.randn(30, 37, generator=g)  # d = 37: a partial lane block
+    indices = torch.stack([torch.randperm(29, generator=g)[:5] for _ in range(40)])  # latent 29: none
+    indices[:, 0] = 0  # one latent in every token: many groups of four pairs
+    grad_out = torch.randn(40, 37, generator=g)
+
+    def grads() -> tuple[torch.Tensor, torch.Tensor]:
+        v, w = values.clone().requires_grad_(), weight.clone().requires_grad_()
+        (sparse_decode(v, indices, w) * grad_out).sum().backward()
+        return v.grad, w.grad
+
+    calls = []
+    monkeypatch.setattr(native, "latent_pass", lambda *a, f=native.latent_pass: calls.append(1) or f(*a))
+    fast = grads()
+    monkeypatch.setattr(native, "rows_supported", lambda *_: False)
+    slow = grads()
+    assert calls == [1]
+    for got, want in zip(fast, slow, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(fast[1][29], torch.zeros(37))  # a latent no token selected: a zero row, written
+
+
 def test_selected_dots_ignore_whatever_fresh_buffers_hold(monkeypatch) -> None:
     # sampled_addmm adds beta·values even at beta = 0: a NaN in an uninitialised pattern buffer once leaked into the
     # gradients of random latents (nondeterministically). Poison every fresh buffer to make that visible.

@@ -125,3 +125,41 @@ def test_builds_the_source_it_was_imported_with(built, fresh_build, monkeypatch,
     assert native.library() is not None
     x, weight, bias = torch.randn(3, 20), torch.randn(10, 20), torch.zeros(10)
     assert native.rescore_topk(x, weight, bias, None, 2)[0].shape == (3, 2)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_latent_pass_is_exact_dots_and_ordered_sums(built, threads) -> None:
+    from saelab.saes.kernels import group_by_latent
+
+    g = torch.Generator().manual_seed(1)
+    rows, weight = torch.randn(23, 37, generator=g), torch.randn(11, 37, generator=g)
+    indices = torch.randint(0, 10, (23, 6), generator=g)  # latent 10 never selected; repeats within a token count
+    coefficients = torch.randn(23, 6, generator=g)
+    groups = group_by_latent(indices, 11)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dots, sums = native.latent_pass(rows, groups.order, groups.starts, 6, weight, coefficients)
+        assert native.latent_pass(rows, groups.order, groups.starts, 6, weight)[1] is None
+        only_sums = native.latent_pass(rows, groups.order, groups.starts, 6, None, coefficients)
+    finally:
+        torch.set_num_threads(previous)
+    # the dots are the exact scores' fixed-order sums, bit for bit (a zero bias adds nothing)
+    flat = indices.reshape(-1, 1)
+    exact = native.rescore_topk(rows.repeat_interleave(6, 0), weight, torch.zeros(11), flat, 1)[0].view(23, 6)
+    assert torch.equal(dots, exact)
+    # each latent's sum in token order, one product at a time
+    want = torch.zeros(11, 37)
+    for b in range(23):
+        for j in range(6):
+            want[indices[b, j]] += coefficients[b, j] * rows[b]
+    assert torch.equal(sums, want)
+    assert torch.equal(only_sums[1], want) and only_sums[0] is None
+
+
+def test_latent_pass_refuses_what_it_cannot_take(built) -> None:
+    order, starts = torch.arange(4), torch.tensor([0, 2, 4])
+    with pytest.raises(ValueError, match="float32"):
+        native.latent_pass(torch.randn(2, 3, dtype=torch.float64), order, starts, 2, None, torch.randn(2, 2))
+    with pytest.raises(ValueError, match="weight must be"):
+        native.latent_pass(torch.randn(2, 3), order, starts, 2, torch.randn(5, 3))

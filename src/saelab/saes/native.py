@@ -1,7 +1,8 @@
 """The compiled part of the CPU fast path (`topk_native.c`), built once per machine with the system C compiler and
 loaded with ctypes: an exact one-pass top-k over latent-major pre-activations; the exact, fixed-order scores of
 candidate latents that define a selection (`certified`); the bf16 filter's weight with the norms its bound needs;
-and the unit-norm decoder constraint, one pass per row (`project_rows`, `normalize_rows`).
+the unit-norm decoder constraint, one pass per row (`project_rows`, `normalize_rows`); and the sparse decoder's
+backward, latent by latent (`latent_pass`).
 
 The top-k reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself
 can skip the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). On AVX-512 CPUs it compares
@@ -100,6 +101,8 @@ def library() -> ctypes.CDLL | None:
     lib.saelab_project_rows.restype = ctypes.c_int
     lib.saelab_normalize_rows.argtypes = [ptr, i64, i64, i64]
     lib.saelab_normalize_rows.restype = ctypes.c_int
+    lib.saelab_latent_pass.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64]
+    lib.saelab_latent_pass.restype = ctypes.c_int
     return lib
 
 
@@ -199,3 +202,35 @@ def normalize_rows(weight: Tensor) -> None:
     if lib.saelab_normalize_rows(weight.data_ptr(), n, d, torch.get_num_threads()):
         raise RuntimeError("the native row normalisation could not start its threads")
     torch.autograd.graph.increment_version(weight)
+
+
+def latent_pass(rows: Tensor, order: Tensor, starts: Tensor, k: int, weight: Tensor | None = None,
+                coefficients: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Over a selection grouped by latent (`order` [B·k] flat positions b·k + slot, latent by latent, token order
+    within one; `starts` [n + 1]): with `weight` [n, d], dots [B, k] = <rows[b], weight[latent]> of every selected
+    pair, in exact_dot's fixed order; with `coefficients` [B, k], sums [n, d], row i = Σ over latent i's pairs of
+    coefficient · rows[b], in token order. One pass that reads each selected row once for both (the decoder's
+    backward), the result independent of the thread count. Requires `rows_supported` for rows, weight and
+    coefficients, and int64 CPU `order` / `starts`."""
+    lib = library()
+    n = starts.shape[0] - 1
+    b, d = rows.shape
+    if lib is None or not rows_supported(rows, *(t for t in (weight, coefficients) if t is not None)):
+        raise ValueError("latent_pass needs the native library and contiguous float32 CPU matrices")
+    if (order.dtype != torch.int64 or starts.dtype != torch.int64 or order.device.type != "cpu"
+            or order.numel() != b * k):
+        raise ValueError("latent_pass needs int64 CPU order [B·k] and starts [n + 1]")
+    if weight is not None and weight.shape != (n, d):
+        raise ValueError(f"latent_pass: weight must be [{n}, {d}], got {tuple(weight.shape)}")
+    if coefficients is not None and coefficients.shape != (b, k):
+        raise ValueError(f"latent_pass: coefficients must be [{b}, {k}], got {tuple(coefficients.shape)}")
+    order, starts = order.contiguous(), starts.contiguous()
+    dots = rows.new_empty(b, k) if weight is not None else None
+    sums = rows.new_empty(n, d) if coefficients is not None else None
+    status = lib.saelab_latent_pass(
+        rows.data_ptr(), None if weight is None else weight.data_ptr(),
+        None if coefficients is None else coefficients.data_ptr(), order.data_ptr(), starts.data_ptr(), n, d, k,
+        None if dots is None else dots.data_ptr(), None if sums is None else sums.data_ptr(), torch.get_num_threads())
+    if status:
+        raise RuntimeError("the native latent pass could not start its threads")
+    return dots, sums

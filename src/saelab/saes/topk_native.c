@@ -846,3 +846,118 @@ int saelab_project_rows(float *w, float *g, int64_t n, int64_t d, int64_t n_thre
 int saelab_normalize_rows(float *w, int64_t n, int64_t d, int64_t n_threads) {
     return run_rows(normalize_rows, w, NULL, n, d, n_threads);
 }
+
+/* ---- The sparse layer's backward, latent by latent -----------------------------------------------------------
+ *
+ * The selection of a batch grouped by latent (CSR: `order` [B·k] holds flat positions b·k + slot, latent by latent
+ * and in token order within a latent; latent i's pairs are order[starts[i] .. starts[i + 1])). For every latent i
+ * and each of its pairs (token b, position p), with e_b = rows[b] (a [B, d] float32 matrix):
+ *   dots[p] = <e_b, w_i>                    (unless dots is NULL; exact_dot's fixed order)
+ *   out_i   = Σ_p coef[p] · e_b             (unless out is NULL; summed in token order, every latent's row written)
+ * The decoder's backward needs both over the same rows (the gradient of the output): the value gradient and the
+ * weight gradient read each e_b once here, where a sampled product and a per-latent sum read it twice. The
+ * encoder's weight gradient is the sum alone (rows = the encoder's input, coef = the pre-activations' gradient).
+ * Threads split the latents by pair count; each latent is one thread's, so the result does not depend on the
+ * thread count. */
+
+#ifndef LATENT_AHEAD
+#define LATENT_AHEAD 8
+#endif
+
+typedef struct {
+    int status;
+    const float *rows, *w, *coef;
+    const int64_t *order, *starts;
+    float *dots, *out;
+    int64_t d, k, lo, hi, total;
+} latent_job;
+
+/* For g (1 or 4) rows e[q] of one latent: with `dots`, out[q] = exact_dot(e[q], w); with `sums`, acc = acc + a[0]·e[0]
+ * + ... + a[g-1]·e[g-1] (added in that order, element by element; acc taken as 0 when `fresh`): one pass over the rows
+ * for both. Always inlined with constant flags, so each combination gets its own vectorised loop. */
+static inline __attribute__((always_inline)) void dot_and_sum(const int g, const int dots, const int sums,
+                                                              const int fresh, const float *const e[4],
+                                                              const float *restrict w, const float a[4],
+                                                              float *restrict acc, int64_t d, float out[4]) {
+    float part[4][LANES] = {{0}};
+    int64_t i = 0;
+#define DOT_AND_SUM_STEP(j, l)                                                          \
+    do {                                                                                \
+        if (dots)                                                                       \
+            for (int q = 0; q < g; q++) part[q][l] += e[q][j] * w[j];                   \
+        if (sums) {                                                                     \
+            float sum = fresh ? 0.0f : acc[j];                                          \
+            for (int q = 0; q < g; q++) sum = sum + a[q] * e[q][j];                     \
+            acc[j] = sum;                                                               \
+        }                                                                               \
+    } while (0)
+    for (; i + LANES <= d; i += LANES)
+        for (int l = 0; l < LANES; l++) DOT_AND_SUM_STEP(i + l, l);
+    for (int l = 0; i + l < d; l++) DOT_AND_SUM_STEP(i + l, l);
+#undef DOT_AND_SUM_STEP
+    if (dots)
+        for (int q = 0; q < g; q++) {
+            for (int width = LANES / 2; width > 0; width /= 2)
+                for (int l = 0; l < width; l++) part[q][l] += part[q][l + width];
+            out[q] = part[q][0];
+        }
+}
+
+/* dot_and_sum with its flags as constants: dots / sums / fresh select one of the inlined loops. */
+static void pairs_step(int g, int dots, int sums, int fresh, const float *const e[4], const float *w,
+                       const float a[4], float *acc, int64_t d, float out[4]) {
+#define PAIRS_CASE(G, D, S, F) \
+    if (g == G && dots == D && sums == S && fresh == F) return dot_and_sum(G, D, S, F, e, w, a, acc, d, out)
+    PAIRS_CASE(4, 1, 1, 1); PAIRS_CASE(4, 1, 1, 0); PAIRS_CASE(4, 1, 0, 0); PAIRS_CASE(4, 0, 1, 1);
+    PAIRS_CASE(4, 0, 1, 0); PAIRS_CASE(1, 1, 1, 1); PAIRS_CASE(1, 1, 1, 0); PAIRS_CASE(1, 1, 0, 0);
+    PAIRS_CASE(1, 0, 1, 1); PAIRS_CASE(1, 0, 1, 0);
+#undef PAIRS_CASE
+}
+
+static void *latent_pass(void *arg) {
+    latent_job *jb = (latent_job *)arg;
+    const int64_t d = jb->d, k = jb->k;
+    for (int64_t i = jb->lo; i < jb->hi; i++) {
+        const float *wi = jb->w == NULL ? NULL : jb->w + i * d;
+        float *acc = jb->out == NULL ? NULL : jb->out + i * d;
+        int fresh = 1;
+        for (int64_t p = jb->starts[i]; p < jb->starts[i + 1];) {
+            const int g = jb->starts[i + 1] - p >= 4 ? 4 : 1;
+            const float *e[4];
+            float a[4] = {0}, dots[4];
+            for (int q = 0; q < g; q++) {
+                e[q] = jb->rows + jb->order[p + q] / k * d;
+                if (acc != NULL) a[q] = jb->coef[jb->order[p + q]];
+                /* rows are visited in no order the hardware can guess: fetch the ones LATENT_AHEAD pairs on */
+                if (p + q + LATENT_AHEAD < jb->total) {
+                    const char *ahead = (const char *)(jb->rows + jb->order[p + q + LATENT_AHEAD] / k * d);
+                    for (int64_t line = 0; line < d * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+                }
+            }
+            pairs_step(g, wi != NULL, acc != NULL, acc != NULL && fresh, e, wi, a, acc, d, dots);
+            if (wi != NULL)
+                for (int q = 0; q < g; q++) jb->dots[jb->order[p + q]] = dots[q];
+            fresh = 0;
+            p += g;
+        }
+        if (acc != NULL && fresh)
+            for (int64_t j = 0; j < d; j++) acc[j] = 0.0f;
+    }
+    jb->status = 0;
+    return NULL;
+}
+
+int saelab_latent_pass(const float *rows, const float *w, const float *coef, const int64_t *order,
+                       const int64_t *starts, int64_t n, int64_t d, int64_t k, float *dots, float *out,
+                       int64_t n_threads) {
+    if (n <= 0) return 0;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > n) n_threads = n;
+    latent_job jobs[64];
+    int64_t bounds[65];
+    split(starts, n, n_threads, bounds);
+    for (int64_t t = 0; t < n_threads; t++)
+        jobs[t] = (latent_job){1, rows, w, coef, order, starts, dots, out, d, k, bounds[t], bounds[t + 1], starts[n]};
+    return run_all(latent_pass, jobs, sizeof(latent_job), n_threads);
+}
