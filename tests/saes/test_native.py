@@ -50,11 +50,13 @@ def test_ties_keep_the_largest_values(built) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_ties_go_to_the_lower_latent_across_buffer_cuts(built, dtype, threads) -> None:
-    # Values on a coarse grid: many ties at every threshold. More latents than the kernel streams tile by tile first,
-    # more tokens than one tile, and k large enough that every token's buffer is cut back many times.
+@pytest.mark.parametrize("n", [1500, 9000])  # the two paths: lower-bound thresholds per tile; the head phase (wide)
+def test_ties_go_to_the_lower_latent_across_buffer_cuts(built, dtype, threads, n) -> None:
+    # Values on a coarse grid: many ties at every threshold, at the lower bounds too. More latents than the kernel
+    # streams tile by tile first, more tokens than one tile, and k large enough that every token's buffer is cut back
+    # many times.
     gen = torch.Generator().manual_seed(3)
-    n, rows, k = 1500, 300, 40
+    rows, k = 300, 40
     pre = ((torch.randn(n, rows, generator=gen) * 4).round() / 4).to(dtype)
     bias = (torch.randn(n, generator=gen) * 2).round() / 2
     ok, values, indices = _select(pre, bias, k, threads)
@@ -64,6 +66,21 @@ def test_ties_go_to_the_lower_latent_across_buffer_cuts(built, dtype, threads) -
     want = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(indices.sort(1).values, want.sort(1).values)
     assert torch.equal(scores.gather(1, indices), values)
+
+
+@pytest.mark.parametrize("n", [60, 9000])
+def test_a_nan_never_enters_but_the_finite_values_are_still_selected(built, n) -> None:
+    gen = torch.Generator().manual_seed(4)
+    pre = torch.randn(n, 50, generator=gen)
+    pre[::3, 5] = float("nan")  # a third of a column; another column NaN in its largest latents
+    pre[:, 9] = torch.arange(n, dtype=torch.float32)
+    pre[n - 4 :, 9] = float("nan")
+    ok, values, indices = _select(pre, torch.zeros(n), 7)
+    assert ok
+    finite = torch.nan_to_num(pre, nan=float("-inf")).t()
+    want = finite.sort(dim=1, descending=True, stable=True).indices[:, :7]
+    assert torch.equal(indices.sort(1).values, want.sort(1).values)
+    assert not values.isnan().any()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
