@@ -144,8 +144,7 @@ def test_builds_the_source_it_was_imported_with(built, fresh_build, monkeypatch,
     assert native.rescore_topk(x, weight, bias, None, 2)[0].shape == (3, 2)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_latent_pass_is_exact_dots_and_ordered_sums(built, threads) -> None:
+def test_latent_pass_is_exact_dots_and_fixed_order_sums(built) -> None:
     from saelab.saes.kernels import group_by_latent
 
     g = torch.Generator().manual_seed(1)
@@ -154,24 +153,26 @@ def test_latent_pass_is_exact_dots_and_ordered_sums(built, threads) -> None:
     coefficients = torch.randn(23, 6, generator=g)
     groups = group_by_latent(indices, 11)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    runs = []
     try:
-        dots, sums = native.latent_pass(rows, groups.order, groups.starts, 6, weight, coefficients)
-        assert native.latent_pass(rows, groups.order, groups.starts, 6, weight)[1] is None
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            runs.append(native.latent_pass(rows, groups.order, groups.starts, 6, weight, coefficients))
+        only_dots = native.latent_pass(rows, groups.order, groups.starts, 6, weight)
         only_sums = native.latent_pass(rows, groups.order, groups.starts, 6, None, coefficients)
     finally:
         torch.set_num_threads(previous)
+    (dots, sums), (dots3, sums3) = runs
+    assert torch.equal(dots, dots3) and torch.equal(sums, sums3)  # whatever the thread count
+    assert torch.equal(only_dots[0], dots) and only_dots[1] is None
+    assert torch.equal(only_sums[1], sums) and only_sums[0] is None
     # the dots are the exact scores' fixed-order sums, bit for bit (a zero bias adds nothing)
-    flat = indices.reshape(-1, 1)
-    exact = native.rescore_topk(rows.repeat_interleave(6, 0), weight, torch.zeros(11), flat, 1)[0].view(23, 6)
-    assert torch.equal(dots, exact)
-    # each latent's sum in token order, one product at a time
-    want = torch.zeros(11, 37)
-    for b in range(23):
-        for j in range(6):
-            want[indices[b, j]] += coefficients[b, j] * rows[b]
-    assert torch.equal(sums, want)
-    assert torch.equal(only_sums[1], want) and only_sums[0] is None
+    exact = native.rescore_topk(rows.repeat_interleave(6, 0), weight, torch.zeros(11), indices.reshape(-1, 1), 1)[0]
+    assert torch.equal(dots, exact.view(23, 6))
+    want = torch.zeros(11, 37, dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), (coefficients[..., None] * rows[:, None, :]).reshape(-1, 37).double())
+    torch.testing.assert_close(sums, want.float())
+    assert torch.equal(sums[10], torch.zeros(37))  # written, though no token selected it
 
 
 def test_latent_pass_refuses_what_it_cannot_take(built) -> None:

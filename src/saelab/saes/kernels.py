@@ -20,8 +20,8 @@ arranged so that nothing else costs nearly as much:
   its value gradient (one dot per selected latent) a CSR-sampled dense product that reads W_dec latent by latent,
   both over one grouping of the selection (on CPU 1.4-2.5x faster than `embedding_bag`'s per-sample-weight
   backward, measured at n = 4k-98k latents). On CPU in fp32 the two are one native pass (`native.latent_pass`)
-  that reads each selected row of the output gradient once for both: 7 against 10 ms at n = 4,096, 12 against 13
-  at 24,576 (4,096 tokens, k = 32, d = 768, 2-core Zen 4).
+  that reads each selected row of the output gradient once for both: 6 against 10.5 ms at n = 4,096, 9 against 14
+  at 24,576 (4,096 tokens, k = 32, d = 768, 2-core Zen 4; also faster in AVX2-only and SSE2 builds).
 
 Every sum here is taken in a fixed order, so a step is bit-for-bit repeatable at a given thread count: each
 `embedding_bag` bag is summed by one thread in order, the grouping is a stable sort, and the per-latent sums of

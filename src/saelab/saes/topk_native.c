@@ -725,6 +725,14 @@ typedef struct {
     int64_t d, k, lo, hi;
 } latent_job;
 
+/* A weight gradient's sums need a fixed order, not exact_dot's rounding: fused multiply-adds where the CPU has them
+ * (half the instructions; on a 2-core Zen 4 a latent's sum over 4,096 tokens x 32 latents ran 4.5 against 6.5 ms). */
+#ifdef __FMA__
+#define MULADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((c) + (a) * (b))
+#endif
+
 /* For g (1 or 4) rows e[q] of one latent: with `dots`, out[q] = exact_dot(e[q], w); with `sums`, acc = acc + a[0]·e[0]
  * + ... + a[g-1]·e[g-1] (added in that order, element by element; acc taken as 0 when `fresh`): one pass over the rows
  * for both. Always inlined with constant flags, so each combination gets its own vectorised loop. */
@@ -740,7 +748,7 @@ static inline __attribute__((always_inline)) void dot_and_sum(const int g, const
             for (int q = 0; q < g; q++) part[q][l] += e[q][j] * w[j];                   \
         if (sums) {                                                                     \
             float sum = fresh ? 0.0f : acc[j];                                          \
-            for (int q = 0; q < g; q++) sum = sum + a[q] * e[q][j];                     \
+            for (int q = 0; q < g; q++) sum = MULADD(a[q], e[q][j], sum);                     \
             acc[j] = sum;                                                               \
         }                                                                               \
     } while (0)
