@@ -181,3 +181,15 @@ def test_latent_pass_refuses_what_it_cannot_take(built) -> None:
         native.latent_pass(torch.randn(2, 3, dtype=torch.float64), order, starts, 2, None, torch.randn(2, 2))
     with pytest.raises(ValueError, match="weight must be"):
         native.latent_pass(torch.randn(2, 3), order, starts, 2, torch.randn(5, 3))
+
+
+def test_grouping_by_latent_is_the_stable_sort(built) -> None:
+    g = torch.Generator().manual_seed(2)
+    indices = torch.randint(0, 9, (50, 4), generator=g)  # repeats within a token, and latent 9 never selected
+    order, tokens, starts = native.group_by_latent(indices, 10)
+    latents, want = torch.sort(indices.reshape(-1), stable=True)
+    assert torch.equal(order, want) and torch.equal(tokens, want // 4)
+    counts = torch.bincount(latents, minlength=10)
+    assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    with pytest.raises(IndexError, match="outside"):
+        native.group_by_latent(torch.tensor([[0, 10]]), 10)

@@ -11,7 +11,7 @@ arranged so that nothing else costs nearly as much:
   the encoder bias, so the GEMM skips it (`native`), or where that kernel cannot be built, in two exact torch stages
   over group maxima and then the winning groups (`_grouped_topk`);
 - the backward is sparse. With g the gradient of the k selected pre-activations of each token, the selection is
-  grouped by latent once (one sort, `group_by_latent`, shared with the decoder's backward: `shared_grouping`) and:
+  grouped by latent once (a counting sort, `group_by_latent`, shared with the decoder's backward: `shared_grouping`) and:
   the encoder weight gradient is a per-latent sum of g·x over the tokens that selected the latent, an
   `embedding_bag` forward with one bag per latent over the token rows (no [B·k, d] temporary); the input gradient
   is an `embedding_bag` gather-sum of encoder rows; the bias gradient is a per-latent sum of g; the pre-bias
@@ -342,6 +342,8 @@ class LatentGroups(NamedTuple):
 
 def group_by_latent(indices: Tensor, n_latents: int) -> LatentGroups:
     k = indices.shape[1]
+    if indices.device.type == "cpu" and indices.dtype == torch.long and native.library() is not None:
+        return LatentGroups(*native.group_by_latent(indices, n_latents), k)  # a counting sort, the same grouping
     sorted_latents, order = stable_sort(indices.reshape(-1))
     starts = torch.zeros(n_latents + 1, dtype=torch.long, device=indices.device)
     torch.cumsum(torch.bincount(sorted_latents, minlength=n_latents), 0, out=starts[1:])

@@ -103,6 +103,8 @@ def library() -> ctypes.CDLL | None:
     lib.saelab_normalize_rows.restype = ctypes.c_int
     lib.saelab_latent_pass.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64]
     lib.saelab_latent_pass.restype = ctypes.c_int
+    lib.saelab_group_by_latent.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.saelab_group_by_latent.restype = ctypes.c_int
     return lib
 
 
@@ -234,3 +236,20 @@ def latent_pass(rows: Tensor, order: Tensor, starts: Tensor, k: int, weight: Ten
     if status:
         raise RuntimeError("the native latent pass could not start its threads")
     return dots, sums
+
+
+def group_by_latent(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, tokens, starts) of a [B, k] int64 CPU selection grouped by latent: `order` the flat positions latent
+    by latent, in position order within a latent (a stable sort's), `tokens` = order // k, `starts` [n + 1] where
+    each latent's run begins. A counting sort; requires `library()`."""
+    lib = library()
+    if lib is None or indices.device.type != "cpu" or indices.dtype != torch.int64:
+        raise ValueError("group_by_latent needs the native library and int64 CPU indices")
+    flat = indices.contiguous().reshape(-1)
+    order, tokens = torch.empty_like(flat), torch.empty_like(flat)
+    starts = torch.empty(n_latents + 1, dtype=torch.int64)
+    k = indices.shape[-1] if indices.dim() else 1
+    if lib.saelab_group_by_latent(flat.data_ptr(), flat.numel(), n_latents, max(k, 1), order.data_ptr(),
+                                  tokens.data_ptr(), starts.data_ptr()):
+        raise IndexError(f"group_by_latent: a latent index lies outside [0, {n_latents})")
+    return order, tokens, starts

@@ -1019,3 +1019,28 @@ int saelab_latent_pass(const float *rows, const float *w, const float *coef, con
                        int64_t n_threads) {
     return latent_pass_threads(rows, w, NULL, coef, order, starts, n, d, k, dots, out, n_threads);
 }
+
+/* ---- A selection grouped by latent ---------------------------------------------------------------------------
+ *
+ * indices [total] (int64 latents in [0, n)) -> order [total], the positions latent by latent and in increasing
+ * position within a latent (what a stable sort of the indices gives), tokens [total] = order / k, and starts [n + 1].
+ * A counting sort: two passes over the indices, where a sort takes log(total) (on a 2-core Zen 4, 131,072 indices:
+ * 0.35 ms against 1.9 for the stable sort, bincount and division). Returns 4 when an index lies outside [0, n). */
+int saelab_group_by_latent(const int64_t *indices, int64_t total, int64_t n, int64_t k, int64_t *order,
+                           int64_t *tokens, int64_t *starts) {
+    for (int64_t i = 0; i <= n; i++) starts[i] = 0;
+    for (int64_t p = 0; p < total; p++) {
+        const int64_t i = indices[p];
+        if (i < 0 || i >= n) return 4;
+        starts[i + 1]++;
+    }
+    for (int64_t i = 0; i < n; i++) starts[i + 1] += starts[i];
+    for (int64_t p = 0; p < total; p++) {
+        const int64_t at = starts[indices[p]]++;
+        order[at] = p;
+        tokens[at] = p / k;
+    }
+    for (int64_t i = n; i > 0; i--) starts[i] = starts[i - 1];
+    starts[0] = 0;
+    return 0;
+}
