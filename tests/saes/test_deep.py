@@ -115,7 +115,7 @@ def test_encoder_init_is_kaiming_normal() -> None:
 
 def test_shallow_deep_sae_is_numerically_the_topk_sae(tmp_path) -> None:
     """No dense layers + the shallow convention: same weights -> same forward, same gradients, and the same
-    training run (geometric-median b_dec, masked Adam, activation decay, clipping, resampling, unit norm)."""
+    training run (b_dec at the first batch's mean, masked Adam, activation decay, clipping, resampling, unit norm)."""
     topk = TopKSAE(TopKSAEConfig(d_in=8, n_latents=32, k=3, preprocessing="token_l2"))
     deep = _deep(d=8, n=32, k=3, multiples=(), pre_encoder_bias=True, preprocessing="token_l2")
     with torch.no_grad():

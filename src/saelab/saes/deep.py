@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError
 from saelab.saes.base import Latents, SparseAutoencoder, SparseLatents, register
-from saelab.saes.initialization import geometric_median
+from saelab.saes.initialization import batch_mean, geometric_median
 from saelab.saes.kernels import sparse_decode, topk_encode
 from saelab.saes.topk import TopKSAEConfig
 
@@ -133,7 +133,10 @@ class DeepSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def initialize_from_batch(self, x_n: Tensor) -> None:
-        self.init_b_dec_geometric_median(x_n)
+        """Only the shallow convention (`pre_encoder_bias`) starts the output bias at the data, at the first batch's
+        mean as a shallow SAE's b_dec; the deep recipe keeps every bias at zero."""
+        if self.cfg.pre_encoder_bias:
+            self.output_bias.copy_(batch_mean(x_n))
 
     @torch.no_grad()
     def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:

@@ -49,6 +49,12 @@ def init_dictionary(w_enc: Tensor, w_dec: Tensor | None, generator: torch.Genera
 
 
 @torch.no_grad()
+def batch_mean(x: Tensor) -> Tensor:
+    """The mean over every token of a batch [..., d] (summed in float64, returned in x's dtype): a b_dec init."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float64).mean(dim=0).to(x.dtype)
+
+
+@torch.no_grad()
 def geometric_median(points: Tensor, iters: int = 100, rtol: float = 1e-7) -> Tensor:
     """The point minimising Σ_i ||p_i - y|| (Weiszfeld's iteration), in float64 for a clean stop.
 

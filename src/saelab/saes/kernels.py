@@ -11,7 +11,8 @@ arranged so that nothing else costs nearly as much:
   the encoder bias, so the GEMM skips it (`native`), or where that kernel cannot be built, in two exact torch stages
   over group maxima and then the winning groups (`_grouped_topk`);
 - the backward is sparse. With g the gradient of the k selected pre-activations of each token, the selection is
-  grouped by latent once (a counting sort, `group_by_latent`, shared with the decoder's backward: `shared_grouping`) and:
+  grouped by latent once (a counting sort, `group_by_latent`, shared with the decoder's backward:
+  `shared_grouping`) and:
   the encoder weight gradient is a per-latent sum of g·x over the tokens that selected the latent, an
   `embedding_bag` forward with one bag per latent over the token rows (no [B·k, d] temporary); the input gradient
   is an `embedding_bag` gather-sum of encoder rows; the bias gradient is a per-latent sum of g; the pre-bias

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from saelab.saes.base import Latents, SAEConfig, SparseAutoencoder, SparseLatents
-from saelab.saes.initialization import geometric_median, init_dictionary
+from saelab.saes.initialization import batch_mean, geometric_median, init_dictionary
 from saelab.saes.kernels import sparse_decode
 
 
@@ -52,8 +52,11 @@ class ShallowSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def initialize_from_batch(self, x_n: Tensor) -> None:
-        """b_dec starts at the geometric median of the first (normalised) batch."""
-        self.init_b_dec_geometric_median(x_n)
+        """b_dec starts at the mean of the first (normalised) batch: the constant output with the least squared error,
+        which is what the loss measures (sparsify's choice). The geometric median (Gao et al.'s, following Bricken
+        et al.) trained a top-k SAE to a 0.0011-0.0016 higher held-out FVU after 8, 24 and 60 steps of 4,096 tokens
+        (4,096 latents, the demo's SmolLM2 activations); `init_b_dec_geometric_median` keeps it available."""
+        self.b_dec.copy_(batch_mean(x_n))
 
     @torch.no_grad()
     def init_b_dec_geometric_median(self, x: Tensor, iters: int = 100) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from saelab.errors import ConfigError
 from saelab.saes.base import ForwardOutput, Latents, SparseAutoencoder, SparseLatents
-from saelab.saes.initialization import geometric_median, init_dictionary
+from saelab.saes.initialization import batch_mean, init_dictionary
 from saelab.saes.kernels import sparse_decode, topk_encode
 from saelab.saes.topk import TopKSAE, TopKSAEConfig
 
@@ -290,8 +290,8 @@ class ShardedTopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def initialize_from_batch(self, x_n: Tensor) -> None:
-        """b_dec starts at the geometric median of the first batch: the same batch on every rank, the same b_dec."""
-        self.b_dec.copy_(geometric_median(x_n.reshape(-1, self.d_in)))
+        """b_dec starts at the first batch's mean, as a whole SAE's: the same batch on every rank, the same b_dec."""
+        self.b_dec.copy_(batch_mean(x_n))
         dist.broadcast(self.b_dec.data, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
 
     @property
