@@ -58,6 +58,33 @@ def test_fvu_value_and_gradients_match_the_composed_definition() -> None:
     assert torch.autograd.gradcheck(fraction_of_variance_unexplained, (x[:7], x_hat[:7]))
 
 
+@pytest.mark.parametrize("needs_x", [False, True])
+def test_float32_fvu_on_cpu_matches_the_definition_at_any_thread_count(needs_x: bool) -> None:
+    # float32 CPU inputs take the native one-pass sums (accumulated in double); a large mean tests the cancellation
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(700, 37, generator=gen) * 2 + 40
+    x_hat = x + torch.randn(700, 37, generator=gen)
+    want = _fvu_definition(x.double(), x_hat.double())
+    previous, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            xs, hs = x.clone().requires_grad_(needs_x), x_hat.clone().requires_grad_()
+            fvu = fraction_of_variance_unexplained(xs, hs)
+            fvu.backward()
+            results.append((fvu.detach(), hs.grad, xs.grad))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][:2], results[1][:2], strict=True))
+    assert results[0][0].dtype == torch.float32
+    assert results[0][0].item() == pytest.approx(want.item(), rel=1e-6)
+    xd, hd = x.double().requires_grad_(needs_x), x_hat.double().requires_grad_()
+    want_grads = torch.autograd.grad(_fvu_definition(xd, hd), (xd, hd) if needs_x else (hd,))
+    torch.testing.assert_close(results[0][1], want_grads[-1].float(), rtol=1e-4, atol=1e-9)
+    if needs_x:
+        torch.testing.assert_close(results[0][2], want_grads[0].float(), rtol=1e-4, atol=1e-9)
+
+
 def test_fvu_gradient_keeps_each_input_dtype() -> None:
     x = torch.randn(8, 4)
     x_hat = x.to(torch.bfloat16).requires_grad_()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab.saes import native
 from saelab.saes.latents import Latents, SparseLatents
 
 SliceSpec = slice | tuple[int, int]
@@ -51,7 +52,9 @@ def fraction_of_variance_unexplained(x: Tensor, x_hat: Tensor) -> Tensor:
 
 class _PooledFVU(torch.autograd.Function):
     """FVU = E / V with E = Σ ||x̂ − x||² and V = Σ ||x − mean(x)||², in five passes over [B, d] and one in the
-    backward (the composed ops take about twelve: it is the training loss, paid every step).
+    backward (the composed ops take about twelve: it is the training loss, paid every step). On CPU in float32 the
+    forward is one native pass over each matrix, accumulated in double (`native.fvu_sums`: 1.7 against 3.1 ms at
+    4,096 x 768), and the backward forms the error it did not keep.
 
     dFVU/dx̂ = 2(x̂ − x) / V;  dFVU/dx = −2(x̂ − x) / V − 2E (x − mean(x)) / V²  (the mean's own derivative cancels,
     since Σ_t (x_t − mean) = 0).
@@ -59,17 +62,23 @@ class _PooledFVU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, x_hat: Tensor) -> Tensor:
+        ctx.dtypes = (x.dtype, x_hat.dtype)
+        ctx.kept_error = not (native.rows_supported(x, x_hat) and x.shape == x_hat.shape)
+        if not ctx.kept_error:
+            sq_err, sq_dev = (torch.tensor(v, dtype=torch.float64) for v in native.fvu_sums(x, x_hat))
+            ctx.save_for_backward(x, x_hat, sq_err, sq_dev)
+            return (sq_err / sq_dev).to(x.dtype)
         err = x_hat - x
         sq_err = torch.linalg.vector_norm(err).square()
         sq_dev = torch.linalg.vector_norm(x - x.mean(0)).square()  # x.var(0) is 4x slower on CPU
         ctx.save_for_backward(x, err, sq_err, sq_dev)
-        ctx.dtypes = (x.dtype, x_hat.dtype)
         return sq_err / sq_dev
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        x, err, sq_err, sq_dev = ctx.saved_tensors
-        scale = 2 * grad / sq_dev
+        x, saved, sq_err, sq_dev = ctx.saved_tensors
+        err = saved if ctx.kept_error else saved - x  # saved: the error, or x̂ itself
+        scale = (2 * grad / sq_dev).to(err.dtype)
         grad_x = grad_x_hat = None
         if ctx.needs_input_grad[1]:
             grad_x_hat = (err * scale).to(ctx.dtypes[1])

@@ -2,7 +2,7 @@
 loaded with ctypes: an exact one-pass top-k over latent-major pre-activations; the exact, fixed-order scores of
 candidate latents that define a selection (`certified`); the bf16 filter's weight with the norms its bound needs;
 the unit-norm decoder constraint, one pass per row (`project_rows`, `normalize_rows`); and the sparse decoder's
-backward, latent by latent (`latent_pass`).
+backward, latent by latent (`latent_pass`); and the pooled FVU's sums in one pass (`fvu_sums`).
 
 The top-k reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself
 can skip the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). On AVX-512 CPUs it compares
@@ -105,6 +105,8 @@ def library() -> ctypes.CDLL | None:
     lib.saelab_latent_pass.restype = ctypes.c_int
     lib.saelab_group_by_latent.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.saelab_group_by_latent.restype = ctypes.c_int
+    lib.saelab_fvu_sums.argtypes = [ptr, ptr, i64, i64, ptr, i64]
+    lib.saelab_fvu_sums.restype = ctypes.c_int
     return lib
 
 
@@ -253,3 +255,18 @@ def group_by_latent(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Te
                                   tokens.data_ptr(), starts.data_ptr()):
         raise IndexError(f"group_by_latent: a latent index lies outside [0, {n_latents})")
     return order, tokens, starts
+
+
+def fvu_sums(x: Tensor, x_hat: Tensor) -> tuple[float, float]:
+    """(Σ_t ||x̂_t − x_t||², Σ_t ||x_t − mean(x)||²) of two [rows, d] matrices, accumulated in double in one pass over
+    each, the same at any thread count. Requires `rows_supported(x, x_hat)`."""
+    lib = library()
+    if lib is None or not rows_supported(x, x_hat) or x.shape != x_hat.shape:
+        raise ValueError("fvu_sums needs the native library and two contiguous float32 CPU matrices of one shape")
+    out = torch.zeros(2, dtype=torch.float64)
+    if lib.saelab_fvu_sums(x.data_ptr(), x_hat.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(),
+                           torch.get_num_threads()):
+        raise MemoryError("the native FVU sums could not allocate their buffers")
+    sq_err, sq_dev = out.tolist()
+    return sq_err, sq_dev
+

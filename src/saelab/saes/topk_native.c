@@ -1044,3 +1044,83 @@ int saelab_group_by_latent(const int64_t *indices, int64_t total, int64_t n, int
     starts[0] = 0;
     return 0;
 }
+
+/* ---- The pooled FVU's sums, in one pass -----------------------------------------------------------------------
+ *
+ * x, xh [rows, d] float32. out[0] = Σ ||xh_t - x_t||², out[1] = Σ ||x_t - mean(x)||² (= Σ ||x_t||² - rows·||mean||²,
+ * exact enough in double), both accumulated in double over fixed blocks of FVU_BLOCK rows summed in block order, so
+ * the result does not depend on the thread count. One read of each matrix, where torch's composed ops take five
+ * passes (on a 2-core Zen 4, 4,096 x 768: 1.7 against 3.1 ms). */
+
+#define FVU_BLOCK 256
+
+typedef struct {
+    int status;
+    const float *x, *xh;
+    double *partial;  /* per block: d column sums, then Σ err², Σ x² */
+    int64_t rows, d, lo, hi;  /* blocks [lo, hi) */
+} fvu_job;
+
+static void *fvu_blocks(void *arg) {
+    fvu_job *jb = (fvu_job *)arg;
+    const int64_t d = jb->d;
+    double *err = malloc(sizeof(double) * 2 * d);
+    jb->status = err == NULL;
+    for (int64_t b = jb->lo; b < jb->hi && !jb->status; b++) {
+        /* per column, so the loop over a row vectorises; a block's totals are summed column by column at its end */
+        double *col = jb->partial + b * (d + 2), *sq = err + d;
+        for (int64_t j = 0; j < d; j++) col[j] = err[j] = sq[j] = 0.0;
+        const int64_t end = (b + 1) * FVU_BLOCK < jb->rows ? (b + 1) * FVU_BLOCK : jb->rows;
+        for (int64_t t = b * FVU_BLOCK; t < end; t++) {
+            const float *xt = jb->x + t * d, *ht = jb->xh + t * d;
+            for (int64_t j = 0; j < d; j++) {
+                const double v = xt[j], e = (double)ht[j] - v;
+                col[j] += v;
+                err[j] += e * e;
+                sq[j] += v * v;
+            }
+        }
+        double err_total = 0.0, sq_total = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            err_total += err[j];
+            sq_total += sq[j];
+        }
+        col[d] = err_total;
+        col[d + 1] = sq_total;
+    }
+    free(err);
+    return NULL;
+}
+
+int saelab_fvu_sums(const float *x, const float *xh, int64_t rows, int64_t d, double *out, int64_t n_threads) {
+    out[0] = out[1] = 0.0;
+    if (rows <= 0) return 0;
+    const int64_t blocks = (rows + FVU_BLOCK - 1) / FVU_BLOCK;
+    double *partial = malloc(sizeof(double) * blocks * (d + 2));
+    double *col = calloc(d, sizeof(double));
+    if (partial == NULL || col == NULL) {
+        free(partial);
+        free(col);
+        return 1;
+    }
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > blocks) n_threads = blocks;
+    fvu_job jobs[64];
+    for (int64_t t = 0; t < n_threads; t++)
+        jobs[t] = (fvu_job){1, x, xh, partial, rows, d, blocks * t / n_threads, blocks * (t + 1) / n_threads};
+    int status = run_all(fvu_blocks, jobs, sizeof(fvu_job), n_threads);
+    double err = 0.0, sq = 0.0, mean_sq = 0.0;
+    for (int64_t b = 0; b < blocks && !status; b++) {
+        const double *p = partial + b * (d + 2);
+        for (int64_t j = 0; j < d; j++) col[j] += p[j];
+        err += p[d];
+        sq += p[d + 1];
+    }
+    for (int64_t j = 0; j < d; j++) mean_sq += col[j] * col[j];
+    out[0] = err;
+    out[1] = sq - mean_sq / (double)rows;
+    free(partial);
+    free(col);
+    return status;
+}
