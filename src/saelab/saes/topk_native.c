@@ -48,6 +48,9 @@
 #ifndef BOUND_TILE
 #define BOUND_TILE 128  /* tokens per tile of `lower_bounds`, used up to BOUND_TILE_VALUES values per tile */
 #endif
+#ifndef BOUND_Q
+#define BOUND_Q 4  /* `lower_bounds` keeps each part's BOUND_Q largest */
+#endif
 #ifndef BOUND_TILE_VALUES
 #define BOUND_TILE_VALUES (1 << 20)
 #endif
@@ -312,21 +315,22 @@ static inline __attribute__((always_inline)) void stream_rows(const void *pre, c
 /* Starting thresholds for tokens [0, width) (a tile) that are already lower bounds of each token's k-th largest
  * value, so the stream inserts little more than its k best instead of every value until the buffers fill.
  *
- * The n latents are split into P = ceil(k / 2) parts, and the token's threshold is the least, over the parts, of the
- * part's second largest value: each part then holds two values at or above it, so at least 2P >= k values are, and
- * the k-th largest is not below it. The stream's test is a strict ">", so the threshold is set one float below that
- * bound (every value equal to it enters). A part's two largest are kept per 16 tokens in two vectors (max / min, so
- * a NaN never enters); the values are read exactly as the stream reads them (the bias added in float32).
+ * The n latents are split into P = ceil(k / Q) parts (Q = BOUND_Q), and the token's threshold is the least, over the
+ * parts, of the part's Q-th largest value: each part then holds Q values at or above it, so at least Q·P >= k values
+ * are, and the k-th largest is not below it. The stream's test is a strict ">", so the threshold is set one float
+ * below that bound (every value equal to it enters). A part's Q largest are kept per 16 tokens in Q sorted vectors
+ * (max / min insertion, so a NaN never enters); the values are read exactly as the stream reads them (the bias added
+ * in float32). Q = 4 measured best of 1-8 (2-core Zen 4).
  *
- * It pays where a tile of BOUND_TILE tokens by every latent stays in L2 for the stream that rereads it: on a 2-core
- * Zen 4 over 4,096 tokens, 9.9 -> 8.2 ms at 4,096 fp32 latents with k = 41, 14.0 -> 12.9 at 8,192, 15.7 -> 14.6 at
- * 8,192 bf16 latents with k = 65; at 16,384 bf16 latents it cost 1 ms, and wider dictionaries keep the head phase,
- * whose long sequential row reads the tiles' short ones cannot match. */
+ * It pays where a tile of BOUND_TILE tokens by every latent stays in cache for the stream that rereads it: on a
+ * 2-core Zen 4 over 4,096 tokens, 9.9 -> 7.2 ms at 4,096 fp32 latents with k = 41, 15.7 -> 13.6 at 8,192 bf16
+ * latents with k = 65; at 16,384 bf16 latents it cost 1 ms, and wider dictionaries keep the head phase, whose long
+ * sequential row reads the tiles' short ones cannot match. */
 static void lower_bounds(const void *pre, const int bf16, int64_t n, int64_t ld, const float *bias, int64_t width,
                          int64_t k, float *thr) {
-    const int64_t parts = (k + 1) / 2, size = bf16 ? 2 : 4;
+    const int64_t parts = (k + BOUND_Q - 1) / BOUND_Q, size = bf16 ? 2 : 4;
     for (int64_t t0 = 0; t0 < width; t0 += 64) {
-        __m512 tau[4], first[4], second[4];
+        __m512 tau[4], best[BOUND_Q][4];
         __mmask16 live[4];
         for (int j = 0; j < 4; j++) {
             tau[j] = _mm512_set1_ps(INFINITY);
@@ -334,7 +338,8 @@ static void lower_bounds(const void *pre, const int bf16, int64_t n, int64_t ld,
         }
         for (int64_t part = 0; part < parts; part++) {
             const int64_t lo = n * part / parts, hi = n * (part + 1) / parts;
-            for (int j = 0; j < 4; j++) first[j] = second[j] = _mm512_set1_ps(-INFINITY);
+            for (int q = 0; q < BOUND_Q; q++)
+                for (int j = 0; j < 4; j++) best[q][j] = _mm512_set1_ps(-INFINITY);
             for (int64_t i = lo; i < hi; i++) {
                 const char *row = (const char *)pre + i * ld * size;
                 if (i + PREFETCH_ROWS < n)
@@ -352,13 +357,17 @@ static void lower_bounds(const void *pre, const int bf16, int64_t n, int64_t ld,
                         v = _mm512_maskz_loadu_ps(live[j], (const float *)row + t);
                     }
                     v = _mm512_add_ps(v, b);
-                    /* max(v, a) is a when v is NaN; min(a, v) is then v (NaN), which max(., second) drops */
-                    const __m512 top = _mm512_max_ps(v, first[j]);
-                    second[j] = _mm512_max_ps(_mm512_min_ps(first[j], v), second[j]);
-                    first[j] = top;
+                    /* insertion into the sorted best[.][j]: max(v, a) is a when v is NaN, and min(a, v) is then v
+                     * (NaN) again, so a NaN passes down every level and never enters */
+                    for (int q = 0; q < BOUND_Q - 1; q++) {
+                        const __m512 top = _mm512_max_ps(v, best[q][j]);
+                        v = _mm512_min_ps(best[q][j], v);
+                        best[q][j] = top;
+                    }
+                    best[BOUND_Q - 1][j] = _mm512_max_ps(v, best[BOUND_Q - 1][j]);
                 }
             }
-            for (int j = 0; j < 4; j++) tau[j] = _mm512_min_ps(tau[j], second[j]);
+            for (int j = 0; j < 4; j++) tau[j] = _mm512_min_ps(tau[j], best[BOUND_Q - 1][j]);
         }
         for (int j = 0; j < 4 && live[j]; j++) {
             float bound[16];
