@@ -6,9 +6,10 @@ backward, latent by latent (`latent_pass`); and the pooled FVU's sums in one pas
 
 The top-k reads the [n, rows] GEMM output once, in order, and adds the encoder bias on the fly, so the GEMM itself
 can skip the bias (a broadcast copy of the whole output, ~4% of the step at n = 98,304). On AVX-512 CPUs it compares
-64 values per step and cuts full candidate buffers with vector compresses; measured on a 2-core Zen 4 over 4,096
-tokens: 10 ms for 4,096 fp32 latents with k = 41 (the fp32 filter's candidates) and 29 ms for 24,576 bf16 latents
-with k = 65 (the bf16 filter's), against 27 and 74 ms for the scalar-cut AVX2 loop it replaced there.
+64 values per step, starts each token's threshold at a lower bound of its k-th largest value and cuts full candidate
+buffers with vector compresses; measured on a 2-core Zen 4 over 4,096 tokens: 7 ms for 4,096 fp32 latents with
+k = 41 (the fp32 filter's candidates) and 24 ms for 24,576 bf16 latents with k = 65 (the bf16 filter's), against 27
+and 74 ms for the scalar-cut AVX2 loop it replaced there.
 
 Everything here is optional: without a C compiler, with `SAELAB_NATIVE=0`, or when a build fails (a warning says
 why), `library()` is None and the kernels use the torch path. The built library lives in the user cache
