@@ -34,8 +34,9 @@
 
 #define TILE 16     /* threads split the tokens in multiples of this */
 #ifndef CAPACITY
-/* Candidate buffer per token, in multiples of k: 3 measured faster than 2, 4, 6 and 8 with the lower bounds (smaller
- * buffers stay in cache; at 24,576 bf16 latents, k = 65: 26.9 -> 24.1 ms against 4). */
+/* Candidate buffer per token, in multiples of k. With the lower bounds, smaller buffers stay in cache: 3 against 4
+ * took 24.1 against 26.9 ms at 24,576 bf16 latents (k = 65) and 6.9 against 7.2 at 4,096 fp32 (k = 41); 2 was 3%
+ * faster on the wide bf16 case but 7% slower on the narrow one, 6 and 8 slower on both. */
 #define CAPACITY 3
 #endif
 #ifndef PREFETCH_ROWS
