@@ -55,9 +55,9 @@ from saelab.saes import TopKSAE, TopKSAEConfig, certified  # noqa: E402
 from saelab.saes.kernels import (  # noqa: E402
     chunk_spans,
     default_chunk_rows,
+    gemm_buffer,
     latent_major,
     pre_activations,
-    workspace,
 )
 from saelab.training.constraints import normalize_decoder, project_out_parallel_grad  # noqa: E402
 from saelab.training.optim import adam  # noqa: E402
@@ -100,7 +100,7 @@ def gemm_only(sae: TopKSAE, x: Tensor, dtype: torch.dtype = torch.float32) -> No
     x = x.to(dtype)
     with torch.no_grad():
         spans = chunk_spans(x.shape[0], default_chunk_rows(n, weight.element_size()))
-        buffer = workspace(spans[0][1] * n, x)  # the kernel's own scratch buffer: no second one in peak memory
+        buffer = gemm_buffer(spans[0][1], n, x, bias_in_gemm=False)  # the kernel's own: no second one in peak memory
         by_latent = latent_major(x.device, n, sae.k)
         for start, stop in spans:
             pre_activations(x[start:stop], weight, None, buffer, by_latent)

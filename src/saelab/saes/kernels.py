@@ -190,10 +190,8 @@ def _approx_topk(x_c: Tensor, weight: Tensor, bias: Tensor, k: int, chunk_rows: 
     spans = chunk_spans(n_tokens, chunk_rows)
     # the native top-k adds the bias in fp32 as it reads
     fused_bias = by_latent and native.supports(x_c) and (dtype == torch.float32 or fp32_bias)
-    if fused_bias and dtype == torch.float32 and onednn_fp32():  # each chunk's GEMM output is oneDNN's own tensor
-        buffer = x_c.new_empty(0)
-    else:
-        buffer = workspace(max((stop - start for start, stop in spans), default=0) * n_latents, x_c)
+    rows = max((stop - start for start, stop in spans), default=0)
+    buffer = gemm_buffer(rows, n_latents, x_c, bias_in_gemm=not fused_bias)
     bias_after = fp32_bias and not fused_bias and dtype != torch.float32  # added in fp32 to the low GEMM's output
     values = x_c.new_empty(n_tokens, k, dtype=torch.float32 if fused_bias or bias_after else dtype)
     indices = torch.empty(n_tokens, k, dtype=torch.long, device=x_c.device)
@@ -228,6 +226,15 @@ def _low_gemm_plus_bias(x: Tensor, weight: Tensor, bias: Tensor, buffer: Tensor,
             pass
     pre = pre_activations(x, weight, None, buffer, by_latent).float()
     return pre.add_(bias.unsqueeze(1) if by_latent else bias)
+
+
+def gemm_buffer(rows: int, n_latents: int, like: Tensor, bias_in_gemm: bool) -> Tensor:
+    """The buffer `pre_activations` writes a chunk of `rows` tokens into: the kept workspace, or an empty tensor
+    where the GEMM returns its own output (oneDNN fp32 without a bias), so no unused [rows, n] buffer stays in
+    memory."""
+    if not bias_in_gemm and like.dtype == torch.float32 and like.device.type == "cpu" and onednn_fp32():
+        return like.new_empty(0)
+    return workspace(rows * n_latents, like)
 
 
 def pre_activations(x: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor, by_latent: bool) -> Tensor:
