@@ -180,7 +180,8 @@ def bf16_split(weight: Tensor, out: Tensor | None, rows: Tensor | None = None) -
 
 
 def rows_supported(*matrices: Tensor) -> bool:
-    """Whether `project_rows` / `normalize_rows` can take these matrices: contiguous float32 on CPU, built library."""
+    """Whether the row kernels (`project_rows`, `normalize_rows`, `latent_pass`, `fvu_sums`) can take these
+    matrices: 2-D, contiguous float32 on CPU, with the library built."""
     return library() is not None and all(
         m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 2 and m.is_contiguous() for m in matrices)
 
@@ -248,11 +249,12 @@ def group_by_latent(indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Te
     lib = library()
     if lib is None or indices.device.type != "cpu" or indices.dtype != torch.int64:
         raise ValueError("group_by_latent needs the native library and int64 CPU indices")
+    if indices.dim() != 2:
+        raise ValueError(f"group_by_latent needs a [B, k] selection, got shape {tuple(indices.shape)}")
     flat = indices.contiguous().reshape(-1)
     order, tokens = torch.empty_like(flat), torch.empty_like(flat)
     starts = torch.empty(n_latents + 1, dtype=torch.int64)
-    k = indices.shape[-1] if indices.dim() else 1
-    if lib.saelab_group_by_latent(flat.data_ptr(), flat.numel(), n_latents, max(k, 1), order.data_ptr(),
+    if lib.saelab_group_by_latent(flat.data_ptr(), flat.numel(), n_latents, max(indices.shape[1], 1), order.data_ptr(),
                                   tokens.data_ptr(), starts.data_ptr()):
         raise IndexError(f"group_by_latent: a latent index lies outside [0, {n_latents})")
     return order, tokens, starts

@@ -430,8 +430,7 @@ static int select_block(const void *pre, int bf16, int64_t n, int64_t ld, const 
     if (n * BOUND_TILE <= BOUND_TILE_VALUES) {  /* narrow: per tile, lower-bound thresholds, then every row, from L2 */
         for (int64_t t = 0; t < width; t += BOUND_TILE) {
             const int64_t w = width - t < BOUND_TILE ? width - t : BOUND_TILE;
-            if (bf16) lower_bounds(base + t * size, 1, n, ld, bias, w, k, thr + t);
-            else lower_bounds(base + t * size, 0, n, ld, bias, w, k, thr + t);
+            lower_bounds(base + t * size, bf16, n, ld, bias, w, k, thr + t);
             stream_any(base + t * size, bf16, n, ld, bias, 0, w, k, bv + t * cap, bi + t * cap, count + t, thr + t,
                        scratch);
         }
@@ -441,8 +440,7 @@ static int select_block(const void *pre, int bf16, int64_t n, int64_t ld, const 
     for (int64_t t = 0; t < width; t += HEAD_TILE) {
         const int64_t w = width - t < HEAD_TILE ? width - t : HEAD_TILE;
 #ifdef __AVX512F__  /* bounds from the head rows: fewer of them enter the buffers */
-        if (bf16) lower_bounds(base + t * size, 1, head, ld, bias, w, k, thr + t);
-        else lower_bounds(base + t * size, 0, head, ld, bias, w, k, thr + t);
+        lower_bounds(base + t * size, bf16, head, ld, bias, w, k, thr + t);
 #endif
         stream_any(base + t * size, bf16, head, ld, bias, 0, w, k, bv + t * cap, bi + t * cap, count + t, thr + t,
                    scratch);
@@ -474,6 +472,14 @@ static int select_columns(const void *pre, int bf16, int64_t n, int64_t ld, cons
 
 /* Run fn on each of `count` jobs of `size` bytes from `jobs`: job 0 on this thread, the others on their own (or here,
  * after it, when a thread cannot be started). Each job's first member is its int status; returns their OR. */
+/* The threads a job over `work` units gets: the caller's count, at least 1, at most 64 (the job arrays' size) and at
+ * most one per unit (a positive work count). */
+static inline int64_t clamp_threads(int64_t n_threads, int64_t work) {
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > work) n_threads = work;
+    return n_threads < 1 ? 1 : n_threads;
+}
+
 static int run_all(void *(*fn)(void *), void *jobs, size_t size, int64_t count) {
     pthread_t threads[64];
     int started[64] = {0};
@@ -515,9 +521,7 @@ static int topk_latent_major(const void *pre, int bf16, int64_t n, int64_t ld, i
     if (k <= 0 || rows <= 0) return 0;
     if (k > n) return 2;
     int64_t tiles = (rows + TILE - 1) / TILE;  /* threads split the tokens in whole tiles */
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > tiles) n_threads = tiles;
-    if (n_threads > 64) n_threads = 64;
+    n_threads = clamp_threads(n_threads, tiles);
     job jobs[64];
     for (int64_t w = 0; w < n_threads; w++) {
         int64_t c0 = TILE * (tiles * w / n_threads), c1 = TILE * (tiles * (w + 1) / n_threads);
@@ -826,9 +830,7 @@ static int latent_pass_threads(const float *rows, const float *w, const float *b
                                const int64_t *order, const int64_t *starts, int64_t n, int64_t d, int64_t k,
                                float *dots, float *out, int64_t n_threads) {
     if (n <= 0) return 0;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > n) n_threads = n;
+    n_threads = clamp_threads(n_threads, n);
     latent_job jobs[64];
     int64_t bounds[65];
     split(starts, n, n_threads, bounds);
@@ -843,8 +845,7 @@ int saelab_rescore_topk(const float *x, const float *w, const float *bias, const
     if (rows <= 0 || k <= 0) return 0;
     if (cand == NULL) c = n;
     if (k > c || c > n) return 2;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
+    n_threads = clamp_threads(n_threads, n);
     if (cand != NULL)
         for (int64_t p = 0; p < rows * c; p++)
             if (cand[p] < 0 || cand[p] >= n) return 4;
@@ -957,9 +958,7 @@ static void *run_split(void *arg) {
 
 int saelab_bf16_split(const float *w, int64_t n, int64_t d, uint16_t *w16, double *stats, double *rows,
                       int64_t n_threads) {
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > n) n_threads = n > 0 ? n : 1;
+    n_threads = clamp_threads(n_threads, n);
     split_job jobs[64];
     for (int64_t t = 0; t < n_threads; t++)
         jobs[t] = (split_job){1, w, w16, rows, d, n * t / n_threads, n * (t + 1) / n_threads, {0, 0, 0}};
@@ -1015,9 +1014,7 @@ static void *normalize_rows(void *arg) {
 
 static int run_rows(void *(*fn)(void *), float *w, float *g, int64_t n, int64_t d, int64_t n_threads) {
     if (n <= 0) return 0;
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > n) n_threads = n;
+    n_threads = clamp_threads(n_threads, n);
     rows_job jobs[64];
     for (int64_t t = 0; t < n_threads; t++)
         jobs[t] = (rows_job){1, w, g, d, n * t / n_threads, n * (t + 1) / n_threads};
@@ -1121,9 +1118,7 @@ int saelab_fvu_sums(const float *x, const float *xh, int64_t rows, int64_t d, do
         free(col);
         return 1;
     }
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > blocks) n_threads = blocks;
+    n_threads = clamp_threads(n_threads, blocks);
     fvu_job jobs[64];
     for (int64_t t = 0; t < n_threads; t++)
         jobs[t] = (fvu_job){1, x, xh, partial, rows, d, blocks * t / n_threads, blocks * (t + 1) / n_threads};
