@@ -78,14 +78,11 @@ class StepClock:
     Every trainer trains on all of them (the same token budget); the last step is left untimed because a trainer's
     own loop (ours: `Trainer.fit`) stops on its token budget without pulling again.
 
-    Driving a trainer's own loop this way (ours: `Trainer.fit`) times everything that loop does per step. An
-    optional `between(x)` runs, untimed for the step, before each batch is handed out (our encode-only pass,
-    alternating with the steps so machine drift hits both alike).
+    Driving a trainer's own loop this way (ours: `Trainer.fit`) times everything that loop does per step.
     """
 
-    def __init__(self, data: Activations, args: argparse.Namespace,
-                 between: Callable[[Tensor], None] | None = None) -> None:
-        self.data, self.between = data, between
+    def __init__(self, data: Activations, args: argparse.Namespace) -> None:
+        self.data = data
         self.warmup, self.steps = args.warmup, args.steps
         self.count = args.warmup + args.steps + 1
         self.step_s: list[float] = []
@@ -98,8 +95,6 @@ class StepClock:
     def __iter__(self) -> Iterator[Tensor]:
         for step in range(self.count):
             x = self.data[step]
-            if self.between is not None:
-                self.between(x)
             start = self._now()
             yield x
             self.step_s.append(self._now() - start)
@@ -120,9 +115,15 @@ def fvu(reconstruct: Callable[[Tensor], Tensor], data: Activations) -> float:
         return float(fraction_of_variance_unexplained(data.eval, reconstruct(data.eval)))
 
 
+def peak_rss_mb() -> float:
+    """The process's resident-set high-water mark so far (ru_maxrss), in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def report(trainer: str, args: argparse.Namespace, data: Activations, clock: StepClock, eval_fvu: float,
-           **extra: float | str | bool) -> dict:
-    """Print and return the worker's JSON line."""
+           training_peak_rss_mb: float | None = None, **extra: float | str | bool) -> dict:
+    """Print and return the worker's JSON line. `training_peak_rss_mb`: the peak taken after training and its
+    FVU, for a worker that measures more afterwards (default: the peak now)."""
     timed = clock.timed()
     if not timed:
         raise SystemExit(f"no timed steps: steps={args.steps} after warmup={args.warmup}")
@@ -133,7 +134,7 @@ def report(trainer: str, args: argparse.Namespace, data: Activations, clock: Ste
         "tokens_trained": clock.count * args.batch,
         "median_tokens_per_s": round(args.batch / statistics.median(timed), 1),
         "min_tokens_per_s": round(args.batch / max(timed), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb() if training_peak_rss_mb is None else training_peak_rss_mb,
         "fvu": round(eval_fvu, 5),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "threads": torch.get_num_threads(),

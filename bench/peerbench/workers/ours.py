@@ -1,8 +1,10 @@
-"""Our trainer: `saelab.training.Trainer.fit` over the shared batches, with our encode-only pass alternating.
+"""Our trainer: `saelab.training.Trainer.fit` over the shared batches, then our encode-only pass over the same.
 
 `--arch deep|multilayer` measures the same fast path as the sparse layer of a deep SAE (dense widths 2×d_in) or of
 a multi-layer SAE (two equal layer slices); their encode-only pass includes whatever their `encode` does. The top-k
 SAE's worker also times the bare encoder GEMM (`gemm_only`), the floor under any exact top-k trainer's step.
+Those passes run after training, and the row's peak RSS is taken before them: it compares training with training
+(the peers' workers run nothing else), not with buffers only the extra measurements allocate.
 The trainer runs with the peers' settings: constant lr, no warm-up, decay, clipping, AuxK or checkpoints.
 
 `--precision bf16-exact` (row "ours-bf16") trains the top-k SAE with the trainer's certified bf16 selection, which
@@ -13,7 +15,9 @@ encode-only pass runs that selection too, and its GEMM-only pass the bf16 GEMM w
 
 from __future__ import annotations  # noqa: I001 (common configures the process before torch loads)
 
-from peerbench.workers.common import Activations, StepClock, fvu, parse_args, report  # configures the process
+from peerbench.workers.common import (  # configures the process
+    Activations, StepClock, fvu, parse_args, peak_rss_mb, report,
+)
 
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -80,7 +84,7 @@ def main() -> None:
             dtype = torch.bfloat16 if exact else torch.float32
             gemm_s.append(timed(lambda: gemm_only(sae, x, dtype), data.device)[0])
 
-    clock = StepClock(data, args, between=encode)
+    clock = StepClock(data, args)
     cfg = TrainerConfig(
         total_tokens=clock.count * args.batch, batch_size=args.batch, lr=args.lr, warmup_steps=0, decay_fraction=0.0,
         grad_clip_norm=None, checkpoint_every_steps=None, log_every_steps=10**9, progress=False, seed=args.seed,
@@ -89,6 +93,10 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as out, certified.counted() as selection:
         Trainer(sae, cfg, out).fit(clock)
+    eval_fvu = fvu(sae.reconstruct, data)
+    training_peak = peak_rss_mb()
+    for step in range(clock.count):  # the same batches, in order, each pass timed as the steps were
+        encode(data[step])
     extra: dict[str, float | str | bool] = {}
     if precision == "bf16-exact":
         extra = {"bf16_hardware": certified.bf16_gemm_available(data.device), "bf16_path_ran": selection.tokens > 0}
@@ -100,7 +108,7 @@ def main() -> None:
     name = "ours" if arch == "topk" else f"ours-{arch}"
     if precision != "fp32":
         name = PRECISIONS[precision]
-    report(name, args, data, clock, fvu(sae.reconstruct, data), encode_median_tokens_per_s=round(encode_tps, 1),
+    report(name, args, data, clock, eval_fvu, training_peak, encode_median_tokens_per_s=round(encode_tps, 1),
            **gemm, **extra)
 
 
