@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine is for, in one call: the exact-selection tests on CUDA (a CUDA selection is the
-# CPU's, bit for bit), bf16-exact against fp32 training on the GPU (`bench/train_throughput.py`), and the CUDA
-# section of RESULTS.md (`bench/peers.py --device cuda`, written into OUT_DIR/RESULTS.md, a copy of bench/RESULTS.md).
+# CPU's, bit for bit), bf16-exact against fp32 training on the GPU (`bench/train_throughput.py`), where a CUDA step
+# spends its time (`bench/step_profile.py`: kernels, launches and host waits per step), and the CUDA section of
+# RESULTS.md (`bench/peers.py --device cuda`, written into OUT_DIR/RESULTS.md, a copy of bench/RESULTS.md).
 # sparsify and the imports it needs that the machine lacks travel as wheels in .whl/ (pip download, see the device
 # notes); nothing is fetched.
 # Usage: bench/cuda_check.sh OUT_DIR [peers.py arguments...]
@@ -20,6 +21,10 @@ python3 -m pytest -q -p no:cacheprovider tests/saes/test_exact_scores.py 2>&1 | 
 for n in 24576 98304; do
     python3 bench/train_throughput.py --device cuda --n "$n" --precision bf16-exact --steps 20 --warmup 5 \
         2>&1 | tail -2 | tee -a "$out/throughput.log"
+done
+for precision in fp32 autocast; do
+    python3 bench/step_profile.py --device cuda --n 4096 --precision "$precision" --steps 5 --warmup 10 \
+        2>&1 | tee -a "$out/profile.log" | grep -v '^{'
 done
 cp bench/RESULTS.md "$out/RESULTS.md"
 python3 bench/peers.py --device cuda --out "$out/RESULTS.md" "$@" 2>&1 | tee "$out/peers.log" | grep -v '^{'
