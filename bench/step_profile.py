@@ -5,8 +5,8 @@ The profiler records `--steps` steps after `--warmup` untimed ones; the table li
 per step, on the device the step runs on (CUDA kernel time on a GPU, CPU time otherwise), and the JSON line the step's
 median wall time (measured without the profiler, before it) and the same ops. On a GPU, where the step's cost is
 often launches and host waits rather than arithmetic, `launches_per_step` counts the CUDA kernels of one step and
-`host_syncs_per_step` the calls that wait for the device (`aten::item`, `aten::_local_scalar_dense`, copies to the
-host): each costs a round trip the GPU idles through.
+`host_syncs_per_step` the calls that wait for the device (`HOST_SYNCS`): each costs a round trip the GPU idles
+through.
 
 `--precision` picks the selection as the trainer does: fp32 (exact, the default), bf16-exact, or autocast (the GEMM
 under bf16 autocast, no exactness).
@@ -37,14 +37,16 @@ PRECISIONS = ("fp32", "bf16-exact", "autocast")
 HOST_SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
-def op_table(events: Any, cuda: bool, steps: int, rows: int) -> list[dict[str, Any]]:
-    """The `rows` ops with the most self time (CUDA kernel time when `cuda`), per step, in milliseconds."""
-    def self_us(event: Any) -> float:
-        return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
+def self_us(event: Any, cuda: bool) -> float:
+    """An op's own time in microseconds: its CUDA kernels' when `cuda`, else its CPU time."""
+    return float(event.self_device_time_total if cuda else event.self_cpu_time_total)
 
-    ranked = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)[:rows]
-    return [{"op": e.key, "ms_per_step": round(self_us(e) / 1e3 / steps, 3), "calls_per_step": e.count / steps}
-            for e in ranked]
+
+def op_table(events: Any, cuda: bool, steps: int, rows: int) -> list[dict[str, Any]]:
+    """The `rows` ops with the most self time (`self_us`), per step, in milliseconds."""
+    ranked = sorted((e for e in events if self_us(e, cuda) > 0), key=lambda e: self_us(e, cuda), reverse=True)
+    return [{"op": e.key, "ms_per_step": round(self_us(e, cuda) / 1e3 / steps, 3), "calls_per_step": e.count / steps}
+            for e in ranked[:rows]]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -86,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = op_table(events, cuda, args.steps, args.rows)
     result: dict[str, Any] = {
         "step_ms": round(statistics.median(wall) * 1e3, 3),
-        "profiled_ms_per_step": round(sum(float(e.self_device_time_total if cuda else e.self_cpu_time_total)
-                                          for e in events) / 1e3 / args.steps, 3),
+        "profiled_ms_per_step": round(sum(self_us(e, cuda) for e in events) / 1e3 / args.steps, 3),
         "ops": table,
         "n": args.n, "k": args.k, "d": args.d, "batch": args.batch, "steps": args.steps, "device": str(device),
         "precision": args.precision, "threads": torch.get_num_threads(), "torch": torch.__version__,
