@@ -101,6 +101,16 @@ def gemm_ceilings(rows: Sequence[Row], sizes: Sequence[int]) -> list[str]:
     return notes
 
 
+def precision_note(machine: dict[str, str]) -> list[str]:
+    """Which rows `saelab train`'s default precision ("auto") gives on this machine: the ours rows force fp32."""
+    if "bf16" not in machine:
+        return []
+    default = "bf16-exact, the ours-bf16 rows" if machine["bf16"].startswith("yes") else "fp32, the ours rows"
+    return ["ours, ours-deep and ours-multilayer run `--trainer.precision fp32` (the encoder GEMM in fp32) and "
+            "ours-bf16 bf16-exact, with the same weights bit for bit; `saelab train`'s default (auto) runs "
+            f"{default} on this machine."]
+
+
 def quality_target(rows: Sequence[Row]) -> Target:
     ours = next((r["fvu"] for r in rows if r["trainer"] == "ours"), None)
     peer = next((r["fvu"] for r in rows if r["trainer"] == "sparsify"), None)
@@ -168,7 +178,7 @@ def render(machine: Mapping[str, str], settings: str, speed: Sequence[Row], qual
                       [c["name"], _fmt(c["tokens_per_s"]), _fmt(c["relative"], 3), _fmt(c["load_average_1min"], 2)]
                       for c in costs
                   ]), ""]
-    notes = [*gemm_ceilings(speed, sizes), *notes]
+    notes = [*gemm_ceilings(speed, sizes), *precision_note(machine), *notes]
     if notes:
         lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
     return "\n".join(lines)

@@ -61,6 +61,11 @@ def test_results_render_targets_and_tables_from_fixed_figures() -> None:
     assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | 27,000 | – | 0.5000 | – | 1.00 |" in text
     assert "| sparsify | 4,096 | 768 | synthetic | 9,000 | 4,500 | 1,200 | – | – | 2.00 |" in text
     assert "n = 4,096: the bare encoder GEMM alone runs at 27,000 tokens/s, 3.00× sparsify's whole step" in text
+    assert "default (auto)" not in text  # no bf16 capability recorded: nothing said about it
+    for capability, default in (("yes (avx512_bf16 or amx_bf16)", "runs bf16-exact, the ours-bf16 rows"),
+                                ("no (neither)", "runs fp32, the ours rows")):
+        assert f"`saelab train`'s default (auto) {default} on this machine" in results.render(
+            {**machine, "bf16": capability}, "fixed", speed, quality, [], [4096])
 
 
 def test_paths_are_resolved_before_the_workers_change_folder(tmp_path, monkeypatch) -> None:

@@ -276,11 +276,33 @@ def test_training_follows_the_fp32_run_bit_for_bit(tmp_path: Path, monkeypatch):
         return sae, (tmp_path / folder / "metrics.jsonl").read_text()
 
     fp32, _ = run("fp32", "fp32")
+    # the default, "auto", as it runs on a CPU with bf16 hardware (emulated here where there is none)
+    monkeypatch.setattr(certified, "bf16_gemm_available", lambda device: device.type == "cpu")
+    assert TrainerConfig().precision == "auto"
+    auto, auto_metrics = run("auto", "auto")
     monkeypatch.setenv(certified.FORCE_ENV, "1")
     exact, metrics = run("bf16-exact", "bf16")
-    assert "certified_fraction" in metrics
-    for a, b in zip(fp32.parameters(), exact.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert "certified_fraction" in metrics and "certified_fraction" in auto_metrics
+    for a, b, c in zip(fp32.parameters(), exact.parameters(), auto.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+def test_auto_runs_bf16_exact_on_cpus_with_bf16_and_fp32_elsewhere(monkeypatch, hardware):
+    """"auto" takes the bf16 filter only where it was measured faster: a CPU with bf16 GEMM hardware; never on CUDA
+    (its certification kernels cost more there than the bf16 GEMM saves at small widths) and never a forced one."""
+    monkeypatch.setattr(certified, "bf16_gemm_available", lambda device: hardware)
+    monkeypatch.setenv(certified.FORCE_ENV, "1")  # forces bf16-exact only, not auto
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(40, 24), torch.randn(300, 24), torch.randn(300)
+    with torch.no_grad(), certified.selection_precision("auto"), certified.counted() as selection:
+        assert certified.active(torch.device("cpu")) is hardware
+        assert not certified.active(torch.device("cuda"))
+        got = topk_encode(x, weight, bias, 6)
+    assert selection.tokens == (40 if hardware else 0)
+    with torch.no_grad(), certified.selection_precision("fp32"):
+        want = topk_encode(x, weight, bias, 6)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
 
 
 def test_precision_is_a_setting_a_run_may_change_on_resume(tmp_path: Path, monkeypatch):

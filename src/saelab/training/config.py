@@ -14,7 +14,7 @@ DecoderNormAxis = Literal["per_unit", "per_row"]
 LossKind = Literal["fvu", "mse"]
 OptimizerKind = Literal["adam", "masked_adam"]
 AutocastDtype = Literal["bfloat16", "float16"]
-SelectionPrecision = Literal["fp32", "bf16-exact"]
+SelectionPrecision = Literal["auto", "fp32", "bf16-exact"]
 
 
 def default_lr(n_latents: int) -> float:
@@ -58,7 +58,9 @@ class TrainerConfig(Config):
     autocast_dtype: AutocastDtype | None = None
     # "bf16-exact": the top-k encoder GEMM in bf16 with the selection certified equal to fp32's (tokens that cannot
     # be certified are recomputed in fp32; `saelab.saes.certified`); runs fp32 where the device has no fast bf16.
-    precision: SelectionPrecision = "fp32"
+    # "auto": bf16-exact on CPUs with bf16 GEMM hardware (AVX512-BF16, AMX), fp32 elsewhere. All three give the same
+    # latents, values and weights, bit for bit; only the speed differs.
+    precision: SelectionPrecision = "auto"
     progress: bool = True
     wandb_project: str | None = None  # log to Weights & Biases as well (needs `pip install saelab[wandb]`)
     wandb_run_name: str | None = None
