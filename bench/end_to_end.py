@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from peerbench import end_to_end_results  # noqa: E402
+from peerbench.launch import WorkerFailed, run_worker  # noqa: E402
 
 PEERS_PYTHON = BENCH / ".peers-venv" / "bin" / "python"
 DISTRIBUTED = REPO / "src" / "saelab" / "training" / "distributed.py"
@@ -105,22 +105,6 @@ def tokenise(model: str, source: str, context_length: int, tokens: int, out_dir:
     path = Path(out_dir) / "contexts.npy"
     np.save(path, contexts.numpy())
     return path, hashlib.sha256(contexts.numpy().tobytes()).hexdigest()
-
-
-def run_worker(python: Path | str, module: str, argv: list[str], env: dict[str, str] | None = None,
-               timeout: float | None = None) -> dict[str, Any] | None:
-    """The worker's JSON line, or None (with its stderr tail shown) when it failed."""
-    try:
-        proc = subprocess.run([str(python), "-m", module, *argv], cwd=BENCH, capture_output=True, text=True, env=env,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{module} timed out after {timeout} s", file=sys.stderr)
-        return None
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        print(f"{module} {shlex.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -246,11 +230,15 @@ def main() -> None:
             for i, case in enumerate(cases):
                 shift = (r + i) % len(trainers)
                 for trainer in trainers[shift:] + trainers[:shift]:  # alternate who goes first
-                    row = run_worker(python[trainer], WORKERS[trainer], [*common, "--case", case, *extra[trainer]],
-                                     env=SPARSIFY_ENV, timeout=args.timeout)
-                    if row is not None:
-                        print(json.dumps(row), flush=True)
-                        runs[(case, trainer)].append(row)
+                    try:
+                        row = run_worker(python[trainer], WORKERS[trainer],
+                                         [*common, "--case", case, *extra[trainer]], env=SPARSIFY_ENV,
+                                         timeout=args.timeout)
+                    except WorkerFailed as exc:
+                        notes.append(f"{trainer}, case {case}, round {r + 1}: the worker failed ({exc})")
+                        continue
+                    print(json.dumps(row), flush=True)
+                    runs[(case, trainer)].append(row)
     rows = [combine(rs) for rs in runs.values() if rs]
 
     rank_rows: list[dict[str, Any]] = []

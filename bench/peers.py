@@ -7,9 +7,11 @@ the same token budget. Harvesting and evaluation costs run in the project's own 
 
 Warm-up: `--warmup` steps at the widest size and proportionally more at narrower ones (at most 8x): a trainer's
 first steps page-fault its heap up to its high-water mark, which at n = 4,096 took 4 steps (measured with
-getrusage), so one warm-up step would leave those faults in the timed steps of the fast sizes only.
+getrusage), so one warm-up step would leave those faults in the timed steps of the fast sizes only. At n = 98,304
+it takes 2: our second step still faulted 768 MB (196,608 pages) in and ran 4.3 s against 3.3 s for the third,
+so the default is 2 at the widest size.
 
-Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 1] [--rounds 3] [--quick]
+Usage: python bench/peers.py [--sizes 4096,24576,98304] [--steps 3] [--warmup 2] [--rounds 3] [--quick]
                              [--skip-install]
                              [--peers sparsify,saelens,dictionary_learning] [--store DIR] [--no-costs] [--out FILE]
 (`make bench-peers` runs it with the defaults; `--quick` is a smoke test: n=4,096 only, few steps.)
@@ -23,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from peerbench import cuda_results, end_to_end_results, harvest_results, install, results
+from peerbench.launch import WorkerFailed, run_worker
 
 BENCH = Path(__file__).resolve().parent
 # Real SmolLM2 resid_post.15 activations: the frontier recipe's reduced store if present, else `make demo`'s.
@@ -51,16 +53,6 @@ OURS_VARIANTS = {
 }
 
 
-def run_worker(python: Path | str, module: str, argv: list[str]) -> dict[str, Any] | None:
-    """The worker's JSON line, or None (with its stderr tail shown) when it failed."""
-    proc = subprocess.run([str(python), "-m", module, *argv], cwd=BENCH, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        print(f"{module} {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])
-
-
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a trainer's rounds: median of medians, worst min, largest RSS, mean load."""
     row = dict(runs[0])
@@ -73,18 +65,36 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def measure(python: Path, trainers: list[str], argv: list[str], rounds: int) -> list[dict[str, Any]]:
-    """Each trainer `rounds` times, alternating, the order rotated every round."""
+def measure(python: Path, trainers: list[str], argv: list[str], rounds: int,
+            failures: list[str] | None = None) -> list[dict[str, Any]]:
+    """Each trainer `rounds` times, alternating, the order rotated every round. A trainer whose worker failed gets
+    one line in `failures`: how many rounds failed, and why (`launch.exit_cause`)."""
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in trainers}
+    failed: dict[str, list[str]] = {t: [] for t in trainers}
     for r in range(rounds):
         for trainer in trainers[r % len(trainers):] + trainers[: r % len(trainers)]:
             module, extra = (WORKERS["ours"], OURS_VARIANTS[trainer]) if trainer in OURS_VARIANTS else (
                 WORKERS[trainer], [])
-            result = run_worker(python, module, [*argv, *extra])
-            if result is not None:
-                print(json.dumps(result), flush=True)
-                runs[trainer].append(result)
+            try:
+                result = run_worker(python, module, [*argv, *extra])
+            except WorkerFailed as exc:
+                failed[trainer].append(str(exc))
+                continue
+            print(json.dumps(result), flush=True)
+            runs[trainer].append(result)
+    if failures is not None:
+        failures += [failure_note(trainer, argv, causes, rounds) for trainer, causes in failed.items() if causes]
     return [combine(rs) for rs in runs.values() if rs]
+
+
+def failure_note(trainer: str, argv: list[str], causes: list[str], rounds: int) -> str:
+    """One line for RESULTS.md: which worker failed, at which size, in how many rounds, why, and what the row is."""
+    size = f" at n = {int(argv[argv.index('--n') + 1]):,}" if "--n" in argv else ""
+    data = " (quality run)" if "--store" in argv else ""
+    ok = rounds - len(causes)
+    row = "it has no row (not measured)" if ok <= 0 else f"its row is from the other {ok} round(s)"
+    return (f"{trainer}{size}{data}: the worker failed in {len(causes)} of {rounds} round(s) "
+            f"({'; '.join(dict.fromkeys(causes))}); {row}.")
 
 
 def warmup_steps(widest: int, n: int, sizes: list[int]) -> int:
@@ -97,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,24576,98304")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps at the widest size (see above)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps at the widest size (see above)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="n=4,096 only, 3 steps, 1 warm-up")
     parser.add_argument("--skip-install", action="store_true")
@@ -134,9 +144,11 @@ def main() -> None:
     python = install.venv_python() if args.skip_install else install.install(peers)
 
     speed: list[dict[str, Any]] = []
+    failures: list[str] = []
     for n in sizes:
         argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps)]
-        speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer", "ours-bf16"], argv, args.rounds)
+        speed += measure(python, ["ours", *peers, "ours-deep", "ours-multilayer", "ours-bf16"], argv, args.rounds,
+                         failures)
     quality: list[dict[str, Any]] = []
     if not Path(args.store).exists():
         print(f"no activation store at {args.store}: quality (FVU) rows skipped; `make demo` writes one",
@@ -144,15 +156,20 @@ def main() -> None:
     else:
         argv = [*common, "--warmup", str(args.warmup), "--n", str(sizes[0]), "--steps", str(args.quality_steps),
                 "--store", args.store]
-        quality = measure(python, ["ours", *peers, "ours-bf16", "ours-autocast"], argv, 1)
-    costs = [] if args.no_costs else run_worker(sys.executable, "peerbench.model_costs", []) or []
+        quality = measure(python, ["ours", *peers, "ours-bf16", "ours-autocast"], argv, 1, failures)
+    costs: list[dict[str, Any]] = []
+    if not args.no_costs:
+        try:
+            costs = run_worker(sys.executable, "peerbench.model_costs", [])
+        except WorkerFailed as exc:
+            failures.append(f"Harvesting and evaluation costs: the worker failed ({exc}); not measured.")
 
     pins = ", ".join(install.PEER_PINS[p] for p in peers)
     warmup_text = " / ".join(f"{warmups[n]} (n={n:,})" for n in sizes)
     settings = (f"{pins}; TopK, d={args.d} (quality: the store's width), k={args.k}, batch {args.batch}, fp32, "
                 f"Adam lr {args.lr}; {args.steps} timed steps after {warmup_text} warm-up, {args.rounds} alternating "
                 f"rounds; quality: {args.quality_steps} steps on {args.store}")
-    text = results.render(results.machine_info(), settings, speed, quality, costs, sizes)
+    text = results.render(results.machine_info(), settings, speed, quality, costs, sizes, failures)
     # the sections of bench/end_to_end.py and bench/harvest.py survive a rerun
     kept = [end_to_end_results.read_section(args.out, heading) for heading in KEPT_SECTIONS]
     Path(args.out).write_text(text)
@@ -169,16 +186,17 @@ def cuda_section(args: argparse.Namespace, sizes: list[int], common: list[str], 
     import torch
 
     rows: list[dict[str, Any]] = []
+    failures: list[str] = []
     for n in sizes:
         argv = [*common, "--warmup", str(warmups[n]), "--d", str(args.d), "--n", str(n), "--steps", str(args.steps),
                 "--device", "cuda"]
-        rows += measure(Path(sys.executable), cuda_results.TRAINERS, argv, args.rounds)
+        rows += measure(Path(sys.executable), cuda_results.TRAINERS, argv, args.rounds, failures)
     gpu = {"gpu": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     settings = (f"{install.PEER_PINS['sparsify']}; TopK, d={args.d}, k={args.k}, batch {args.batch}, Adam lr "
                 f"{args.lr}; {args.steps} timed steps after " + " / ".join(f"{warmups[n]} (n={n:,})" for n in sizes)
                 + f" warm-up, {args.rounds} alternating rounds, synthetic activations")
-    section = cuda_results.render(gpu, settings, rows, sizes)
+    section = cuda_results.render(gpu, settings, rows, sizes, failures)
     end_to_end_results.write_section(args.out, section)
     print(section)
 

@@ -29,8 +29,10 @@ def targets(rows: Sequence[Row], sizes: Sequence[int]) -> list[Target]:
     return out
 
 
-def render(gpu: Mapping[str, str], settings: str, rows: Sequence[Row], sizes: Sequence[int]) -> str:
-    """Machine header, targets, and one line per (trainer, n) with its ratio to sparsify at that n."""
+def render(gpu: Mapping[str, str], settings: str, rows: Sequence[Row], sizes: Sequence[int],
+           failures: Sequence[str] = ()) -> str:
+    """Machine header, targets, one line per (trainer, n) with its ratio to sparsify at that n, and the workers
+    that failed (`failures`, one line each)."""
     body = []
     for row in rows:
         peer = _get(rows, "sparsify", row["n"], "median_tokens_per_s")
@@ -52,4 +54,5 @@ def render(gpu: Mapping[str, str], settings: str, rows: Sequence[Row], sizes: Se
         *target_table(targets(rows, sizes)), "",
         *_table(["trainer", "n", "d", "median tok/s", "min tok/s", "peak CUDA MB", "GEMM-only tok/s",
                  "÷ sparsify", "bf16 certified", "FVU (synthetic, held out)"], body), "",
+        *(f"- {failure}" for failure in failures), *([""] if failures else []),
     ])

@@ -103,8 +103,9 @@ def test_the_cuda_section_renders_its_rows_and_survives_a_cpu_rerun(tmp_path) ->
     rows = [{**_row(trainer, tps, 0.0, 0.5), "n": 24576, "peak_cuda_mb": 900.0}
             for trainer, tps in (("ours", 300_000.0), ("sparsify", 200_000.0), ("ours-bf16", 650_000.0))]
     gpu = {"gpu": "Test GPU", "cuda": "13.0", "torch": "2.11.0", "date": "2026-01-01"}
-    section = cuda_results.render(gpu, "fixed", rows, [24576])
+    section = cuda_results.render(gpu, "fixed", rows, [24576], ["ours-autocast at n = 24,576: the worker failed"])
     assert section.startswith(cuda_results.HEADING) and "Test GPU; CUDA 13.0" in section
+    assert section.rstrip("\n").endswith("- ours-autocast at n = 24,576: the worker failed")
     assert "| ours | 24,576 | 768 | 300,000 | 150,000 | 900 | 27,000 | 1.50 |" in section
     verdicts = {t.name: (t.measured, t.met) for t in cuda_results.targets(rows, [24576])}
     assert verdicts["tokens/s ours vs sparsify (CUDA)"] == (1.5, False)

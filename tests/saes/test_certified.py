@@ -76,10 +76,7 @@ def test_real_activations_select_the_same_latents_and_values(saved_tiny_llama, t
     assert fraction > 0.9
 
 
-def test_ties_and_near_ties_are_recomputed_and_ties_go_to_the_lower_latent():
-    """Latents 0 and 1 share an encoder row (an exact tie for every token); latents 2-41 are latent 2 nudged by
-    parts in 10^7 (near-ties no bf16 score can order, more of them than the candidates). Tokens leaning towards
-    latent 2 cannot be certified and are recomputed; where only one of latents 0 and 1 fits, it is latent 0."""
+def _ties_and_near_ties() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     torch.manual_seed(1)
     d, n, k = 32, 256, 3
     weight = torch.randn(n, d)
@@ -89,6 +86,27 @@ def test_ties_and_near_ties_are_recomputed_and_ties_go_to_the_lower_latent():
     x = torch.randn(400, d)
     x[:150] += 4 * weight[2] / weight[2].norm()
     x[150:300] += torch.rand(150, 1) * 3 * weight[0] / weight[0].norm()
+    return x, weight, bias, k
+
+
+def test_the_fp32_retry_reuses_the_norms_of_the_bf16_pass(monkeypatch):
+    """The tokens the bf16 filter leaves uncertified go through the fp32 filter with the row norms the bf16 pass
+    already took: one pass over the weight per selection, and the same selection."""
+    x, weight, bias, k = _ties_and_near_ties()
+    calls = []
+    split = native.bf16_split
+    monkeypatch.setattr(native, "bf16_split", lambda *args: calls.append(args[1] is not None) or split(*args))
+    ref, got, fraction = _both(x, weight, bias, k)
+    _check_equal(ref, got, x, weight, bias, k)
+    assert fraction < 0.8  # the retry ran
+    assert calls == [False, True]  # the fp32 reference's own selection, then the bf16 one; none for the retry
+
+
+def test_ties_and_near_ties_are_recomputed_and_ties_go_to_the_lower_latent():
+    """Latents 0 and 1 share an encoder row (an exact tie for every token); latents 2-41 are latent 2 nudged by
+    parts in 10^7 (near-ties no bf16 score can order, more of them than the candidates). Tokens leaning towards
+    latent 2 cannot be certified and are recomputed; where only one of latents 0 and 1 fits, it is latent 0."""
+    x, weight, bias, k = _ties_and_near_ties()
     ref, got, fraction = _both(x, weight, bias, k)
     _check_equal(ref, got, x, weight, bias, k)
     assert fraction < 0.8  # about 150 tokens lean towards the near-copies

@@ -186,7 +186,7 @@ ApproxTopk = Callable[[Tensor, int, Tensor, Tensor], tuple[Tensor, Tensor]]
 @torch.no_grad()
 def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: torch.dtype,
                approx_topk: ApproxTopk, extra: int | None = None,
-               bf16_buffer: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               bf16_buffer: Tensor | None = None, row_norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(values, indices) [B, k]: the exact selection of every row of x (see the module docstring), values clamped at
     0. `approx_topk(x, c, w, b)` gives each row's c largest filter scores and their latents (unsorted) from a GEMM
     with `w`, the weight in the filter's dtype, plus the bias `b`; the filter runs in `filter_dtype` (float32 or
@@ -194,7 +194,8 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     longest rows may join every token's candidates (`_long_rows`). The bf16 filter's weight is
     written into `bf16_buffer` (a flat bfloat16 tensor of at least n·d elements, e.g. a kept workspace) or a fresh
     one. Tokens the bf16 filter cannot certify go through the fp32 one, and those the fp32 one cannot (exact ties,
-    NaN) are scored against every latent."""
+    NaN) are scored against every latent. `row_norms` ([n, 3] float64, as `bf16_split` writes them for this weight)
+    spares the fp32 filter that pass over the weight: the bf16 filter hands its own to its retry."""
     x, weight, bias = x.detach().float(), weight.detach(), bias.detach()
     kernels = _kernels(x.device)
     n_latents, d = weight.shape
@@ -211,8 +212,12 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     if low:
         w16 = (weight.new_empty(weight.numel(), dtype=torch.bfloat16) if bf16_buffer is None
                else bf16_buffer[: weight.numel()]).view(n_latents, d)
-    rows = torch.empty(n_latents, 3, dtype=torch.float64, device=weight.device)  # each row's squared norms
-    norms = WeightNorms(*kernels.bf16_split(weight, w16, rows))
+    if w16 is None and row_norms is not None:
+        rows = row_norms
+        norms = WeightNorms(*rows.amax(dim=0).sqrt())
+    else:
+        rows = torch.empty(n_latents, 3, dtype=torch.float64, device=weight.device)  # each row's squared norms
+        norms = WeightNorms(*kernels.bf16_split(weight, w16, rows))
     long_rows, filter_bias = _long_rows(rows[:, 2], c, n_latents), bias
     if long_rows is not None:  # always candidates; the bound covers the other rows, with their own norms
         norms = WeightNorms(*rows.index_fill(0, long_rows, 0.0).amax(dim=0).sqrt())  # no mask: no wait on a GPU
@@ -234,7 +239,8 @@ def exact_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, filter_dtype: to
     if extra is None:
         _learn_extra(learned, m, x.shape[0] - redo.numel(), x.shape[0])
     if redo.numel() and low:
-        values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk)
+        values[redo], indices[redo] = exact_topk(x[redo], weight, bias, k, torch.float32, approx_topk,
+                                                 row_norms=rows)
     elif redo.numel():
         values[redo], indices[redo], _ = kernels.rescore_topk(x[redo], weight, bias, None, k)
     return values.clamp_min_(0), indices
