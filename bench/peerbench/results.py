@@ -20,6 +20,7 @@ class Target:
     required: str
     measured: float | None  # None: not measured in this run
     met: bool | None
+    digits: int = 3  # decimals shown: the FVU difference needs the workers' five to show a difference at all
 
 
 def machine_info() -> dict[str, str]:
@@ -116,7 +117,7 @@ def quality_target(rows: Sequence[Row]) -> Target:
     peer = next((r["fvu"] for r in rows if r["trainer"] == "sparsify"), None)
     diff = None if ours is None or peer is None else ours - peer
     return Target("FVU at equal tokens, ours − sparsify (real activations)", None, "≤ 0", diff,
-                  None if diff is None else diff <= 0)
+                  None if diff is None else diff <= 0, digits=5)
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -152,7 +153,7 @@ def trainer_table(rows: Sequence[Row]) -> list[str]:
 def target_table(targets: Sequence[Target]) -> list[str]:
     verdict = {True: "met", False: "**not met**", None: "not measured"}
     return _table(["target", "n", "required", "measured", "verdict"], [
-        [t.name, _fmt(t.n), t.required, _fmt(t.measured, 3), verdict[t.met]] for t in targets
+        [t.name, _fmt(t.n), t.required, _fmt(t.measured, t.digits), verdict[t.met]] for t in targets
     ])
 
 

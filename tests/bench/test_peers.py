@@ -58,6 +58,7 @@ def test_results_render_targets_and_tables_from_fixed_figures() -> None:
     assert verdicts["tokens/s vs our encode-only"] == (0.9, True)
     assert verdicts["peak RSS vs sparsify"] == (0.5, True)
     assert results.quality_target(quality).met is False
+    assert "| FVU at equal tokens, ours − sparsify (real activations) | – | ≤ 0 | 0.05000 | **not met** |" in text
     assert "| ours | 4,096 | 768 | synthetic | 18,000 | 9,000 | 600 | 20,000 | 27,000 | – | 0.5000 | – | 1.00 |" in text
     assert "| sparsify | 4,096 | 768 | synthetic | 9,000 | 4,500 | 1,200 | – | – | 2.00 |" in text
     assert "n = 4,096: the bare encoder GEMM alone runs at 27,000 tokens/s, 3.00× sparsify's whole step" in text
